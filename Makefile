@@ -1,0 +1,43 @@
+# mobileone-rs developer commands. `make help` lists them.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+export VIRTUAL_ENV := $(abspath $(VENV))
+export PATH := $(abspath $(VENV))/bin:$(PATH)
+
+.PHONY: help venv build test test-rust test-python demo bench lint wheel
+
+help: ## list the targets
+	@grep -E '^[a-z-]+:.*## ' Makefile | awk -F ':.*## ' '{printf "  %-12s %s\n", $$1, $$2}'
+
+$(VENV)/.installed: pyproject.toml requirements-dev.txt
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -r requirements-dev.txt
+	touch $@
+
+venv: $(VENV)/.installed ## create .venv with torch 2.13, maturin and the test tools
+
+build: venv ## build the extension into .venv (release)
+	maturin develop --release -q
+
+test-rust: venv ## cargo tests of the core (no Python linked)
+	cargo test --release --no-default-features -q
+
+test-python: build ## pytest suite
+	$(PY) -m pytest tests -q
+
+test: test-rust test-python ## every test
+
+demo: build ## the main job: the seed's yaml stages, trained, fused and checked
+	$(PY) -m mobileone_rs.demo
+
+bench: build ## side-by-side benchmark against the pure-PyTorch reference
+	$(PY) bench/bench.py
+
+lint: venv ## rustfmt, clippy, ruff
+	cargo fmt --check
+	cargo clippy --release -q -- -D warnings
+	$(PY) -m ruff check python tests bench
+
+wheel: venv ## build a wheel into dist/
+	maturin build --release -o dist

@@ -1,0 +1,44 @@
+"""MobileOne re-parameterizable blocks (https://arxiv.org/abs/2206.04040) for PyTorch and YOLOv9.
+
+The modules are ordinary ``torch.nn.Module`` shells that own their parameters; the block math
+(train-time branches, eval-time folding, the fused conv and re-parameterization) runs in Rust.
+"""
+
+import torch
+
+TORCH_BUILT_FOR = "2.13"
+
+if torch.__version__.split("+")[0].rsplit(".", 1)[0] != TORCH_BUILT_FOR:
+    raise ImportError(
+        f"mobileone_rs was built against torch {TORCH_BUILT_FOR} (libtorch {TORCH_BUILT_FOR}.0) but torch "
+        f"{torch.__version__} is installed; install torch=={TORCH_BUILT_FOR}.* (pip install 'torch=={TORCH_BUILT_FOR}.*')"
+    )
+
+from . import _native  # noqa: E402  (torch must be imported first: it loads libtorch)
+from ._native import (  # noqa: E402
+    ConfigError,
+    FuseOverflowError,
+    InputShapeError,
+    InputTypeError,
+    MobileOneError,
+    TorchError,
+    YamlError,
+)
+from .modules import MobileOne, MobileOneBlock, SEBlock, reparameterize_model  # noqa: E402
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "ConfigError",
+    "FuseOverflowError",
+    "InputShapeError",
+    "InputTypeError",
+    "MobileOne",
+    "MobileOneBlock",
+    "MobileOneError",
+    "SEBlock",
+    "TorchError",
+    "YamlError",
+    "reparameterize_model",
+    "__version__",
+]

@@ -1,0 +1,362 @@
+"""Patch a YOLOv9 source tree so that its model yaml files can name ``MobileOne``.
+
+The seed article's three edits (https://github.com/WongKinYiu/yolov9 layout), made by text so that a
+reviewer sees exactly what changed:
+
+1. ``models/common.py`` imports ``MobileOne, MobileOneBlock, reparameterize_model`` from this package,
+   so ``from models.common import *`` in ``models/yolo.py`` puts ``MobileOne`` where ``parse_model``
+   resolves module names.
+2. ``parse_model`` lists ``MobileOne`` in the set of modules whose first argument is the output channel
+   count (``c1, c2 = ch[f], args[0]``), so the input channels are prepended for it.
+3. ``BaseModel.fuse`` re-parameterizes every module that can: ``m.reparameterize()``.
+
+Usage::
+
+    python -m mobileone_rs.yolov9 patch PATH [--dry-run | --check]
+
+PATH is a YOLOv9 checkout (the folder holding ``models/``) or an installed copy such as the ``yolo9``
+package directory. The edits are located with :mod:`ast`, so they do not depend on whitespace, and
+each one is skipped when already present: a second run changes nothing.
+
+This module imports neither torch nor the native extension of its own accord.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import difflib
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+__all__ = ["NotYolov9Error", "FileChange", "plan_patch", "apply_patch", "main"]
+
+IMPORT_LINE = "from mobileone_rs import MobileOne, MobileOneBlock, reparameterize_model"
+REPARAM_LINES = ("if hasattr(m, 'reparameterize'):", "m.reparameterize()")
+COMMON = Path("models") / "common.py"
+# Top-level packages of a YOLOv9 tree: upstream imports ``utils.x`` and ``models.x``; PyPI's yolo9 ``yolo9.x``.
+PROJECT_PACKAGES = frozenset({"utils", "models", "yolo9", "export"})
+YOLO = Path("models") / "yolo.py"
+
+EXIT_OK, EXIT_NEEDS_PATCH, EXIT_REFUSED = 0, 1, 2
+
+
+class NotYolov9Error(Exception):
+    """The files under PATH are not a YOLOv9 tree this tool knows how to patch."""
+
+
+@dataclass(frozen=True)
+class FileChange:
+    """One file's text before and after, with the names of the edits applied to it."""
+
+    path: Path
+    relative: Path
+    old: str
+    new: str
+    edits: tuple[str, ...]
+
+    def diff(self) -> str:
+        """A unified diff in ``git diff`` form, paths relative to PATH."""
+        lines = difflib.unified_diff(
+            self.old.splitlines(keepends=True),
+            self.new.splitlines(keepends=True),
+            fromfile=f"a/{self.relative.as_posix()}",
+            tofile=f"b/{self.relative.as_posix()}",
+        )
+        return "".join(line if line.endswith("\n") else line + "\n" for line in lines)
+
+
+# ----------------------------------------------------------------------------------------------
+# Text positions: ast columns are UTF-8 byte offsets within a line.
+
+
+def _offset(lines: list[str], lineno: int, col_bytes: int) -> int:
+    """Character offset into the joined text of 1-based ``lineno`` and a UTF-8 byte column."""
+    line = lines[lineno - 1]
+    col = len(line.encode("utf-8")[:col_bytes].decode("utf-8"))
+    return sum(len(x) for x in lines[: lineno - 1]) + col
+
+
+def _newline_of(line: str) -> str:
+    for ending in ("\r\n", "\n", "\r"):
+        if line.endswith(ending):
+            return ending
+    return "\n"
+
+
+def _insert_after_line(text: str, lineno: int, new_lines: list[str]) -> str:
+    """Insert whole lines after 1-based ``lineno``, matching that line's line ending."""
+    lines = text.splitlines(keepends=True)
+    newline = _newline_of(lines[lineno - 1])
+    if not lines[lineno - 1].endswith(("\n", "\r")):
+        lines[lineno - 1] += newline
+    lines[lineno:lineno] = [line + newline for line in new_lines]
+    return "".join(lines)
+
+
+def _indent_of(text: str, lineno: int) -> str:
+    line = text.splitlines()[lineno - 1]
+    return line[: len(line) - len(line.lstrip())]
+
+
+def _parse(text: str, relative: Path) -> ast.Module:
+    try:
+        return ast.parse(text)
+    except SyntaxError as exc:
+        raise NotYolov9Error(f"{relative} does not parse as Python: {exc}") from exc
+
+
+# ----------------------------------------------------------------------------------------------
+# Edit 1: models/common.py imports the package.
+
+
+def _binds_mobileone_from_package(node: ast.stmt) -> bool:
+    return (
+        isinstance(node, ast.ImportFrom)
+        and node.module == "mobileone_rs"
+        and any((alias.asname or alias.name) == "MobileOne" for alias in node.names)
+    )
+
+
+def _own_mobileone_definition(tree: ast.Module) -> ast.stmt | None:
+    """A top-level ``class MobileOne`` or assignment, e.g. the seed's code pasted in by hand."""
+    for node in tree.body:
+        if isinstance(node, ast.ClassDef) and node.name == "MobileOne":
+            return node
+        if isinstance(node, ast.Assign) and any(
+            isinstance(t, ast.Name) and t.id == "MobileOne" for t in node.targets
+        ):
+            return node
+    return None
+
+
+def _imports_yolov9_tree(node: ast.stmt) -> bool:
+    """``from utils... import``, ``import models...``, ``from yolo9... import``, relative imports."""
+    if isinstance(node, ast.ImportFrom):
+        if node.level:
+            return True
+        names = [node.module or ""]
+    else:
+        names = [alias.name for alias in node.names]
+    return any(name.split(".")[0] in PROJECT_PACKAGES for name in names)
+
+
+def _import_anchor(tree: ast.Module) -> ast.stmt:
+    """The header import after which the package import goes.
+
+    That is the last third-party import before the first import from the YOLOv9 tree itself. In the
+    ``yolo9`` package ``models/common.py`` imports ``export``, which imports ``models/yolo.py``, whose
+    ``from ...models.common import *`` then sees only what common.py has bound so far: MobileOne must
+    be bound before that cycle starts.
+    """
+    last = None
+    for index, node in enumerate(tree.body):
+        is_docstring = index == 0 and isinstance(node, ast.Expr) and isinstance(node.value, ast.Constant)
+        if isinstance(node, (ast.Import, ast.ImportFrom)):
+            if _imports_yolov9_tree(node) and last is not None:
+                return last
+            last = node
+        elif not is_docstring:
+            break
+    if last is None:
+        raise NotYolov9Error(f"{COMMON} has no import block at the top")
+    return last
+
+
+def add_package_import(text: str) -> str:
+    """Return ``models/common.py`` with the package import among its third-party header imports."""
+    tree = _parse(text, COMMON)
+    if any(_binds_mobileone_from_package(node) for node in tree.body):
+        return text
+    own = _own_mobileone_definition(tree)
+    if own is not None:
+        raise NotYolov9Error(
+            f"{COMMON}:{own.lineno} already defines MobileOne (the seed's code pasted in?); "
+            "remove that definition so the package's MobileOne is the one YOLOv9 uses"
+        )
+    return _insert_after_line(text, _import_anchor(tree).end_lineno, [IMPORT_LINE])
+
+
+# ----------------------------------------------------------------------------------------------
+# Edit 2: parse_model's channel set gains MobileOne.
+
+
+def _top_level_function(tree: ast.Module, name: str, relative: Path) -> ast.FunctionDef:
+    for node in tree.body:
+        if isinstance(node, ast.FunctionDef) and node.name == name:
+            return node
+    raise NotYolov9Error(f"{relative} has no top-level function {name}()")
+
+
+def _assigns_c1_c2(node: ast.stmt) -> bool:
+    return (
+        isinstance(node, ast.Assign)
+        and isinstance(node.targets[0], ast.Tuple)
+        and [getattr(e, "id", None) for e in node.targets[0].elts] == ["c1", "c2"]
+    )
+
+
+def _channel_set(parse_model: ast.FunctionDef) -> ast.Set | ast.Tuple | ast.List:
+    """The literal in ``if m in {Conv, ...}:`` whose body does ``c1, c2 = ch[f], args[0]``."""
+    found = []
+    for node in ast.walk(parse_model):
+        if not (isinstance(node, ast.If) and isinstance(node.test, ast.Compare)):
+            continue
+        test = node.test
+        if not (isinstance(test.left, ast.Name) and test.left.id == "m" and isinstance(test.ops[0], ast.In)):
+            continue
+        literal = test.comparators[0]
+        if not isinstance(literal, (ast.Set, ast.Tuple, ast.List)):
+            continue
+        names = {e.id for e in literal.elts if isinstance(e, ast.Name)}
+        if "Conv" in names and any(_assigns_c1_c2(stmt) for stmt in node.body):
+            found.append(literal)
+    if len(found) != 1:
+        raise NotYolov9Error(
+            f"{YOLO}: expected one 'if m in {{Conv, ...}}: c1, c2 = ch[f], args[0]' in parse_model(), "
+            f"found {len(found)}"
+        )
+    return found[0]
+
+
+def add_to_channel_set(text: str) -> str:
+    """Return ``models/yolo.py`` with ``MobileOne`` appended to parse_model's channel set."""
+    literal = _channel_set(_top_level_function(_parse(text, YOLO), "parse_model", YOLO))
+    if any(isinstance(e, ast.Name) and e.id == "MobileOne" for e in literal.elts):
+        return text
+    last = literal.elts[-1]
+    at = _offset(text.splitlines(keepends=True), last.end_lineno, last.end_col_offset)
+    return text[:at] + ", MobileOne" + text[at:]
+
+
+# ----------------------------------------------------------------------------------------------
+# Edit 3: BaseModel.fuse re-parameterizes.
+
+
+def _fuse_loop(tree: ast.Module) -> ast.For:
+    """``for m in self.model.modules():`` inside ``BaseModel.fuse``."""
+    base = next((n for n in tree.body if isinstance(n, ast.ClassDef) and n.name == "BaseModel"), None)
+    if base is None:
+        raise NotYolov9Error(f"{YOLO} has no class BaseModel")
+    fuse = next((n for n in base.body if isinstance(n, ast.FunctionDef) and n.name == "fuse"), None)
+    if fuse is None:
+        raise NotYolov9Error(f"{YOLO}: BaseModel has no fuse() method")
+    loops = [
+        node
+        for node in ast.walk(fuse)
+        if isinstance(node, ast.For)
+        and isinstance(node.target, ast.Name)
+        and node.target.id == "m"
+        and isinstance(node.iter, ast.Call)
+        and getattr(node.iter.func, "attr", None) == "modules"
+    ]
+    if len(loops) != 1:
+        raise NotYolov9Error(f"{YOLO}: expected one 'for m in self.model.modules():' in fuse(), found {len(loops)}")
+    return loops[0]
+
+
+def _calls_reparameterize(node: ast.stmt) -> bool:
+    return (
+        isinstance(node, ast.If)
+        and isinstance(node.test, ast.Call)
+        and getattr(node.test.func, "id", None) == "hasattr"
+        and len(node.test.args) == 2
+        and isinstance(node.test.args[1], ast.Constant)
+        and node.test.args[1].value == "reparameterize"
+    )
+
+
+def add_reparameterize_to_fuse(text: str) -> str:
+    """Return ``models/yolo.py`` with ``m.reparameterize()`` at the end of fuse()'s module loop."""
+    loop = _fuse_loop(_parse(text, YOLO))
+    if any(_calls_reparameterize(stmt) for stmt in loop.body):
+        return text
+    outer, body = _indent_of(text, loop.lineno), _indent_of(text, loop.body[0].lineno)
+    step = body[len(outer) :] or "    "
+    new_lines = [body + REPARAM_LINES[0], body + step + REPARAM_LINES[1]]
+    return _insert_after_line(text, loop.body[-1].end_lineno, new_lines)
+
+
+# ----------------------------------------------------------------------------------------------
+# Planning, applying, command line.
+
+
+def _read(root: Path, relative: Path) -> str:
+    path = root / relative
+    if not path.is_file():
+        hint = " (PATH is the folder that holds models/, not models/ itself)" if root.name == "models" else ""
+        raise NotYolov9Error(f"{path} not found: {root} does not look like a YOLOv9 tree{hint}")
+    with open(path, encoding="utf-8", newline="") as f:
+        return f.read()
+
+
+def _change(root: Path, relative: Path, old: str, steps) -> FileChange | None:
+    new, edits = old, []
+    for name, step in steps:
+        edited = step(new)
+        if edited != new:
+            new, edits = edited, edits + [name]
+    return FileChange(root / relative, relative, old, new, tuple(edits)) if edits else None
+
+
+def plan_patch(root: str | Path) -> list[FileChange]:
+    """The changes that would patch ``root``; empty when it is already patched.
+
+    Raises:
+        NotYolov9Error: a file is missing, or parse_model / fuse do not have the expected shape.
+    """
+    root = Path(root)
+    common, yolo = _read(root, COMMON), _read(root, YOLO)
+    # Check both files before changing either, so a refusal never leaves a half-patched tree.
+    yolo_steps = [("parse_model channel set", add_to_channel_set), ("fuse reparameterize", add_reparameterize_to_fuse)]
+    changes = [
+        _change(root, COMMON, common, [("import mobileone_rs", add_package_import)]),
+        _change(root, YOLO, yolo, yolo_steps),
+    ]
+    return [c for c in changes if c is not None]
+
+
+def apply_patch(changes: list[FileChange]) -> None:
+    for change in changes:
+        with open(change.path, "w", encoding="utf-8", newline="") as f:
+            f.write(change.new)
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m mobileone_rs.yolov9", description=__doc__.split("\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    patch = sub.add_parser("patch", help="add MobileOne to a YOLOv9 tree (models/common.py, models/yolo.py)")
+    patch.add_argument("path", type=Path, help="YOLOv9 checkout or installed package directory")
+    mode = patch.add_mutually_exclusive_group()
+    mode.add_argument("--dry-run", action="store_true", help="print the diff, write nothing")
+    mode.add_argument("--check", action="store_true", help="exit 1 if the tree needs patching, write nothing")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Command-line entry point; returns the process exit status."""
+    args = _parser().parse_args(argv)
+    try:
+        changes = plan_patch(args.path)
+    except NotYolov9Error as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_REFUSED
+    if not changes:
+        print(f"{args.path}: already patched, nothing to change")
+        return EXIT_OK
+    summary = "; ".join(f"{c.relative.as_posix()}: {', '.join(c.edits)}" for c in changes)
+    if args.check:
+        print(f"{args.path}: needs patching ({summary})")
+        return EXIT_NEEDS_PATCH
+    print("".join(c.diff() for c in changes), end="")
+    if args.dry_run:
+        print(f"{args.path}: dry run, would patch ({summary})")
+        return EXIT_OK
+    apply_patch(changes)
+    print(f"{args.path}: patched ({summary})")
+    return EXIT_OK
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,34 @@
+//! The one error type of the core: every fallible path returns `Result<_, Error>`.
+
+use thiserror::Error;
+
+/// Everything that can go wrong in the core, by what the caller did wrong.
+#[derive(Debug, Error)]
+pub enum Error {
+    /// A constructor argument or stage plan that cannot describe a valid MobileOne block.
+    #[error("{0}")]
+    Config(String),
+    /// An input tensor of the wrong rank or channel count.
+    #[error("{0}")]
+    InputShape(String),
+    /// An input tensor whose dtype or device differs from the module's weights.
+    #[error("{0}")]
+    InputType(String),
+    /// A model yaml that cannot be read or does not describe MobileOne stages.
+    #[error("{0}")]
+    Yaml(String),
+    /// A fused kernel or bias that does not fit in the weights' dtype.
+    #[error("{0}")]
+    FuseOverflow(String),
+    /// An error raised by libtorch itself.
+    #[error("libtorch: {0}")]
+    Torch(#[from] tch::TchError),
+}
+
+/// The core's result type.
+pub type Result<T> = std::result::Result<T, Error>;
+
+/// Builds an [`Error::Config`] from a message.
+pub(crate) fn config(msg: impl Into<String>) -> Error {
+    Error::Config(msg.into())
+}

@@ -1,0 +1,166 @@
+//! The Python binding layer: the only place that touches pyo3 / pyo3-tch. Every call converts its
+//! arguments, runs the core with the GIL released, and maps the core's error once.
+
+mod convert;
+mod errors;
+
+use pyo3::prelude::*;
+use pyo3_tch::PyTensor;
+
+use crate::block::{self, BlockSpec};
+use crate::config;
+use crate::se::{self, SqueezeExcite};
+use crate::stage::{self, StageSpec};
+use convert::{PyBatchNorm, PyBlockSpec, PyConvBn, PySqueezeExcite, SpecTuple};
+
+/// Validates a block's constructor arguments; raises `ConfigError` naming the first bad one.
+#[pyfunction]
+fn validate_block(spec: PyBlockSpec) -> PyResult<()> {
+    Ok(BlockSpec::from(spec).validate()?)
+}
+
+/// The seed's SE reduced width `int(in_channels * rd_ratio)`; raises `ConfigError` when it is 0.
+#[pyfunction]
+fn se_reduced_channels(in_channels: i64, rd_ratio: f64) -> PyResult<i64> {
+    Ok(se::reduced_channels(in_channels, rd_ratio)?)
+}
+
+/// The block specs of a `MobileOne` stage, in order.
+#[pyfunction]
+fn stage_plan(
+    in_channels: i64,
+    out_channels: i64,
+    num_blocks: i64,
+    num_conv_branches: i64,
+    use_se: bool,
+    num_se: i64,
+) -> PyResult<Vec<SpecTuple>> {
+    let spec = StageSpec { in_channels, out_channels, num_blocks, num_conv_branches, use_se, num_se };
+    Ok(stage::plan_stage(&spec)?.iter().map(convert::spec_tuple).collect())
+}
+
+/// Forward of an unfused block: branches with batch statistics when `training`, else one
+/// conv folded from the running statistics.
+#[pyfunction]
+#[allow(clippy::too_many_arguments)]
+#[pyo3(signature = (x, spec, conv, scale, skip, se, training, autocast))]
+fn block_forward(
+    py: Python<'_>,
+    x: &Bound<'_, PyAny>,
+    spec: PyBlockSpec,
+    conv: Vec<PyConvBn>,
+    scale: Option<PyConvBn>,
+    skip: Option<PyBatchNorm>,
+    se: Option<PySqueezeExcite>,
+    training: bool,
+    autocast: bool,
+) -> PyResult<PyTensor> {
+    let x = convert::input_tensor(x)?;
+    let spec = BlockSpec::from(spec);
+    let branches = convert::branches(conv, scale, skip);
+    let se = se.map(SqueezeExcite::from);
+    let out = py.allow_threads(move || {
+        let weight = &branches.conv.first().ok_or_else(|| crate::error::config("no conv branch"))?.weight;
+        spec.check_input(&x, weight, autocast)?;
+        if training {
+            block::forward_branches(&spec, &branches, se.as_ref(), &x, true)
+        } else {
+            block::forward_folded(&spec, &branches, se.as_ref(), &x)
+        }
+    })?;
+    Ok(PyTensor(out))
+}
+
+/// Checks an input against a block's spec and weight: rank, channels, dtype, device, size.
+#[pyfunction]
+fn check_input(py: Python<'_>, x: &Bound<'_, PyAny>, spec: PyBlockSpec, weight: PyTensor, autocast: bool) -> PyResult<()> {
+    let x = convert::input_tensor(x)?;
+    let spec = BlockSpec::from(spec);
+    Ok(py.allow_threads(move || spec.check_input(&x, &weight, autocast))?)
+}
+
+/// Forward of a re-parameterized block: one conv, SE, ReLU.
+#[pyfunction]
+#[pyo3(signature = (x, spec, weight, bias, se, autocast))]
+fn fused_forward(
+    py: Python<'_>,
+    x: &Bound<'_, PyAny>,
+    spec: PyBlockSpec,
+    weight: PyTensor,
+    bias: PyTensor,
+    se: Option<PySqueezeExcite>,
+    autocast: bool,
+) -> PyResult<PyTensor> {
+    let x = convert::input_tensor(x)?;
+    let spec = BlockSpec::from(spec);
+    let se = se.map(SqueezeExcite::from);
+    let out = py.allow_threads(move || {
+        spec.check_input(&x, &weight, autocast)?;
+        block::forward_fused(&spec, &weight, &bias, se.as_ref(), &x)
+    })?;
+    Ok(PyTensor(out))
+}
+
+/// The squeeze-excite forward on its own.
+#[pyfunction]
+fn se_forward(py: Python<'_>, x: &Bound<'_, PyAny>, se: PySqueezeExcite, autocast: bool) -> PyResult<PyTensor> {
+    let x = convert::input_tensor(x)?;
+    let se = SqueezeExcite::from(se);
+    let out = py.allow_threads(move || {
+        block::check_input_type(&x, &se.expand_weight, autocast)?;
+        se::forward(&se, &x)
+    })?;
+    Ok(PyTensor(out))
+}
+
+/// The `(kernel, bias)` of the one conv equal to every branch in eval mode, in the weights'
+/// dtype (computed in at least float32). Raises `FuseOverflowError` when it does not fit.
+#[pyfunction]
+#[pyo3(signature = (spec, conv, scale, skip))]
+fn fuse_block(
+    py: Python<'_>,
+    spec: PyBlockSpec,
+    conv: Vec<PyConvBn>,
+    scale: Option<PyConvBn>,
+    skip: Option<PyBatchNorm>,
+) -> PyResult<(PyTensor, PyTensor)> {
+    let spec = BlockSpec::from(spec);
+    let branches = convert::branches(conv, scale, skip);
+    let (kernel, bias) = py.allow_threads(move || {
+        let _guard = tch::no_grad_guard();
+        block::fused_kernel_bias(&spec, &branches)
+    })?;
+    Ok((PyTensor(kernel), PyTensor(bias)))
+}
+
+/// The `MobileOne` layers of a YOLO model yaml: `(layer_index, stage_args, input_stride)`, with
+/// `stage_args = (in_channels, out_channels, num_blocks, num_conv_branches, use_se, num_se)`.
+#[pyfunction]
+#[pyo3(signature = (text, image_channels=3))]
+fn yaml_mobileone_layers(text: &str, image_channels: i64) -> PyResult<Vec<(usize, (i64, i64, i64, i64, bool, i64), i64)>> {
+    let layers = config::mobileone_layers(text, image_channels)?;
+    Ok(layers
+        .into_iter()
+        .map(|l| {
+            let s = l.spec;
+            (l.index, (s.in_channels, s.out_channels, s.num_blocks, s.num_conv_branches, s.use_se, s.num_se), l.input_stride)
+        })
+        .collect())
+}
+
+/// The native core of mobileone_rs.
+#[pymodule]
+fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    errors::register(m)?;
+    m.add("TORCH_VERSION_BUILT", "2.13")?;
+    m.add_function(wrap_pyfunction!(validate_block, m)?)?;
+    m.add_function(wrap_pyfunction!(se_reduced_channels, m)?)?;
+    m.add_function(wrap_pyfunction!(stage_plan, m)?)?;
+    m.add_function(wrap_pyfunction!(block_forward, m)?)?;
+    m.add_function(wrap_pyfunction!(fused_forward, m)?)?;
+    m.add_function(wrap_pyfunction!(check_input, m)?)?;
+    m.add_function(wrap_pyfunction!(se_forward, m)?)?;
+    m.add_function(wrap_pyfunction!(fuse_block, m)?)?;
+    m.add_function(wrap_pyfunction!(yaml_mobileone_layers, m)?)?;
+    Ok(())
+}

@@ -1,0 +1,1 @@
+"""pytest suite for mobileone_rs; `tests.oracle` is the seed's math in plain PyTorch."""

@@ -1,0 +1,221 @@
+"""MobileOneBlock and SEBlock against the oracle: train step, running stats, eval, fused."""
+
+import itertools
+from dataclasses import dataclass
+
+import mobileone_rs
+import pytest
+import torch
+
+from tests import oracle
+from tests._util import (
+    GRAD_TOLERANCE,
+    TOLERANCE,
+    assert_close,
+    build_pair,
+    eval_output,
+    fused_copy_of,
+    random_input,
+    train_step,
+)
+
+
+@dataclass(frozen=True)
+class BlockCase:
+    in_channels: int
+    out_channels: int
+    kernel_size: int
+    stride: int
+    groups: int
+    use_se: bool
+    num_conv_branches: int
+    input_shape: tuple  # (batch, height, width)
+    dilation: int = 1
+
+    def kwargs(self) -> dict:
+        return {
+            "in_channels": self.in_channels,
+            "out_channels": self.out_channels,
+            "kernel_size": self.kernel_size,
+            "stride": self.stride,
+            "padding": self.dilation * (self.kernel_size // 2),
+            "dilation": self.dilation,
+            "groups": self.groups,
+            "use_se": self.use_se,
+            "num_conv_branches": self.num_conv_branches,
+        }
+
+    def input(self, dtype, seed: int = 1) -> torch.Tensor:
+        batch, height, width = self.input_shape
+        return random_input((batch, self.in_channels, height, width), dtype, seed)
+
+    def __str__(self) -> str:
+        b, h, w = self.input_shape
+        return (
+            f"{self.in_channels}to{self.out_channels}-k{self.kernel_size}-s{self.stride}"
+            f"-g{self.groups}-br{self.num_conv_branches}{'-se' if self.use_se else ''}"
+            f"{f'-d{self.dilation}' if self.dilation > 1 else ''}-{b}x{h}x{w}"
+        )
+
+
+# (in, out, groups, use_se): in == out, in != out, dense, grouped, depthwise; SE needs out >= 16.
+CHANNEL_VARIANTS = [
+    (4, 4, 1, False),
+    (4, 6, 1, False),
+    (4, 4, 2, False),
+    (4, 4, 4, False),
+    (16, 16, 1, True),
+    (16, 32, 2, True),
+    (16, 16, 16, True),
+]
+INPUT_SHAPES = [(1, 7, 10), (2, 9, 9)]
+
+
+def _grid() -> list[BlockCase]:
+    cases = []
+    axes = itertools.product([1, 3, 5], [1, 2], [1, 4], CHANNEL_VARIANTS)
+    # Seven channel variants (odd) alternate with two shapes, so every variant meets both.
+    for index, (kernel, stride, branches, (cin, cout, groups, se)) in enumerate(axes):
+        shape = INPUT_SHAPES[index % 2]
+        cases.append(BlockCase(cin, cout, kernel, stride, groups, se, branches, shape))
+    return cases
+
+
+GRID = _grid()
+# Small subsets for the BN-hyperparameter variants and dilation.
+BN_CASES = [c for c in GRID if c.kernel_size == 3 and c.num_conv_branches == 4][::2]
+DILATED = [
+    BlockCase(4, 4, 3, 1, 1, False, 2, (2, 9, 9), dilation=2),
+    BlockCase(4, 6, 5, 1, 2, False, 1, (1, 11, 10), dilation=2),
+    BlockCase(16, 16, 3, 2, 16, True, 4, (2, 13, 12), dilation=2),
+    BlockCase(16, 16, 5, 1, 4, True, 3, (1, 12, 11), dilation=3),
+]
+
+
+def _pair(case: BlockCase, dtype):
+    return build_pair("MobileOneBlock", dtype=dtype, **case.kwargs())
+
+
+def _assert_train_step_matches(ours, reference, x, dtype, steps: int = 1) -> None:
+    for _ in range(steps):
+        got, expected = train_step(ours, x), train_step(reference, x)
+        assert got.keys() == expected.keys()
+        for key, value in expected.items():
+            bound = TOLERANCE[dtype] if key == "output" else GRAD_TOLERANCE[dtype]
+            assert got[key] is not None, f"{key} is None"
+            assert_close(got[key], value, bound, key)
+    _assert_buffers_match(ours, reference, dtype)
+
+
+def _assert_buffers_match(ours, reference, dtype) -> None:
+    got = dict(ours.named_buffers())
+    expected = dict(reference.named_buffers())
+    assert got.keys() == expected.keys()
+    for key, value in expected.items():
+        if key.endswith("num_batches_tracked"):
+            assert torch.equal(got[key], value), f"{key}: {got[key]} != {value}"
+        else:
+            assert_close(got[key], value, TOLERANCE[dtype], key)
+
+
+@pytest.mark.parametrize("case", GRID, ids=str)
+def test_train_step_matches_oracle(case, dtype):
+    ours, reference = _pair(case, dtype)
+    _assert_train_step_matches(ours, reference, case.input(dtype), dtype)
+
+
+@pytest.mark.parametrize("case", BN_CASES, ids=str)
+@pytest.mark.parametrize("eps, momentum", [(1e-5, None), (1e-3, 0.03)], ids=["cumulative", "yolov9"])
+def test_train_steps_with_bn_hyperparameters_match_oracle(case, dtype, eps, momentum):
+    ours, reference = _pair(case, dtype)
+    for model in (ours, reference):
+        oracle.set_bn_hyperparameters(model, eps, momentum)
+    _assert_train_step_matches(ours, reference, case.input(dtype), dtype, steps=2)
+    assert_close(
+        eval_output(ours, case.input(dtype, 3)),
+        eval_output(reference, case.input(dtype, 3)),
+        TOLERANCE[dtype],
+        "eval output after steps",
+    )
+
+
+@pytest.mark.parametrize("case", GRID, ids=str)
+def test_eval_output_matches_oracle(case, dtype):
+    ours, reference = _pair(case, dtype)
+    x = case.input(dtype)
+    assert_close(eval_output(ours, x), eval_output(reference, x), TOLERANCE[dtype], "eval")
+
+
+@pytest.mark.parametrize("case", GRID, ids=str)
+def test_fused_output_matches_unfused_oracle(case, dtype):
+    ours, reference = _pair(case, dtype)
+    x = case.input(dtype)
+    expected = eval_output(reference, x)
+    ours.reparameterize()
+    assert_close(eval_output(ours, x), expected, TOLERANCE[dtype], "fused vs oracle unfused")
+    _assert_fused_tensors_match(ours, fused_copy_of(reference), dtype)
+
+
+def _assert_fused_tensors_match(ours, fused_reference, dtype) -> None:
+    got, expected = ours.state_dict(), fused_reference.state_dict()
+    assert list(got) == list(expected)
+    for key, value in expected.items():
+        assert got[key].dtype == value.dtype, key
+        assert_close(got[key], value, TOLERANCE[dtype], key)
+
+
+@pytest.mark.parametrize("case", BN_CASES, ids=str)
+def test_fused_after_train_step_matches_oracle(case, dtype):
+    ours, reference = _pair(case, dtype)
+    train_step(ours, case.input(dtype))
+    train_step(reference, case.input(dtype))
+    x = case.input(dtype, seed=5)
+    expected = eval_output(reference, x)
+    ours.reparameterize()
+    assert_close(eval_output(ours, x), expected, TOLERANCE[dtype], "fused after step")
+
+
+@pytest.mark.parametrize("case", DILATED, ids=str)
+def test_dilated_block_matches_oracle(case, dtype):
+    ours, reference = _pair(case, dtype)
+    _assert_train_step_matches(ours, reference, case.input(dtype), dtype)
+    x = case.input(dtype, seed=4)
+    expected = eval_output(reference, x)
+    assert_close(eval_output(ours, x), expected, TOLERANCE[dtype], "dilated eval")
+    ours.reparameterize()
+    assert ours.reparam_conv.dilation == (case.dilation, case.dilation)
+    assert_close(eval_output(ours, x), expected, TOLERANCE[dtype], "dilated fused")
+    _assert_fused_tensors_match(ours, fused_copy_of(reference), dtype)
+
+
+@pytest.mark.parametrize("channels, rd_ratio", [(16, 0.0625), (32, 0.0625), (24, 0.25)])
+def test_se_block_matches_oracle(channels, rd_ratio, dtype):
+    ours, reference = build_pair("SEBlock", channels, rd_ratio, dtype=dtype)
+    assert list(ours.state_dict()) == list(reference.state_dict())
+    x = random_input((2, channels, 5, 7), dtype)
+    got, expected = train_step(ours, x), train_step(reference, x)
+    assert got.keys() == expected.keys()
+    for key, value in expected.items():
+        assert_close(got[key], value, GRAD_TOLERANCE[dtype], key)
+
+
+@pytest.mark.parametrize("case", GRID[::9], ids=str)
+def test_inference_mode_block_loads_oracle_fused_weights(case, dtype):
+    _, reference = _pair(case, dtype)
+    fused_reference = fused_copy_of(reference)
+    ours = mobileone_rs.MobileOneBlock(**case.kwargs(), inference_mode=True).to(dtype)
+    assert ours.inference_mode is True
+    oracle.copy_weights(fused_reference, ours)
+    x = case.input(dtype)
+    assert_close(eval_output(ours, x), eval_output(fused_reference, x), TOLERANCE[dtype], "fused")
+
+
+@pytest.mark.parametrize("case", GRID[::5], ids=str)
+def test_state_dict_keys_match_oracle(case):
+    ours = mobileone_rs.MobileOneBlock(**case.kwargs())
+    reference = oracle.MobileOneBlock(**case.kwargs())
+    assert list(ours.state_dict()) == list(reference.state_dict())
+    assert [n for n, _ in ours.named_parameters()] == [n for n, _ in reference.named_parameters()]
+    ours.reparameterize()
+    reference.reparameterize()
+    assert list(ours.state_dict()) == list(reference.state_dict())

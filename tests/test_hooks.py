@@ -1,0 +1,97 @@
+"""Forward hooks on children fire as they do on the oracle: the children really run."""
+
+import operator
+
+import pytest
+import torch
+
+from tests._util import TOLERANCE, assert_close, build_pair, random_input
+
+BLOCK_ARGS = {
+    "in_channels": 16,
+    "out_channels": 16,
+    "kernel_size": 3,
+    "padding": 1,
+    "groups": 4,
+    "use_se": True,
+    "num_conv_branches": 3,
+}
+TRAIN_TIME_CHILDREN = [
+    "",
+    "rbr_conv.0.conv",
+    "rbr_conv.2.bn",
+    "rbr_scale.conv",
+    "rbr_skip",
+    "se",
+    "se.reduce",
+    "se.expand",
+    "activation",
+]
+FUSED_CHILDREN = ["", "reparam_conv", "se", "se.reduce", "activation"]
+
+
+class HookLog:
+    """Records the tensor shapes every pre-hook and hook sees."""
+
+    def __init__(self, module):
+        self.calls = []
+        self.handles = [
+            module.register_forward_pre_hook(self._pre_hook),
+            module.register_forward_hook(self._hook),
+        ]
+
+    def _pre_hook(self, module, args):
+        self.calls.append(("pre", _shapes(args)))
+
+    def _hook(self, module, args, output):
+        self.calls.append(("post", _shapes(args), _shapes((output,))))
+
+    def remove(self):
+        for handle in self.handles:
+            handle.remove()
+
+
+def _shapes(values) -> tuple:
+    return tuple(tuple(v.shape) if isinstance(v, torch.Tensor) else type(v) for v in values)
+
+
+def _child(model, name: str):
+    return model if name == "" else operator.attrgetter(name)(model)
+
+
+def _run_with_hooks(model, name, x, train: bool):
+    log = HookLog(_child(model, name))
+    model.train(train)
+    with torch.no_grad():
+        out = model(x)
+    log.remove()
+    return log.calls, out
+
+
+def _check_child(ours, reference, name, train):
+    x = random_input((2, 16, 9, 7))
+    got_calls, got = _run_with_hooks(ours, name, x, train)
+    expected_calls, expected = _run_with_hooks(reference, name, x, train)
+    assert got_calls == expected_calls, f"hooks on {name!r}: {got_calls} != {expected_calls}"
+    assert_close(got, expected, TOLERANCE[torch.float64], f"output with hooks on {name!r}")
+
+
+@pytest.mark.parametrize("train", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("name", TRAIN_TIME_CHILDREN)
+def test_hooks_on_train_time_children_fire_like_oracle(name, train):
+    ours, reference = build_pair("MobileOneBlock", **BLOCK_ARGS)
+    _check_child(ours, reference, name, train)
+
+
+@pytest.mark.parametrize("name", FUSED_CHILDREN)
+def test_hooks_on_fused_children_fire_like_oracle(name):
+    ours, reference = build_pair("MobileOneBlock", **BLOCK_ARGS)
+    ours.reparameterize()
+    reference.reparameterize()
+    _check_child(ours, reference, name, train=False)
+
+
+def test_hooks_on_stage_blocks_fire_like_oracle():
+    ours, reference = build_pair("MobileOne", 16, 16, 2, 2, True, 1)
+    for name in ("stage.0", "stage.3.se.expand", "stage.2.rbr_conv.1.conv"):
+        _check_child(ours, reference, name, train=True)

@@ -1,0 +1,91 @@
+"""The seed's four MobileOne stages: parameter counts, keys, training, fused == unfused (float64)."""
+
+import mobileone_rs
+import pytest
+import torch
+from torch import nn
+
+from tests import oracle
+from tests._util import (
+    SEED_STAGES,
+    TOLERANCE,
+    assert_close,
+    build_pair,
+    eval_output,
+    random_input,
+    sgd_steps,
+)
+
+F64 = TOLERANCE[torch.float64]
+
+
+def _stage_input(name: str, seed: int = 1) -> torch.Tensor:
+    _, _, channels, size = SEED_STAGES[name]
+    return random_input((2, channels, size, size), seed=seed)
+
+
+@pytest.mark.parametrize("name", list(SEED_STAGES))
+def test_parameter_count_matches_seed_table(name):
+    args, expected, _, _ = SEED_STAGES[name]
+    model = mobileone_rs.MobileOne(*args)
+    assert sum(p.numel() for p in model.parameters()) == expected
+
+
+@pytest.mark.parametrize("name", list(SEED_STAGES))
+def test_state_dict_keys_match_oracle_before_and_after_fusing(name):
+    args = SEED_STAGES[name][0]
+    ours, reference = mobileone_rs.MobileOne(*args), oracle.MobileOne(*args)
+    assert list(ours.state_dict()) == list(reference.state_dict())
+    ours_fused = mobileone_rs.reparameterize_model(ours)
+    assert list(ours_fused.state_dict()) == list(oracle.reparameterize_model(reference).state_dict())
+    built_fused = mobileone_rs.MobileOne(*args, inference_mode=True)
+    assert list(built_fused.state_dict()) == list(ours_fused.state_dict())
+
+
+def test_num_se_ignored_without_use_se_like_the_seed():
+    args = (64, 64, 2, 4, False, 3)
+    assert list(mobileone_rs.MobileOne(*args).state_dict()) == list(oracle.MobileOne(*args).state_dict())
+
+
+def test_stage_is_a_sequential_of_alternating_blocks():
+    ours = mobileone_rs.MobileOne(16, 32, 3, 2, True, 2)
+    assert isinstance(ours.stage, nn.Sequential)
+    assert len(ours.stage) == 6
+    assert all(isinstance(b, mobileone_rs.MobileOneBlock) for b in ours.stage)
+
+
+@pytest.mark.parametrize("name", list(SEED_STAGES))
+def test_trained_stage_fused_equals_unfused(name):
+    ours, _ = build_pair("MobileOne", *SEED_STAGES[name][0])
+    sgd_steps(ours, _stage_input(name))
+    # The reference is the oracle holding ours' trained weights, so fused is checked
+    # against the seed's unfused eval forward, never against ours.
+    reference = oracle.copy_weights(ours, oracle.MobileOne(*SEED_STAGES[name][0]).double())
+    x = _stage_input(name, seed=7)
+    expected = eval_output(reference, x)
+    assert_close(eval_output(ours, x), expected, F64, "unfused eval")
+    fused = mobileone_rs.reparameterize_model(ours)
+    assert_close(eval_output(fused, x), expected, F64, "fused eval")
+
+
+def _chained(module) -> nn.Sequential:
+    return nn.Sequential(*(module.MobileOne(*args) for args, *_ in SEED_STAGES.values()))
+
+
+def test_chained_stages_train_and_fuse_like_oracle():
+    reference = oracle.randomize_bn_stats(_chained(oracle)).double()
+    ours = oracle.copy_weights(reference, _chained(mobileone_rs).double())
+    x = random_input((2, 64, 32, 32))
+    got, expected = sgd_steps(ours, x), sgd_steps(reference, x)
+    for step, (a, b) in enumerate(zip(got, expected)):
+        assert_close(a, b, F64, f"train output, step {step}")
+    trained = ours.state_dict()
+    for key, value in reference.state_dict().items():
+        assert_close(trained[key], value, F64, f"trained {key}")
+    x = random_input((2, 64, 32, 32), seed=9)
+    expected_eval = eval_output(reference, x)
+    assert_close(eval_output(ours, x), expected_eval, F64, "chained eval")
+    fused = mobileone_rs.reparameterize_model(ours)
+    assert_close(eval_output(fused, x), expected_eval, F64, "chained fused vs unfused oracle")
+    fused_reference = oracle.reparameterize_model(reference)
+    assert_close(eval_output(fused, x), eval_output(fused_reference, x), F64, "chained fused")

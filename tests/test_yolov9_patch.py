@@ -1,0 +1,211 @@
+"""``python -m mobileone_rs.yolov9 patch``: the seed's three edits on a copy of the installed yolo9 package.
+
+Every import of the patched copy happens in a subprocess, so this file never imports yolo9 itself.
+"""
+
+from __future__ import annotations
+
+import ast
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from tests import yolov9_helpers as h
+
+pytestmark = pytest.mark.skipif(h.installed_yolo9() is None, reason="yolo9 (YOLOv9 from PyPI) is not installed")
+
+IMPORT_LINE = "from mobileone_rs import MobileOne, MobileOneBlock, reparameterize_model"
+
+
+@pytest.fixture()
+def copy_dir(tmp_path: Path) -> Path:
+    return h.copy_yolo9(tmp_path)
+
+
+def _files(root: Path) -> dict[str, str]:
+    return {name: (root / "models" / name).read_text(encoding="utf-8") for name in ("common.py", "yolo.py")}
+
+
+def _added_and_removed(diff: str) -> tuple[list[str], list[str]]:
+    body = [line for line in diff.splitlines() if not line.startswith(("+++", "---"))]
+    return [line[1:] for line in body if line.startswith("+")], [line[1:] for line in body if line.startswith("-")]
+
+
+def test_patch_prints_a_diff_of_exactly_the_three_edits(copy_dir: Path):
+    before = _files(copy_dir)
+    result = h.run_patch(copy_dir)
+    assert result.returncode == 0, result.stderr
+    assert "--- a/models/common.py" in result.stdout and "+++ b/models/yolo.py" in result.stdout
+    added, removed = _added_and_removed(result.stdout)
+    assert [line.strip() for line in added] == [
+        IMPORT_LINE,
+        "if hasattr(m, 'reparameterize'):",
+        "m.reparameterize()",
+        "ELAN1, RepNCSPELAN4, SPPELAN, MobileOne}:",
+    ]
+    assert [line.strip() for line in removed] == ["ELAN1, RepNCSPELAN4, SPPELAN}:"]
+    after = _files(copy_dir)
+    assert after["common.py"] == before["common.py"].replace(
+        "from torch.cuda import amp\n\nfrom yolo9.utils import TryExcept\n",
+        f"from torch.cuda import amp\n{IMPORT_LINE}\n\nfrom yolo9.utils import TryExcept\n",
+        1,
+    )
+
+
+def test_patched_source_has_the_edits_where_yolov9_uses_them(copy_dir: Path):
+    h.run_patch(copy_dir)
+    yolo = ast.parse((copy_dir / "models" / "yolo.py").read_text())
+    fuse = next(
+        f for c in yolo.body if isinstance(c, ast.ClassDef) and c.name == "BaseModel"
+        for f in c.body if isinstance(f, ast.FunctionDef) and f.name == "fuse"
+    )
+    loop = next(n for n in ast.walk(fuse) if isinstance(n, ast.For))
+    assert ast.unparse(loop.body[-1]) == "if hasattr(m, 'reparameterize'):\n    m.reparameterize()"
+    parse_model = next(f for f in yolo.body if isinstance(f, ast.FunctionDef) and f.name == "parse_model")
+    channel_sets = [
+        n.comparators[0] for n in ast.walk(parse_model)
+        if isinstance(n, ast.Compare) and isinstance(n.comparators[0], ast.Set)
+        and "MobileOne" in {getattr(e, "id", None) for e in n.comparators[0].elts}
+    ]
+    assert len(channel_sets) == 1 and "Conv" in {getattr(e, "id", None) for e in channel_sets[0].elts}
+
+
+def test_second_run_is_a_no_op(copy_dir: Path):
+    assert h.run_patch(copy_dir).returncode == 0
+    patched = _files(copy_dir)
+    again = h.run_patch(copy_dir)
+    assert again.returncode == 0, again.stderr
+    assert "already patched" in again.stdout and "+++" not in again.stdout
+    assert _files(copy_dir) == patched
+
+
+def test_dry_run_and_check_write_nothing(copy_dir: Path):
+    before = _files(copy_dir)
+    dry = h.run_patch(copy_dir, "--dry-run")
+    assert dry.returncode == 0 and "+++ b/models/yolo.py" in dry.stdout
+    check = h.run_patch(copy_dir, "--check")
+    assert check.returncode == 1 and "needs patching" in check.stdout
+    assert _files(copy_dir) == before
+    h.run_patch(copy_dir)
+    assert h.run_patch(copy_dir, "--check").returncode == 0
+
+
+def test_half_patched_tree_gets_the_missing_edits_only(copy_dir: Path):
+    common = copy_dir / "models" / "common.py"
+    common.write_text(common.read_text() + f"\n{IMPORT_LINE}\n")
+    result = h.run_patch(copy_dir)
+    assert result.returncode == 0, result.stderr
+    assert "models/common.py" not in result.stdout and "+++ b/models/yolo.py" in result.stdout
+    assert common.read_text().count("from mobileone_rs import") == 1
+
+
+def test_patched_copy_imports_and_resolves_mobileone(copy_dir: Path):
+    h.run_patch(copy_dir)
+    probe = textwrap.dedent(
+        """
+        import mobileone_rs, yolo9.models.yolo as yolo
+        assert yolo.__file__.startswith(%r), yolo.__file__
+        assert yolo.MobileOne is mobileone_rs.MobileOne
+        model, _ = yolo.parse_model(
+            {'nc': 1, 'depth_multiple': 1.0, 'width_multiple': 1.0, 'anchors': 3,
+             'backbone': [[-1, 1, 'Conv', [16, 3, 2]], [-1, 1, 'MobileOne', [32, 2, 2, True, 1]]], 'head': []},
+            ch=[3])
+        stage = model[1]
+        assert isinstance(stage, mobileone_rs.MobileOne)
+        assert sum(p.numel() for p in stage.parameters()) == stage.np
+        print('ok', type(stage).__name__)
+        """ % str(copy_dir)
+    )
+    result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True,
+                            env=h.subprocess_env(copy_dir.parent), timeout=300)
+    assert result.returncode == 0, result.stderr[-4000:]
+    assert "ok MobileOne" in result.stdout
+
+
+@pytest.mark.parametrize(
+    "setup, message",
+    [
+        (lambda root: None, "models/common.py not found"),
+        (lambda root: (root / "models").mkdir() or (root / "models" / "common.py").write_text("import os\n")
+         or (root / "models" / "yolo.py").write_text("def parse_model(d, ch):\n    pass\n"),
+         "parse_model"),
+        (lambda root: (root / "models").mkdir() or (root / "models" / "common.py").write_text("import os\n")
+         or (root / "models" / "yolo.py").write_text("def fuse():\n    pass\n"),
+         "no top-level function parse_model"),
+    ],
+    ids=["empty-dir", "no-channel-set", "no-parse-model"],
+)
+def test_refuses_a_tree_that_is_not_yolov9(tmp_path: Path, setup, message):
+    setup(tmp_path)
+    before = sorted(p.read_bytes() for p in tmp_path.rglob("*.py"))
+    result = h.run_patch(tmp_path)
+    assert result.returncode == 2
+    assert message in result.stderr and "error:" in result.stderr
+    assert sorted(p.read_bytes() for p in tmp_path.rglob("*.py")) == before
+
+
+def test_refuses_yolo_without_fuse_and_leaves_both_files_alone(copy_dir: Path):
+    yolo = copy_dir / "models" / "yolo.py"
+    yolo.write_text(yolo.read_text().replace("def fuse(self)", "def fuse_disabled(self)"))
+    before = _files(copy_dir)
+    result = h.run_patch(copy_dir)
+    assert result.returncode == 2 and "no fuse() method" in result.stderr
+    assert _files(copy_dir) == before
+
+
+def test_refuses_when_common_already_defines_mobileone(copy_dir: Path):
+    common = copy_dir / "models" / "common.py"
+    common.write_text(common.read_text() + "\n\nclass MobileOne:\n    pass\n")
+    result = h.run_patch(copy_dir)
+    assert result.returncode == 2 and "already defines MobileOne" in result.stderr
+
+
+def test_models_dir_given_instead_of_root_gets_a_hint(copy_dir: Path):
+    result = h.run_patch(copy_dir / "models")
+    assert result.returncode == 2 and "not models/ itself" in result.stderr
+
+
+def test_upstream_layout_and_crlf_line_endings(tmp_path: Path):
+    """A checkout of the upstream repository (``from models.common import *``), saved with CRLF."""
+    (tmp_path / "models").mkdir()
+    common = '"""Common modules."""\nimport torch\nfrom utils.general import LOGGER\n\n\nclass Conv:\n    pass\n'
+    yolo = textwrap.dedent(
+        """\
+        from models.common import *
+
+
+        class BaseModel:
+            def fuse(self):
+                for m in self.model.modules():
+                    if hasattr(m, 'bn'):
+                        pass
+                return self
+
+
+        def parse_model(d, ch):
+            for m in d:
+                if m in {
+                        Conv, ADown,
+                        SPPELAN, }:
+                    c1, c2 = ch[f], args[0]
+            return m
+        """
+    )
+    common, yolo = common.replace("\n", "\r\n"), yolo.replace("\n", "\r\n")
+    (tmp_path / "models" / "common.py").write_bytes(common.encode())
+    (tmp_path / "models" / "yolo.py").write_bytes(yolo.encode())
+    result = h.run_patch(tmp_path)
+    assert result.returncode == 0, result.stderr
+    new_common = (tmp_path / "models" / "common.py").read_bytes().decode()
+    new_yolo = (tmp_path / "models" / "yolo.py").read_bytes().decode()
+    assert f"import torch\r\n{IMPORT_LINE}\r\nfrom utils.general import LOGGER\r\n" in new_common
+    assert "SPPELAN, MobileOne, }:" in new_yolo
+    assert (
+        "            if hasattr(m, 'bn'):\r\n                pass\r\n"
+        "            if hasattr(m, 'reparameterize'):\r\n                m.reparameterize()\r\n        return self"
+    ) in new_yolo
+    assert "\n" not in new_yolo.replace("\r\n", "")
+    compile(new_yolo, "yolo.py", "exec")
