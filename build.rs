@@ -1,6 +1,11 @@
 //! Links libtorch into the extension so the wheel loads the installed torch's own libraries.
 
 fn main() {
+    println!("cargo:rerun-if-changed=build.rs");
+    // Rust test binaries load libtorch from the torch install torch-sys found.
+    if let Some(dir) = std::env::var_os("DEP_TCH_LIBTORCH_LIB") {
+        println!("cargo:rustc-link-arg-tests=-Wl,-rpath,{}", dir.to_string_lossy());
+    }
     if std::env::var_os("CARGO_FEATURE_PYTHON").is_none() {
         return;
     }
@@ -9,5 +14,4 @@ fn main() {
     println!("cargo:rustc-link-arg-cdylib=-ltorch");
     println!("cargo:rustc-link-arg-cdylib=-Wl,--as-needed");
     println!("cargo:rustc-link-arg-cdylib=-Wl,-rpath,$ORIGIN/../torch/lib");
-    println!("cargo:rerun-if-changed=build.rs");
 }

@@ -1,15 +1,19 @@
 """``python -m mobileone_rs.yolov9 patch``: the seed's three edits on a copy of the installed yolo9 package.
 
-Every import of the patched copy happens in a subprocess, so this file never imports yolo9 itself.
+The command runs in-process through ``main()`` except where the ``python -m`` entry point itself is
+under test; every import of a patched copy happens in a subprocess, so this file never imports yolo9.
 """
 
 from __future__ import annotations
 
 import ast
+import io
 import subprocess
 import sys
 import textwrap
+from contextlib import redirect_stderr, redirect_stdout
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
@@ -18,6 +22,16 @@ from tests import yolov9_helpers as h
 pytestmark = pytest.mark.skipif(h.installed_yolo9() is None, reason="yolo9 (YOLOv9 from PyPI) is not installed")
 
 IMPORT_LINE = "from mobileone_rs import MobileOne, MobileOneBlock, reparameterize_model"
+
+
+def patch(path: Path, *flags: str) -> SimpleNamespace:
+    """``main(["patch", PATH, *FLAGS])`` with its exit status and printed text."""
+    from mobileone_rs.yolov9 import main
+
+    out, err = io.StringIO(), io.StringIO()
+    with redirect_stdout(out), redirect_stderr(err):
+        code = main(["patch", str(path), *flags])
+    return SimpleNamespace(returncode=code, stdout=out.getvalue(), stderr=err.getvalue())
 
 
 @pytest.fixture()
@@ -56,7 +70,7 @@ def test_patch_prints_a_diff_of_exactly_the_three_edits(copy_dir: Path):
 
 
 def test_patched_source_has_the_edits_where_yolov9_uses_them(copy_dir: Path):
-    h.run_patch(copy_dir)
+    patch(copy_dir)
     yolo = ast.parse((copy_dir / "models" / "yolo.py").read_text())
     fuse = next(
         f for c in yolo.body if isinstance(c, ast.ClassDef) and c.name == "BaseModel"
@@ -74,9 +88,9 @@ def test_patched_source_has_the_edits_where_yolov9_uses_them(copy_dir: Path):
 
 
 def test_second_run_is_a_no_op(copy_dir: Path):
-    assert h.run_patch(copy_dir).returncode == 0
+    assert patch(copy_dir).returncode == 0
     patched = _files(copy_dir)
-    again = h.run_patch(copy_dir)
+    again = patch(copy_dir)
     assert again.returncode == 0, again.stderr
     assert "already patched" in again.stdout and "+++" not in again.stdout
     assert _files(copy_dir) == patched
@@ -84,26 +98,26 @@ def test_second_run_is_a_no_op(copy_dir: Path):
 
 def test_dry_run_and_check_write_nothing(copy_dir: Path):
     before = _files(copy_dir)
-    dry = h.run_patch(copy_dir, "--dry-run")
+    dry = patch(copy_dir, "--dry-run")
     assert dry.returncode == 0 and "+++ b/models/yolo.py" in dry.stdout
-    check = h.run_patch(copy_dir, "--check")
+    check = patch(copy_dir, "--check")
     assert check.returncode == 1 and "needs patching" in check.stdout
     assert _files(copy_dir) == before
-    h.run_patch(copy_dir)
-    assert h.run_patch(copy_dir, "--check").returncode == 0
+    patch(copy_dir)
+    assert patch(copy_dir, "--check").returncode == 0
 
 
 def test_half_patched_tree_gets_the_missing_edits_only(copy_dir: Path):
     common = copy_dir / "models" / "common.py"
     common.write_text(common.read_text() + f"\n{IMPORT_LINE}\n")
-    result = h.run_patch(copy_dir)
+    result = patch(copy_dir)
     assert result.returncode == 0, result.stderr
     assert "models/common.py" not in result.stdout and "+++ b/models/yolo.py" in result.stdout
     assert common.read_text().count("from mobileone_rs import") == 1
 
 
 def test_patched_copy_imports_and_resolves_mobileone(copy_dir: Path):
-    h.run_patch(copy_dir)
+    patch(copy_dir)
     probe = textwrap.dedent(
         """
         import mobileone_rs, yolo9.models.yolo as yolo
@@ -125,33 +139,40 @@ def test_patched_copy_imports_and_resolves_mobileone(copy_dir: Path):
     assert "ok MobileOne" in result.stdout
 
 
+def _write_tree(root: Path, common: str | None, yolo: str | None) -> None:
+    if common is None:
+        return
+    (root / "models").mkdir()
+    (root / "models" / "common.py").write_text(common)
+    if yolo is not None:
+        (root / "models" / "yolo.py").write_text(yolo)
+
+
 @pytest.mark.parametrize(
-    "setup, message",
+    "common, yolo, message",
     [
-        (lambda root: None, "models/common.py not found"),
-        (lambda root: (root / "models").mkdir() or (root / "models" / "common.py").write_text("import os\n")
-         or (root / "models" / "yolo.py").write_text("def parse_model(d, ch):\n    pass\n"),
-         "parse_model"),
-        (lambda root: (root / "models").mkdir() or (root / "models" / "common.py").write_text("import os\n")
-         or (root / "models" / "yolo.py").write_text("def fuse():\n    pass\n"),
-         "no top-level function parse_model"),
+        (None, None, "models/common.py not found"),
+        ("import os\n", None, "models/yolo.py not found"),
+        ("import os\n", "def parse_model(d, ch):\n    pass\n", "in parse_model(), found 0"),
+        ("import os\n", "def fuse():\n    pass\n", "no top-level function parse_model"),
+        ("import os\n", "def parse_model(:\n", "does not parse as Python"),
     ],
-    ids=["empty-dir", "no-channel-set", "no-parse-model"],
+    ids=["empty-dir", "no-yolo-py", "no-channel-set", "no-parse-model", "syntax-error"],
 )
-def test_refuses_a_tree_that_is_not_yolov9(tmp_path: Path, setup, message):
-    setup(tmp_path)
-    before = sorted(p.read_bytes() for p in tmp_path.rglob("*.py"))
-    result = h.run_patch(tmp_path)
+def test_refuses_a_tree_that_is_not_yolov9(tmp_path: Path, common, yolo, message):
+    _write_tree(tmp_path, common, yolo)
+    before = {p: p.read_bytes() for p in tmp_path.rglob("*.py")}
+    result = patch(tmp_path)
     assert result.returncode == 2
     assert message in result.stderr and "error:" in result.stderr
-    assert sorted(p.read_bytes() for p in tmp_path.rglob("*.py")) == before
+    assert {p: p.read_bytes() for p in tmp_path.rglob("*.py")} == before
 
 
 def test_refuses_yolo_without_fuse_and_leaves_both_files_alone(copy_dir: Path):
     yolo = copy_dir / "models" / "yolo.py"
     yolo.write_text(yolo.read_text().replace("def fuse(self)", "def fuse_disabled(self)"))
     before = _files(copy_dir)
-    result = h.run_patch(copy_dir)
+    result = patch(copy_dir)
     assert result.returncode == 2 and "no fuse() method" in result.stderr
     assert _files(copy_dir) == before
 
@@ -159,12 +180,12 @@ def test_refuses_yolo_without_fuse_and_leaves_both_files_alone(copy_dir: Path):
 def test_refuses_when_common_already_defines_mobileone(copy_dir: Path):
     common = copy_dir / "models" / "common.py"
     common.write_text(common.read_text() + "\n\nclass MobileOne:\n    pass\n")
-    result = h.run_patch(copy_dir)
+    result = patch(copy_dir)
     assert result.returncode == 2 and "already defines MobileOne" in result.stderr
 
 
 def test_models_dir_given_instead_of_root_gets_a_hint(copy_dir: Path):
-    result = h.run_patch(copy_dir / "models")
+    result = h.run_patch(copy_dir / "models")  # the real command line: exit status 2
     assert result.returncode == 2 and "not models/ itself" in result.stderr
 
 
@@ -197,7 +218,7 @@ def test_upstream_layout_and_crlf_line_endings(tmp_path: Path):
     common, yolo = common.replace("\n", "\r\n"), yolo.replace("\n", "\r\n")
     (tmp_path / "models" / "common.py").write_bytes(common.encode())
     (tmp_path / "models" / "yolo.py").write_bytes(yolo.encode())
-    result = h.run_patch(tmp_path)
+    result = patch(tmp_path)
     assert result.returncode == 0, result.stderr
     new_common = (tmp_path / "models" / "common.py").read_bytes().decode()
     new_yolo = (tmp_path / "models" / "yolo.py").read_bytes().decode()
