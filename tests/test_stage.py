@@ -14,6 +14,7 @@ from tests._util import (
     eval_output,
     random_input,
     sgd_steps,
+    train_step,
 )
 
 F64 = TOLERANCE[torch.float64]
@@ -72,20 +73,29 @@ def _chained(module) -> nn.Sequential:
     return nn.Sequential(*(module.MobileOne(*args) for args, *_ in SEED_STAGES.values()))
 
 
-def test_chained_stages_train_and_fuse_like_oracle():
+def test_chained_stages_train_step_matches_oracle():
     reference = oracle.randomize_bn_stats(_chained(oracle)).double()
     ours = oracle.copy_weights(reference, _chained(mobileone_rs).double())
     x = random_input((2, 64, 32, 32))
-    got, expected = sgd_steps(ours, x), sgd_steps(reference, x)
-    for step, (a, b) in enumerate(zip(got, expected)):
-        assert_close(a, b, F64, f"train output, step {step}")
+    got, expected = train_step(ours, x), train_step(reference, x)
+    assert got.keys() == expected.keys()
+    for key, value in expected.items():
+        assert_close(got[key], value, F64, key)
     trained = ours.state_dict()
     for key, value in reference.state_dict().items():
-        assert_close(trained[key], value, F64, f"trained {key}")
+        assert_close(trained[key], value, F64, f"after the step: {key}")
+
+
+def test_chained_stages_trained_then_fused_match_oracle():
+    ours = oracle.copy_weights(oracle.randomize_bn_stats(_chained(oracle)), _chained(mobileone_rs)).double()
+    # Lock-step SGD through 42 blocks is chaotic (a 1e-15 weight change grows to 1e-4 in three
+    # steps, in the oracle alone), so ours trains alone and the oracle then takes its weights.
+    sgd_steps(ours, random_input((2, 64, 32, 32)))
+    reference = oracle.copy_weights(ours, _chained(oracle).double())
     x = random_input((2, 64, 32, 32), seed=9)
-    expected_eval = eval_output(reference, x)
-    assert_close(eval_output(ours, x), expected_eval, F64, "chained eval")
+    expected = eval_output(reference, x)
+    assert_close(eval_output(ours, x), expected, F64, "chained eval")
     fused = mobileone_rs.reparameterize_model(ours)
-    assert_close(eval_output(fused, x), expected_eval, F64, "chained fused vs unfused oracle")
+    assert_close(eval_output(fused, x), expected, F64, "chained fused vs unfused oracle")
     fused_reference = oracle.reparameterize_model(reference)
     assert_close(eval_output(fused, x), eval_output(fused_reference, x), F64, "chained fused")

@@ -259,3 +259,51 @@ def mobileone_conv_counts(yaml_dict: dict) -> dict[int, int]:
             _, num_blocks, _, use_se, num_se = args
             counts[i] = 2 * num_blocks + (2 * 2 * num_se if use_se else 0)
     return counts
+
+
+# ----------------------------------------------------------------------------------------------
+# YOLOv9's scripts: a dataset and an environment that never reaches for the network.
+
+
+def write_synthetic_dataset(root: Path, count: int, size: int, seed: int = 0) -> Path:
+    """``count`` noisy images with one or two filled boxes each, YOLO labels, and the data yaml.
+
+    Layout as YOLOv9 expects: ``images/train/*.jpg`` beside ``labels/train/*.txt`` (class x y w h,
+    normalized); the same images serve as the validation set. Returns the data yaml's path.
+    """
+    import cv2
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    (root / "images" / "train").mkdir(parents=True)
+    (root / "labels" / "train").mkdir(parents=True)
+    for i in range(count):
+        image = rng.integers(0, 60, size=(size, size, 3), dtype=np.uint8)
+        labels = []
+        for _ in range(1 + i % 2):
+            w, h = rng.integers(size // 4, size // 2, size=2)
+            x, y = rng.integers(0, size - w), rng.integers(0, size - h)
+            image[y : y + h, x : x + w] = rng.integers(150, 256, size=3, dtype=np.uint8)
+            labels.append(f"0 {(x + w / 2) / size:.6f} {(y + h / 2) / size:.6f} {w / size:.6f} {h / size:.6f}")
+        cv2.imwrite(str(root / "images" / "train" / f"img{i}.jpg"), image)
+        (root / "labels" / "train" / f"img{i}.txt").write_text("\n".join(labels) + "\n")
+    data = root / "data.yaml"
+    data.write_text(f"path: {root}\ntrain: images/train\nval: images/train\nnc: 1\nnames: ['box']\n")
+    return data
+
+
+def script_env(copy_root: Path, config_dir: Path) -> dict[str, str]:
+    """:func:`subprocess_env` for YOLOv9's scripts, offline.
+
+    ``check_dataset`` and the plotting code download Arial.ttf into YOLOv9's config dir unless it is
+    there: matplotlib's DejaVuSans stands in for it. Missing requirements are never pip-installed.
+    """
+    import matplotlib
+
+    config_dir.mkdir(parents=True, exist_ok=True)
+    font = Path(matplotlib.get_data_path()) / "fonts" / "ttf" / "DejaVuSans.ttf"
+    for name in ("Arial.ttf", "Arial.Unicode.ttf"):
+        shutil.copyfile(font, config_dir / name)
+    env = subprocess_env(copy_root)
+    env.update(YOLOV5_CONFIG_DIR=str(config_dir), YOLOv5_AUTOINSTALL="False", MPLBACKEND="Agg")
+    return env

@@ -9,7 +9,9 @@ module-by-module path instead, so those children behave exactly as with the seed
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import threading
 import torch
 import torch.nn.modules.module as _torch_module
 from torch import nn
@@ -18,6 +20,24 @@ from . import _native
 
 _BRANCH_NAMES = ("rbr_conv", "rbr_scale", "rbr_skip")
 _HOOK_DICTS = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks")
+
+
+_state = threading.local()
+
+
+@contextlib.contextmanager
+def module_path():
+    """Inside this context, unfused blocks run the seed's module-by-module path on this thread.
+
+    That path calls every branch's conv and BN as the seed does; it is the independent reference
+    that :func:`mobileone_rs.verify_reparameterization` compares fused blocks against.
+    """
+    previous = getattr(_state, "module_path", False)
+    _state.module_path = True
+    try:
+        yield
+    finally:
+        _state.module_path = previous
 
 
 def _global_hooks() -> bool:
@@ -186,7 +206,8 @@ class MobileOneBlock(nn.Module):
         return conv, scale, skip
 
     def _native_ready(self) -> bool:
-        return type(self.activation) is nn.ReLU and not _hooked(self.activation) and not _global_hooks()
+        return (type(self.activation) is nn.ReLU and not _hooked(self.activation) and not _global_hooks()
+                and not getattr(_state, "module_path", False))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Applies the block: one conv when re-parameterized, else every branch."""
