@@ -181,24 +181,37 @@ pub fn check_input_type(x: &Tensor, weight: &Tensor, autocast: bool) -> Result<(
     Ok(())
 }
 
+/// Refuses a training batch with one value per channel, as `F.batch_norm` does.
+pub fn check_batch_size(size: &[i64]) -> Result<()> {
+    if size[0] * size[2] * size[3] == 1 {
+        return Err(Error::InputShape(format!(
+            "Expected more than 1 value per channel when training, got input size {size:?}"
+        )));
+    }
+    Ok(())
+}
+
+/// Counts one training batch on `bn` and returns its running-statistics factor: the momentum,
+/// or `1 / num_batches_tracked` (a cumulative average) when momentum is `None`.
+pub fn count_batch(bn: &BatchNorm) -> Result<f64> {
+    let mut factor = bn.momentum.unwrap_or(0.0);
+    if let Some(count) = &bn.num_batches_tracked {
+        let _guard = tch::no_grad_guard();
+        let _ = count.shallow_clone().f_add_scalar_(1i64)?;
+        if bn.momentum.is_none() {
+            factor = 1.0 / count.f_double_value(&[])?;
+        }
+    }
+    Ok(factor)
+}
+
 /// BatchNorm as `nn.BatchNorm2d.forward` runs it: in training, counts the batch and updates the
 /// running statistics with the module's own momentum (cumulative average when `None`).
 pub fn batch_norm(x: &Tensor, bn: &BatchNorm, training: bool) -> Result<Tensor> {
     let mut factor = bn.momentum.unwrap_or(0.0);
     if training {
-        let size = x.size();
-        if size[0] * size[2] * size[3] == 1 {
-            return Err(Error::InputShape(format!(
-                "Expected more than 1 value per channel when training, got input size {size:?}"
-            )));
-        }
-        if let Some(count) = &bn.num_batches_tracked {
-            let _guard = tch::no_grad_guard();
-            let _ = count.shallow_clone().f_add_scalar_(1i64)?;
-            if bn.momentum.is_none() {
-                factor = 1.0 / count.f_double_value(&[])?;
-            }
-        }
+        check_batch_size(&x.size())?;
+        factor = count_batch(bn)?;
     }
     let (w, b) = (Some(&bn.weight), Some(&bn.bias));
     let (rm, rv) = (Some(&bn.running_mean), Some(&bn.running_var));
@@ -265,7 +278,8 @@ pub fn forward_folded(
     forward_fused(spec, &kernel, &bias, se, x)
 }
 
-fn activate(y: Tensor, se: Option<&SqueezeExcite>) -> Result<Tensor> {
+/// SE (when given) then ReLU, in place where autograd allows.
+pub fn activate(y: Tensor, se: Option<&SqueezeExcite>) -> Result<Tensor> {
     let mut y = match se {
         Some(se) => se::forward(se, &y)?,
         None => y,

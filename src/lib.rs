@@ -7,6 +7,7 @@ pub mod error;
 pub mod fusion;
 pub mod se;
 pub mod stage;
+pub mod train;
 
 #[cfg(feature = "python")]
 mod python;

@@ -88,6 +88,54 @@ def _fuse_args(bn: nn.Module):
     return (weight, bias, bn.running_mean, bn.running_var, None, None, bn.eps)
 
 
+_FAST_DTYPES = (torch.float32, torch.float64)
+
+
+def _flat_params(conv, scale, skip) -> list:
+    """Every trainable tensor of the branches, in the order the native backward returns grads."""
+    params = []
+    for weight, bn in conv:
+        params += [weight, bn[0], bn[1]]
+    if scale is not None:
+        params += [scale[0], scale[1][0], scale[1][1]]
+    if skip is not None:
+        params += [skip[0], skip[1]]
+    return params
+
+
+def _shared_eps(conv, scale, skip) -> bool:
+    eps = {bn[6] for _, bn in conv}
+    if scale is not None:
+        eps.add(scale[1][6])
+    if skip is not None:
+        eps.add(skip[6])
+    return len(eps) == 1
+
+
+class _TrainBranchSum(torch.autograd.Function):
+    """The exact train-time branch sum of a block, computed in Rust without storing any branch
+    output: the forward runs one conv folded from the batch statistics, the backward is analytic
+    (pointwise blocks) or recomputes the branches as one stacked conv (depthwise blocks)."""
+
+    @staticmethod
+    def forward(ctx, x, block_args, *params):
+        spec, conv, scale, skip = block_args
+        out, saved = _native.train_forward(x, spec, conv, scale, skip)
+        ctx.block_args = block_args
+        ctx.save_for_backward(x, *params, *saved)
+        ctx.num_params = len(params)
+        return out
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad):
+        x, *rest = ctx.saved_tensors
+        saved = rest[ctx.num_params:]
+        spec, conv, scale, skip = ctx.block_args
+        grads = _native.train_backward(grad, x, spec, conv, scale, skip, saved)
+        return (grads[0], None, *grads[1:])
+
+
 class SEBlock(nn.Module):
     """Squeeze and Excite module (https://arxiv.org/abs/1709.01507), as in the seed."""
 
@@ -148,6 +196,7 @@ class MobileOneBlock(nn.Module):
                 num_conv_branches)
         _native.validate_block(spec)
         self._spec = spec
+        self._train_path = _native.train_path(spec)
         self.inference_mode = inference_mode
         self.groups = groups
         self.stride = stride
@@ -218,7 +267,16 @@ class MobileOneBlock(nn.Module):
         if branches is None or not se_ok:
             return self._forward_modules(x)
         conv, scale, skip = branches
-        return _native.block_forward(x, self._spec, conv, scale, skip, se, self.training, _autocast(x))
+        autocast = _autocast(x)
+        if self.training and self._fast_train(x, autocast, conv, scale, skip):
+            out = _TrainBranchSum.apply(x, (self._spec, conv, scale, skip), *_flat_params(conv, scale, skip))
+            return _native.se_relu(out, se)
+        return _native.block_forward(x, self._spec, conv, scale, skip, se, self.training, autocast)
+
+    def _fast_train(self, x, autocast: bool, conv, scale, skip) -> bool:
+        """Whether the exact no-branch-storage training path applies (float32/64, no autocast)."""
+        return (self._train_path != "branches" and not autocast and isinstance(x, torch.Tensor)
+                and x.dtype in _FAST_DTYPES and _shared_eps(conv, scale, skip))
 
     def _forward_fused(self, x: torch.Tensor) -> torch.Tensor:
         conv = self.reparam_conv

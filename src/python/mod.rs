@@ -11,6 +11,7 @@ use crate::block::{self, BlockSpec};
 use crate::config;
 use crate::se::{self, SqueezeExcite};
 use crate::stage::{self, StageSpec};
+use crate::train;
 use convert::{PyBatchNorm, PyBlockSpec, PyConvBn, PySqueezeExcite, SpecTuple};
 
 /// Validates a block's constructor arguments; raises `ConfigError` naming the first bad one.
@@ -79,6 +80,69 @@ fn check_input(py: Python<'_>, x: &Bound<'_, PyAny>, spec: PyBlockSpec, weight: 
     Ok(py.allow_threads(move || spec.check_input(&x, &weight, autocast))?)
 }
 
+fn path_of(spec: &BlockSpec) -> PyResult<train::TrainPath> {
+    match train::train_path(spec) {
+        train::TrainPath::Branches => Err(crate::error::config("this block has no exact fast training path").into()),
+        path => Ok(path),
+    }
+}
+
+/// The train-time path of a block: "gram", "stacked" or "branches".
+#[pyfunction]
+fn train_path(spec: PyBlockSpec) -> &'static str {
+    match train::train_path(&BlockSpec::from(spec)) {
+        train::TrainPath::Gram => "gram",
+        train::TrainPath::Stacked => "stacked",
+        train::TrainPath::Branches => "branches",
+    }
+}
+
+/// The exact train-time branch sum (before SE and ReLU) of a gram or stacked block, updating the
+/// running statistics; returns the sum and the tensors its backward needs.
+#[pyfunction]
+#[pyo3(signature = (x, spec, conv, scale, skip))]
+fn train_forward(
+    py: Python<'_>,
+    x: &Bound<'_, PyAny>,
+    spec: PyBlockSpec,
+    conv: Vec<PyConvBn>,
+    scale: Option<PyConvBn>,
+    skip: Option<PyBatchNorm>,
+) -> PyResult<(PyTensor, Vec<PyTensor>)> {
+    let x = convert::input_tensor(x)?;
+    let spec = BlockSpec::from(spec);
+    let path = path_of(&spec)?;
+    let branches = convert::branches(conv, scale, skip);
+    let out = py.allow_threads(move || {
+        spec.check_input(&x, &branches.conv[0].weight, false)?;
+        train::forward(&spec, &branches, &x, path)
+    })?;
+    Ok((PyTensor(out.output), out.saved.into_iter().map(PyTensor).collect()))
+}
+
+/// The gradients of [`train_forward`]: input, then per branch kernel (none for the skip), BN
+/// weight, BN bias.
+#[pyfunction]
+#[allow(clippy::too_many_arguments)]
+#[pyo3(signature = (grad, x, spec, conv, scale, skip, saved))]
+fn train_backward(
+    py: Python<'_>,
+    grad: PyTensor,
+    x: PyTensor,
+    spec: PyBlockSpec,
+    conv: Vec<PyConvBn>,
+    scale: Option<PyConvBn>,
+    skip: Option<PyBatchNorm>,
+    saved: Vec<PyTensor>,
+) -> PyResult<Vec<PyTensor>> {
+    let spec = BlockSpec::from(spec);
+    let path = path_of(&spec)?;
+    let branches = convert::branches(conv, scale, skip);
+    let saved: Vec<tch::Tensor> = saved.into_iter().map(|t| t.0).collect();
+    let grads = py.allow_threads(move || train::backward(&spec, &branches, &x, &saved, &grad, path))?;
+    Ok(grads.into_iter().map(PyTensor).collect())
+}
+
 /// Forward of a re-parameterized block: one conv, SE, ReLU.
 #[pyfunction]
 #[pyo3(signature = (x, spec, weight, bias, se, autocast))]
@@ -99,6 +163,13 @@ fn fused_forward(
         block::forward_fused(&spec, &weight, &bias, se.as_ref(), &x)
     })?;
     Ok(PyTensor(out))
+}
+
+/// SE (when given) then ReLU, as a block applies them after its branch sum.
+#[pyfunction]
+fn se_relu(py: Python<'_>, x: PyTensor, se: Option<PySqueezeExcite>) -> PyResult<PyTensor> {
+    let se = se.map(SqueezeExcite::from);
+    Ok(PyTensor(py.allow_threads(move || block::activate(x.0, se.as_ref()))?))
 }
 
 /// The squeeze-excite forward on its own.
@@ -159,7 +230,11 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(block_forward, m)?)?;
     m.add_function(wrap_pyfunction!(fused_forward, m)?)?;
     m.add_function(wrap_pyfunction!(check_input, m)?)?;
+    m.add_function(wrap_pyfunction!(train_path, m)?)?;
+    m.add_function(wrap_pyfunction!(train_forward, m)?)?;
+    m.add_function(wrap_pyfunction!(train_backward, m)?)?;
     m.add_function(wrap_pyfunction!(se_forward, m)?)?;
+    m.add_function(wrap_pyfunction!(se_relu, m)?)?;
     m.add_function(wrap_pyfunction!(fuse_block, m)?)?;
     m.add_function(wrap_pyfunction!(yaml_mobileone_layers, m)?)?;
     Ok(())
