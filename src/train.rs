@@ -108,7 +108,7 @@ pub fn backward(spec: &BlockSpec, branches: &Branches, x: &Tensor, saved: &[Tens
             let _guard = tch::no_grad_guard();
             gram_backward(spec, branches, x, saved, grad)
         }
-        _ => stacked_backward(spec, branches, x, grad),
+        _ => stacked_backward(spec, branches, x, saved, grad),
     }
 }
 
@@ -212,25 +212,28 @@ fn grouped_conv(spec: &BlockSpec, x: &Tensor, weight: &Tensor, bias: Option<&Ten
     Ok(x.f_conv2d(weight, bias, [s, s], [p, p], [d, d], spec.groups)?)
 }
 
+/// Per-channel mean and biased variance over (N, H, W), two-pass so float32 does not cancel
+/// (and faster than `var_mean`'s strided Welford reduction). Consumes `y`.
+fn centred_moments(mut y: Tensor, count: i64) -> Result<(Tensor, Tensor)> {
+    let dims = [0i64, 2, 3];
+    let mean = y.f_sum_dim_intlist(dims.as_slice(), true, None::<Kind>)?.f_div_scalar(count as f64)?;
+    let _ = y.f_sub_(&mean)?;
+    let var = y.f_norm_scalaropt_dim(2, dims, false)?.f_square()?.f_div_scalar(count as f64)?;
+    Ok((mean.f_flatten(0, -1)?, var))
+}
+
 fn stacked_forward(spec: &BlockSpec, branches: &Branches, x: &Tensor) -> Result<TrainForward> {
     let list = branch_list(branches);
     let (c, nb, k) = (spec.in_channels, list.len() as i64, spec.kernel_size);
     let weights: Vec<Option<Tensor>> = list.iter().map(|b| b.weight.map(Tensor::shallow_clone)).collect();
     let stacked = stacked_kernel(spec, &list, &weights, x)?;
-    // Shift by the running mean so float32 second moments do not cancel.
-    let shift = stack_bn(&list, |bn| &bn.running_mean)?.f_to_kind(x.kind())?;
-    let shift_cb = shift.f_transpose(0, 1)?.f_reshape([c * nb])?;
-    let y = grouped_conv(spec, x, &stacked, Some(&shift_cb.f_neg()?))?;
+    let y = grouped_conv(spec, x, &stacked, None)?;
     let size = y.size();
     check_batch_size(&size)?;
     let count = size[0] * size[2] * size[3];
-    let dims = [0i64, 2, 3];
-    let e1 = y.f_sum_dim_intlist(dims.as_slice(), false, None::<Kind>)?.f_div_scalar(count as f64)?;
-    let e2 = y.f_norm_scalaropt_dim(2, dims, false)?.f_square()?.f_div_scalar(count as f64)?;
-    drop(y);
+    let (mean, var) = centred_moments(y, count)?;
     let to_bc = |t: Tensor| t.f_reshape([c, nb]).and_then(|t| t.f_transpose(0, 1));
-    let mean = to_bc(e1.f_add(&shift_cb)?)?;
-    let var = to_bc(e2.f_sub(&e1.f_square()?)?.f_clamp_min(0.0)?)?;
+    let (mean, var) = (to_bc(mean)?, to_bc(var)?);
     update_running(&list, &mean, &var, count)?;
     let a = bn_scale(&list, &var)?;
     let beta = stack_bn(&list, |bn| &bn.bias)?;
@@ -238,35 +241,63 @@ fn stacked_forward(spec: &BlockSpec, branches: &Branches, x: &Tensor) -> Result<
     let w_eff = stacked.f_reshape([c, nb, k, k])?.f_mul(&a.f_transpose(0, 1)?.f_reshape([c, nb, 1, 1])?)?;
     let w_eff = w_eff.f_sum_dim_intlist([1i64].as_slice(), true, None::<Kind>)?;
     let output = grouped_conv(spec, x, &w_eff, Some(&bias))?;
-    Ok(TrainForward { output, saved: vec![] })
+    Ok(TrainForward { output, saved: vec![mean, var, a] })
 }
 
-/// Recomputes every branch (one stacked conv, one stacked BN on batch statistics) under
-/// autograd and backpropagates the output gradient through it.
-fn stacked_backward(spec: &BlockSpec, branches: &Branches, x: &Tensor, grad: &Tensor) -> Result<Vec<Tensor>> {
+/// `(branches, C)` -> `(1, C, branches, 1, 1)`, to broadcast over a stacked branch output.
+fn per_cb(t: &Tensor) -> Result<Tensor> {
+    let (nb, c) = (t.size()[0], t.size()[1]);
+    Ok(t.f_transpose(0, 1)?.f_reshape([1, c, nb, 1, 1])?)
+}
+
+/// BN backward of every branch at once: `S_b = sum(g * (y_b - m_b))`, then rewrites the centred
+/// stacked output in place into `dL/dy_b = a_b (g - mean(g)) - a_b S_b / (M var_b) (y_b - m_b)`.
+fn branch_grads_in_place(centred: &Tensor, grad: &Tensor, a: &Tensor, std: &Tensor) -> Result<Tensor> {
+    let s = grad.size();
+    let (nb, count) = (a.size()[0], (s[0] * s[2] * s[3]) as f64);
+    let mut y5 = centred.f_view([s[0], s[1], nb, s[2], s[3]])?;
+    let g5 = grad.f_unsqueeze(2)?;
+    let sums = y5.f_mul(&g5)?.f_sum_dim_intlist([0i64, 3, 4].as_slice(), false, None::<Kind>)?;
+    let sums = sums.f_transpose(0, 1)?;
+    let coef = a.f_mul(&sums)?.f_div(&std.f_square()?.f_mul_scalar(count)?)?;
+    let g_mean = grad.f_mean_dim([0i64, 2, 3].as_slice(), true, None::<Kind>)?;
+    let _ = y5.f_mul_(&per_cb(&coef)?.f_neg()?)?;
+    let _ = y5.f_addcmul_(&grad.f_sub(&g_mean)?.f_unsqueeze(2)?, &per_cb(a)?)?;
+    Ok(sums)
+}
+
+/// Recomputes the stacked branch outputs (one grouped conv, no BN), applies every BN backward
+/// analytically, and lets libtorch's conv backward map them to the input and kernels.
+fn stacked_backward(spec: &BlockSpec, branches: &Branches, x: &Tensor, saved: &[Tensor], grad: &Tensor) -> Result<Vec<Tensor>> {
+    let [mean, var, a] = saved else {
+        return Err(crate::error::config("stacked backward needs 3 saved tensors"));
+    };
     let list = branch_list(branches);
-    let (c, nb) = (spec.in_channels, list.len() as i64);
+    let c = spec.in_channels;
+    let std = var.f_add(&eps_column(&list, var)?)?.f_sqrt()?;
+    let g_sum = grad.f_sum_dim_intlist([0i64, 2, 3].as_slice(), false, None::<Kind>)?;
     tch::with_grad(|| {
         let leaf = |t: &Tensor| t.f_detach().and_then(|t| t.f_set_requires_grad(true));
         let x_leaf = leaf(x)?;
         let weights: Vec<Option<Tensor>> = list.iter().map(|b| b.weight.map(leaf).transpose()).collect::<std::result::Result<_, _>>()?;
-        let gammas = list.iter().map(|b| leaf(&b.bn.weight)).collect::<std::result::Result<Vec<_>, _>>()?;
-        let betas = list.iter().map(|b| leaf(&b.bn.bias)).collect::<std::result::Result<Vec<_>, _>>()?;
         let stacked = stacked_kernel(spec, &list, &weights, x)?;
-        let y = grouped_conv(spec, &x_leaf, &stacked, None)?;
-        let per_cb = |v: &[Tensor]| Tensor::f_stack(v, 1).and_then(|t| t.f_reshape([c * nb]));
-        let eps = list[0].bn.eps;
-        let z = y.f_batch_norm(Some(&per_cb(&gammas)?), Some(&per_cb(&betas)?), None::<&Tensor>, None::<&Tensor>, true, 0.0, eps, true)?;
-        let size = z.size();
-        let z = z.f_reshape([size[0], c, nb, size[2], size[3]])?.f_sum_dim_intlist([2i64].as_slice(), false, None::<Kind>)?;
-        let loss = z.f_mul(grad)?.f_sum(None::<Kind>)?;
+        let shift = mean.f_transpose(0, 1)?.f_reshape([c * list.len() as i64])?.f_neg()?.f_detach()?;
+        let y = grouped_conv(spec, &x_leaf, &stacked, Some(&shift))?;
+        let dy = y.f_detach()?;
+        let sums = tch::no_grad(|| branch_grads_in_place(&dy, grad, a, &std))?;
+        let loss = y.f_mul(&dy)?.f_sum(None::<Kind>)?;
         let mut inputs = vec![x_leaf];
-        for ((w, g), b) in weights.into_iter().zip(gammas).zip(betas) {
-            inputs.extend(w);
-            inputs.push(g);
-            inputs.push(b);
+        inputs.extend(weights.into_iter().flatten());
+        let mut autograd = Tensor::f_run_backward(&[loss], &inputs, false, false)?.into_iter();
+        let mut grads = vec![autograd.next().ok_or_else(|| crate::error::config("missing input grad"))?];
+        for (i, b) in list.iter().enumerate() {
+            if b.weight.is_some() {
+                grads.push(autograd.next().ok_or_else(|| crate::error::config("missing kernel grad"))?);
+            }
+            grads.push(sums.f_get(i as i64)?.f_div(&std.f_get(i as i64)?)?);
+            grads.push(g_sum.shallow_clone());
         }
-        Ok(Tensor::f_run_backward(&[loss], &inputs, false, false)?)
+        Ok(grads)
     })
 }
 
