@@ -1,5 +1,6 @@
 """MobileOneBlock and SEBlock against the oracle: train step, running stats, eval, fused."""
 
+import copy
 import itertools
 from dataclasses import dataclass
 
@@ -16,6 +17,7 @@ from tests._util import (
     eval_output,
     fused_copy_of,
     random_input,
+    rel_err,
     train_step,
 )
 
@@ -97,13 +99,22 @@ def _pair(case: BlockCase, dtype):
 
 
 def _assert_train_step_matches(ours, reference, x, dtype, steps: int = 1) -> None:
+    # float32 gradients of nearly cancelling sums (e.g. a 1x1 scale kernel) carry rounding that
+    # the seed's own float32 math shares, so in float32 both are measured against a float64 run
+    # of the oracle: ours must stay within the bound, or within 4x the oracle's own error.
+    truth = copy.deepcopy(reference).double() if dtype == torch.float32 else None
     for _ in range(steps):
         got, expected = train_step(ours, x), train_step(reference, x)
+        exact = train_step(truth, x.double()) if truth is not None else None
         assert got.keys() == expected.keys()
         for key, value in expected.items():
             bound = TOLERANCE[dtype] if key == "output" else GRAD_TOLERANCE[dtype]
             assert got[key] is not None, f"{key} is None"
-            assert_close(got[key], value, bound, key)
+            if exact is None:
+                assert_close(got[key], value, bound, key)
+            else:
+                own = rel_err(value, exact[key])
+                assert_close(got[key], exact[key], max(bound, 4 * own), f"{key} (oracle's own error {own:.1e})")
     _assert_buffers_match(ours, reference, dtype)
 
 
@@ -219,3 +230,15 @@ def test_state_dict_keys_match_oracle(case):
     ours.reparameterize()
     reference.reparameterize()
     assert list(ours.state_dict()) == list(reference.state_dict())
+
+
+@pytest.mark.parametrize("stride, out_channels", [(1, 8), (2, 4)], ids=["wider", "stride2"])
+def test_padded_pointwise_block_without_skip_matches_oracle(stride, out_channels, dtype):
+    # k=1 with padding 1 only works in the seed when there is no skip branch to mismatch.
+    case = {"in_channels": 4, "out_channels": out_channels, "kernel_size": 1, "stride": stride, "padding": 1}
+    ours, reference = build_pair("MobileOneBlock", dtype=dtype, num_conv_branches=2, **case)
+    x = random_input((2, 4, 7, 6), dtype)
+    _assert_train_step_matches(ours, reference, x, dtype)
+    expected = eval_output(reference, x)
+    ours.reparameterize()
+    assert_close(eval_output(ours, x), expected, TOLERANCE[dtype], "padded 1x1 fused")

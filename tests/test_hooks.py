@@ -95,3 +95,47 @@ def test_hooks_on_stage_blocks_fire_like_oracle():
     ours, reference = build_pair("MobileOne", 16, 16, 2, 2, True, 1)
     for name in ("stage.0", "stage.3.se.expand", "stage.2.rbr_conv.1.conv"):
         _check_child(ours, reference, name, train=True)
+
+
+def test_global_module_forward_hook_fires_like_oracle():
+    ours, reference = build_pair("MobileOneBlock", **BLOCK_ARGS)
+    x = random_input((2, 16, 9, 7))
+    calls = {"ours": [], "reference": []}
+    for key, model in (("ours", ours), ("reference", reference)):
+        log = calls[key]
+        handle = torch.nn.modules.module.register_module_forward_hook(
+            lambda m, args, out, log=log: log.append((type(m).__name__, _shapes(args)))
+        )
+        try:
+            out = model.train()(x)
+        finally:
+            handle.remove()
+        calls[f"{key}.out"] = out.detach()
+    assert calls["ours"] == calls["reference"]
+    assert_close(calls["ours.out"], calls["reference.out"], TOLERANCE[torch.float64], "output")
+
+
+@pytest.mark.parametrize("name", ["rbr_conv.1.conv", "rbr_skip", "se.expand", "activation"])
+def test_full_backward_hook_on_child_fires_like_oracle(name):
+    ours, reference = build_pair("MobileOneBlock", **BLOCK_ARGS)
+    grads = {}
+    for key, model in (("ours", ours), ("reference", reference)):
+        seen = grads.setdefault(key, [])
+        _child(model, name).register_full_backward_hook(
+            lambda m, gin, gout, seen=seen: seen.append(gout[0].detach().clone())
+        )
+        x = random_input((2, 16, 9, 7)).requires_grad_(True)
+        model.train()(x).square().sum().backward()
+    assert len(grads["ours"]) == len(grads["reference"]) == 1
+    assert_close(grads["ours"][0], grads["reference"][0], TOLERANCE[torch.float64], "grad_output")
+
+
+@pytest.mark.parametrize("fused", [False, True], ids=["train-time", "fused"])
+def test_replaced_activation_is_used_like_oracle(fused):
+    ours, reference = build_pair("MobileOneBlock", **BLOCK_ARGS)
+    for model in (ours, reference):
+        if fused:
+            model.reparameterize()
+        model.activation = torch.nn.Hardswish()
+    x = random_input((2, 16, 9, 7))
+    assert_close(ours.eval()(x), reference.eval()(x), TOLERANCE[torch.float64], "Hardswish")

@@ -152,3 +152,25 @@ def test_fused_weights_stay_trainable():
     opt.step()
     assert torch.isfinite(loss)
     assert not torch.equal(ours.reparam_conv.weight.detach(), before)
+
+
+def test_reparameterize_model_copy_shares_nothing_with_original():
+    ours, reference = build_pair("MobileOne", *STAGE_ARGS)
+    ours.stage[1].train(False)
+    reference.stage[1].train(False)
+    fused = mobileone_rs.reparameterize_model(ours)
+    fused_reference = oracle.reparameterize_model(reference)
+    assert [m.training for m in fused.modules()] == [m.training for m in fused_reference.modules()]
+    original = {p.data_ptr() for p in ours.parameters()} | {b.data_ptr() for b in ours.buffers()}
+    assert original.isdisjoint(p.data_ptr() for p in fused.parameters())
+    assert original.isdisjoint(b.data_ptr() for b in fused.buffers())
+
+
+def test_reparameterize_model_keeps_a_shared_block_shared():
+    block, reference_block = _block_pair()
+    ours = nn.Sequential(block, nn.Identity(), block)
+    reference = nn.Sequential(reference_block, nn.Identity(), reference_block)
+    fused = mobileone_rs.reparameterize_model(ours)
+    assert fused[0] is fused[2]
+    assert list(fused.state_dict()) == list(oracle.reparameterize_model(reference).state_dict())
+    assert_close(eval_output(fused, _x()), eval_output(reference, _x()), F64, "shared block")

@@ -1,5 +1,7 @@
 """The seed's four MobileOne stages: parameter counts, keys, training, fused == unfused (float64)."""
 
+import copy
+
 import mobileone_rs
 import pytest
 import torch
@@ -7,6 +9,7 @@ from torch import nn
 
 from tests import oracle
 from tests._util import (
+    rel_err,
     SEED_STAGES,
     TOLERANCE,
     assert_close,
@@ -77,10 +80,15 @@ def test_chained_stages_train_step_matches_oracle():
     reference = oracle.randomize_bn_stats(_chained(oracle)).double()
     ours = oracle.copy_weights(reference, _chained(mobileone_rs).double())
     x = random_input((2, 64, 32, 32))
+    again = copy.deepcopy(reference)
     got, expected = train_step(ours, x), train_step(reference, x)
+    # Gradients through 42 blocks include nearly cancelling sums (BN biases); the oracle's own
+    # rounding noise on them, seen by rerunning it on a channels_last input, sets a floor.
+    noise = train_step(again, x.contiguous(memory_format=torch.channels_last))
     assert got.keys() == expected.keys()
     for key, value in expected.items():
-        assert_close(got[key], value, F64, key)
+        floor = 10 * rel_err(noise[key], value)
+        assert_close(got[key], value, max(F64, floor), f"{key} (oracle noise x10 {floor:.1e})")
     trained = ours.state_dict()
     for key, value in reference.state_dict().items():
         assert_close(trained[key], value, F64, f"after the step: {key}")

@@ -63,8 +63,10 @@ fn block_forward(
     let out = py.allow_threads(move || {
         let weight = &branches.conv.first().ok_or_else(|| crate::error::config("no conv branch"))?.weight;
         spec.check_input(&x, weight, autocast)?;
-        if training {
-            block::forward_branches(&spec, &branches, se.as_ref(), &x, true)
+        // Under autocast the seed's branch sum mixes reduced-precision convs with a float32 BN
+        // skip; running the branches keeps its output dtype and rounding.
+        if training || autocast {
+            block::forward_branches(&spec, &branches, se.as_ref(), &x, training)
         } else {
             block::forward_folded(&spec, &branches, se.as_ref(), &x)
         }
