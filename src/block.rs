@@ -1,7 +1,7 @@
 //! The MobileOne block (arXiv 2206.04040): spec and validation, train-time and eval-time branch
 //! forwards, the fused forward, and the kernel/bias that re-parameterization writes.
 
-use tch::Tensor;
+use tch::{Kind, Tensor};
 
 use crate::error::{config, Error, Result};
 use crate::fusion::{self, BatchNorm, ConvBn};
@@ -308,9 +308,37 @@ pub fn fused_kernel_bias(spec: &BlockSpec, branches: &Branches) -> Result<(Tenso
     Ok((kernel.f_to_kind(out_kind)?, bias.f_to_kind(out_kind)?))
 }
 
-/// Whether a tensor holds a non-finite value (used to refuse fused weights that overflow).
+/// [`fused_kernel_bias`] for re-parameterization: refuses, naming the tensor, a kernel or bias
+/// that overflows (or is not finite in) the weights' dtype instead of writing inf.
+pub fn fused_kernel_bias_checked(spec: &BlockSpec, branches: &Branches) -> Result<(Tensor, Tensor)> {
+    let (kernel, bias) = fused_kernel_bias(spec, branches)?;
+    for (name, t) in [("kernel", &kernel), ("bias", &bias)] {
+        if has_non_finite(t)? {
+            let wide = fused_kernel_bias_wide(spec, branches)?;
+            let source = if name == "kernel" { &wide.0 } else { &wide.1 };
+            let max = source.f_abs()?.f_max()?.f_double_value(&[])?;
+            return Err(Error::FuseOverflow(format!(
+                "the fused {name} does not fit {:?}: its largest magnitude is {max:.4e} (computed in \
+                 float32 or wider); fuse in float32 (model.float()) or check the BN running_var",
+                t.kind()
+            )));
+        }
+    }
+    Ok((kernel, bias))
+}
+
+fn fused_kernel_bias_wide(spec: &BlockSpec, branches: &Branches) -> Result<(Tensor, Tensor)> {
+    let widen = |c: &ConvBn| ConvBn { weight: c.weight.to_kind(Kind::Double), bn: c.bn.shallow_copy() };
+    let wide = Branches {
+        conv: branches.conv.iter().map(widen).collect(),
+        scale: branches.scale.as_ref().map(widen),
+        skip: branches.skip.as_ref().map(BatchNorm::shallow_copy),
+    };
+    fused_kernel_bias(spec, &wide)
+}
+
+/// Whether a tensor holds a non-finite value.
 pub fn has_non_finite(t: &Tensor) -> Result<bool> {
     let finite = t.f_isfinite()?.f_all()?;
     Ok(finite.f_int64_value(&[])? == 0)
 }
-

@@ -19,6 +19,21 @@ pub struct BatchNorm {
     pub eps: f64,
 }
 
+impl BatchNorm {
+    /// Another handle on the same tensors.
+    pub fn shallow_copy(&self) -> Self {
+        BatchNorm {
+            weight: self.weight.shallow_clone(),
+            bias: self.bias.shallow_clone(),
+            running_mean: self.running_mean.shallow_clone(),
+            running_var: self.running_var.shallow_clone(),
+            num_batches_tracked: self.num_batches_tracked.as_ref().map(Tensor::shallow_clone),
+            momentum: self.momentum,
+            eps: self.eps,
+        }
+    }
+}
+
 /// One conv (no bias) followed by its BatchNorm.
 #[derive(Debug)]
 pub struct ConvBn {

@@ -24,21 +24,26 @@ from ._native import (  # noqa: E402
     TorchError,
     YamlError,
 )
-from .modules import MobileOne, MobileOneBlock, SEBlock, reparameterize_model  # noqa: E402
+from .modules import MobileOne, MobileOneBlock, SEBlock, module_path, reparameterize_model  # noqa: E402
+from .verify import ErrorStat, ReparamReport, verify_reparameterization  # noqa: E402
 
 __version__ = "0.1.0"
 
 __all__ = [
     "ConfigError",
+    "ErrorStat",
     "FuseOverflowError",
     "InputShapeError",
     "InputTypeError",
     "MobileOne",
     "MobileOneBlock",
     "MobileOneError",
+    "ReparamReport",
     "SEBlock",
     "TorchError",
     "YamlError",
+    "module_path",
     "reparameterize_model",
+    "verify_reparameterization",
     "__version__",
 ]

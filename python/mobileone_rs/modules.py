@@ -395,7 +395,9 @@ def reparameterize_model(model: nn.Module, inplace: bool = False) -> nn.Module:
 
     Calls ``reparameterize()`` on every module that has it (ours and any other, like the seed's
     function). By default the model is deep-copied first and the original stays untouched and
-    trainable; our blocks are fused while copying, so their branches are never copied.
+    trainable; our blocks are fused while copying, so their branches are never copied. Fusing is
+    computed in at least float32; a half/bfloat16 kernel or bias that would overflow raises
+    ``FuseOverflowError`` naming the block instead of silently writing inf.
 
     Args:
         model: any module containing MobileOne blocks (a whole YOLOv9 model too).
@@ -404,12 +406,22 @@ def reparameterize_model(model: nn.Module, inplace: bool = False) -> nn.Module:
     if not inplace:
         memo: dict = {}
         with torch.no_grad():
-            for module in model.modules():
+            for name, module in model.named_modules():
                 if isinstance(module, MobileOneBlock) and not module.inference_mode:
-                    memo[id(module)] = module._fused_copy(memo)
+                    with _naming(name):
+                        memo[id(module)] = module._fused_copy(memo)
         model = copy.deepcopy(model, memo)
-    for module in model.modules():
+    for name, module in model.named_modules():
         if hasattr(module, "reparameterize"):
-            module.reparameterize()
+            with _naming(name):
+                module.reparameterize()
     return model
 
+
+@contextlib.contextmanager
+def _naming(name: str):
+    """Prefixes a FuseOverflowError with the path of the block that raised it."""
+    try:
+        yield
+    except _native.FuseOverflowError as err:
+        raise _native.FuseOverflowError(f"block {name or '<model>'!r}: {err}") from err

@@ -201,7 +201,7 @@ fn fuse_block(
     let branches = convert::branches(conv, scale, skip);
     let (kernel, bias) = py.allow_threads(move || {
         let _guard = tch::no_grad_guard();
-        block::fused_kernel_bias(&spec, &branches)
+        block::fused_kernel_bias_checked(&spec, &branches)
     })?;
     Ok((PyTensor(kernel), PyTensor(bias)))
 }
