@@ -9,13 +9,14 @@ export PATH := $(abspath $(VENV))/bin:$(PATH)
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' Makefile | awk -F ':.*## ' '{printf "  %-12s %s\n", $$1, $$2}'
 
-$(VENV)/.installed: pyproject.toml requirements-dev.txt
+$(VENV)/.installed: pyproject.toml requirements-dev.txt requirements-yolov9.txt
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -r requirements-dev.txt
+	$(PY) -m pip install -q -r requirements-dev.txt -r requirements-yolov9.txt
+	$(PY) -m pip install -q --no-deps yolo9==1.0.18
 	touch $@
 
-venv: $(VENV)/.installed ## create .venv with torch 2.13, maturin and the test tools
+venv: $(VENV)/.installed ## create .venv: torch 2.13, maturin, test tools, YOLOv9 (yolo9) for its tests
 
 build: venv ## build the extension into .venv (release)
 	maturin develop --release -q

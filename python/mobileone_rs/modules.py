@@ -158,7 +158,7 @@ class SEBlock(nn.Module):
 
     def forward(self, inputs: torch.Tensor) -> torch.Tensor:
         """Scales each channel of ``inputs`` by a gate computed from its global average."""
-        args = None if _global_hooks() else self.native_args()
+        args = None if torch.compiler.is_compiling() or _global_hooks() else self.native_args()
         if args is not None:
             return _native.se_forward(inputs, args, _autocast(inputs))
         b, c, h, w = inputs.size()
@@ -260,6 +260,10 @@ class MobileOneBlock(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Applies the block: one conv when re-parameterized, else every branch."""
+        if torch.compiler.is_compiling():
+            # torch.compile traces the seed's torch-level graph (same math) and generates its
+            # own fused kernels; an opaque native call would break the graph.
+            return self._forward_torch(x)
         if self.inference_mode:
             return self._forward_fused(x)
         branches = self._branch_args() if self._native_ready() else None
@@ -284,11 +288,17 @@ class MobileOneBlock(nn.Module):
         if se_ok and self._native_ready() and type(conv) is nn.Conv2d and not _hooked(conv):
             return _native.fused_forward(x, self._spec, conv.weight, conv.bias, se, _autocast(x))
         _native.check_input(x, self._spec, conv.weight, _autocast(x))
-        return self.activation(self.se(conv(x)))
+        return self._forward_torch(x)
 
     def _forward_modules(self, x: torch.Tensor) -> torch.Tensor:
         """The seed's forward, module by module, so hooks and non-plain children behave as there."""
         _native.check_input(x, self._spec, self.rbr_conv[0].conv.weight, _autocast(x))
+        return self._forward_torch(x)
+
+    def _forward_torch(self, x: torch.Tensor) -> torch.Tensor:
+        """The seed's forward in torch modules (no input checks)."""
+        if self.inference_mode:
+            return self.activation(self.se(self.reparam_conv(x)))
         identity_out = 0
         if self.rbr_skip is not None:
             identity_out = self.rbr_skip(x)
