@@ -3,6 +3,7 @@
 
 pub mod block;
 pub mod config;
+mod depthwise;
 pub mod error;
 pub mod fusion;
 pub mod se;

@@ -3,21 +3,22 @@
 //! Every branch is linear in the input, so its BatchNorm batch statistics follow from the input's
 //! moments and the sum of normalized branches is one conv with kernel `sum_b a_b K_b`. The
 //! forward runs that one conv; the backward is either analytic (pointwise blocks: one Gram
-//! matrix of the input) or recomputes all branches as one stacked grouped conv (depthwise blocks).
+//! matrix of the input, here) or recomputes the branches one at a time (depthwise blocks,
+//! `depthwise.rs`).
 
 use tch::{Kind, Tensor};
 
 use crate::block::{check_batch_size, count_batch, BlockSpec, Branches};
 use crate::error::Result;
-use crate::fusion::{self, BatchNorm};
+use crate::fusion::BatchNorm;
 
 /// Which exact train-time path a block takes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum TrainPath {
     /// 1x1, stride 1, dense: statistics and gradients from the input's Gram matrix.
     Gram,
-    /// Depthwise: branches stacked into one grouped conv, recomputed in the backward.
-    Stacked,
+    /// Depthwise: statistics from each branch's output, recomputed one by one in the backward.
+    Depthwise,
     /// Anything else: the branches one by one, under autograd.
     Branches,
 }
@@ -28,20 +29,20 @@ pub fn train_path(spec: &BlockSpec) -> TrainPath {
     if spec.kernel_size == 1 && spec.groups == 1 && spec.stride == 1 && spec.padding == 0 {
         TrainPath::Gram
     } else if depthwise && spec.groups > 1 {
-        TrainPath::Stacked
+        TrainPath::Depthwise
     } else {
         TrainPath::Branches
     }
 }
 
 /// One branch seen uniformly: its kernel (`None` for the BN skip) and its BatchNorm.
-struct Branch<'a> {
-    weight: Option<&'a Tensor>,
-    scale: bool,
-    bn: &'a BatchNorm,
+pub(crate) struct Branch<'a> {
+    pub weight: Option<&'a Tensor>,
+    pub scale: bool,
+    pub bn: &'a BatchNorm,
 }
 
-fn branch_list(branches: &Branches) -> Vec<Branch<'_>> {
+pub(crate) fn branch_list(branches: &Branches) -> Vec<Branch<'_>> {
     let mut list: Vec<Branch<'_>> = branches.conv.iter().map(|c| Branch { weight: Some(&c.weight), scale: false, bn: &c.bn }).collect();
     if let Some(s) = &branches.scale {
         list.push(Branch { weight: Some(&s.weight), scale: true, bn: &s.bn });
@@ -53,18 +54,18 @@ fn branch_list(branches: &Branches) -> Vec<Branch<'_>> {
 }
 
 /// Stacks one per-branch vector (e.g. each BN's weight) into a `(branches, channels)` tensor.
-fn stack_bn(list: &[Branch<'_>], field: impl Fn(&BatchNorm) -> &Tensor) -> Result<Tensor> {
+pub(crate) fn stack_bn(list: &[Branch<'_>], field: impl Fn(&BatchNorm) -> &Tensor) -> Result<Tensor> {
     let parts: Vec<&Tensor> = list.iter().map(|b| field(b.bn)).collect();
     Ok(Tensor::f_stack(&parts, 0)?)
 }
 
-fn eps_column(list: &[Branch<'_>], like: &Tensor) -> Result<Tensor> {
+pub(crate) fn eps_column(list: &[Branch<'_>], like: &Tensor) -> Result<Tensor> {
     let eps: Vec<f64> = list.iter().map(|b| b.bn.eps).collect();
     Ok(Tensor::from_slice(&eps).f_to_kind(like.kind())?.f_to_device(like.device())?.f_reshape([-1, 1])?)
 }
 
 /// Counts the batch on every BN and moves its running statistics towards the batch's.
-fn update_running(list: &[Branch<'_>], mean: &Tensor, var: &Tensor, count: i64) -> Result<()> {
+pub(crate) fn update_running(list: &[Branch<'_>], mean: &Tensor, var: &Tensor, count: i64) -> Result<()> {
     let _guard = tch::no_grad_guard();
     let unbias = count as f64 / (count - 1).max(1) as f64;
     for (i, b) in list.iter().enumerate() {
@@ -79,7 +80,7 @@ fn update_running(list: &[Branch<'_>], mean: &Tensor, var: &Tensor, count: i64) 
 }
 
 /// `a = gamma / sqrt(var + eps)` per branch and channel.
-fn bn_scale(list: &[Branch<'_>], var: &Tensor) -> Result<Tensor> {
+pub(crate) fn bn_scale(list: &[Branch<'_>], var: &Tensor) -> Result<Tensor> {
     let gamma = stack_bn(list, |bn| &bn.weight)?;
     Ok(gamma.f_div(&var.f_add(&eps_column(list, var)?)?.f_sqrt()?)?)
 }
@@ -96,7 +97,7 @@ pub fn forward(spec: &BlockSpec, branches: &Branches, x: &Tensor, path: TrainPat
     let _guard = tch::no_grad_guard();
     match path {
         TrainPath::Gram => gram_forward(spec, branches, x),
-        _ => stacked_forward(spec, branches, x),
+        _ => crate::depthwise::forward(spec, branches, x),
     }
 }
 
@@ -108,7 +109,7 @@ pub fn backward(spec: &BlockSpec, branches: &Branches, x: &Tensor, saved: &[Tens
             let _guard = tch::no_grad_guard();
             gram_backward(spec, branches, x, saved, grad)
         }
-        _ => stacked_backward(spec, branches, x, saved, grad),
+        _ => crate::depthwise::backward(spec, branches, x, saved, grad),
     }
 }
 
@@ -187,118 +188,6 @@ fn gram_backward(spec: &BlockSpec, branches: &Branches, x: &Tensor, saved: &[Ten
     let dx = x.f_conv2d(&q.f_neg()?.f_reshape([c, c, 1, 1])?, Some(&shift), [1, 1], [0, 0], [1, 1], 1)?.f_add_(&from_grad)?;
     grads.insert(0, dx);
     Ok(grads)
-}
-
-// ---- depthwise blocks: the stacked path ----
-
-/// The `(C, 1, k, k)` kernel of a depthwise branch: the scale padded, the skip an identity.
-fn depthwise_kernel(spec: &BlockSpec, b: &Branch<'_>, weight: Option<&Tensor>, like: &Tensor) -> Result<Tensor> {
-    match weight {
-        Some(w) if b.scale => fusion::pad_kernel_to(w, spec.kernel_size),
-        Some(w) => Ok(w.shallow_clone()),
-        None => fusion::identity_kernel(spec.in_channels, spec.groups, spec.kernel_size, like, like.kind()),
-    }
-}
-
-/// All branch kernels as one `(C * branches, 1, k, k)` grouped-conv weight, branch-minor.
-fn stacked_kernel(spec: &BlockSpec, list: &[Branch<'_>], weights: &[Option<Tensor>], like: &Tensor) -> Result<Tensor> {
-    let kernels = list.iter().zip(weights).map(|(b, w)| depthwise_kernel(spec, b, w.as_ref(), like)).collect::<Result<Vec<_>>>()?;
-    let k = spec.kernel_size;
-    Ok(Tensor::f_stack(&kernels, 1)?.f_reshape([spec.in_channels * list.len() as i64, 1, k, k])?)
-}
-
-fn grouped_conv(spec: &BlockSpec, x: &Tensor, weight: &Tensor, bias: Option<&Tensor>) -> Result<Tensor> {
-    let (s, p, d) = (spec.stride, spec.padding, spec.dilation);
-    Ok(x.f_conv2d(weight, bias, [s, s], [p, p], [d, d], spec.groups)?)
-}
-
-/// Per-channel mean and biased variance over (N, H, W), two-pass so float32 does not cancel
-/// (and faster than `var_mean`'s strided Welford reduction). Consumes `y`.
-fn centred_moments(mut y: Tensor, count: i64) -> Result<(Tensor, Tensor)> {
-    let dims = [0i64, 2, 3];
-    let mean = y.f_sum_dim_intlist(dims.as_slice(), true, None::<Kind>)?.f_div_scalar(count as f64)?;
-    let _ = y.f_sub_(&mean)?;
-    let var = y.f_norm_scalaropt_dim(2, dims, false)?.f_square()?.f_div_scalar(count as f64)?;
-    Ok((mean.f_flatten(0, -1)?, var))
-}
-
-fn stacked_forward(spec: &BlockSpec, branches: &Branches, x: &Tensor) -> Result<TrainForward> {
-    let list = branch_list(branches);
-    let (c, nb, k) = (spec.in_channels, list.len() as i64, spec.kernel_size);
-    let weights: Vec<Option<Tensor>> = list.iter().map(|b| b.weight.map(Tensor::shallow_clone)).collect();
-    let stacked = stacked_kernel(spec, &list, &weights, x)?;
-    let y = grouped_conv(spec, x, &stacked, None)?;
-    let size = y.size();
-    check_batch_size(&size)?;
-    let count = size[0] * size[2] * size[3];
-    let (mean, var) = centred_moments(y, count)?;
-    let to_bc = |t: Tensor| t.f_reshape([c, nb]).and_then(|t| t.f_transpose(0, 1));
-    let (mean, var) = (to_bc(mean)?, to_bc(var)?);
-    update_running(&list, &mean, &var, count)?;
-    let a = bn_scale(&list, &var)?;
-    let beta = stack_bn(&list, |bn| &bn.bias)?;
-    let bias = beta.f_sub(&a.f_mul(&mean)?)?.f_sum_dim_intlist([0i64].as_slice(), false, None::<Kind>)?;
-    let w_eff = stacked.f_reshape([c, nb, k, k])?.f_mul(&a.f_transpose(0, 1)?.f_reshape([c, nb, 1, 1])?)?;
-    let w_eff = w_eff.f_sum_dim_intlist([1i64].as_slice(), true, None::<Kind>)?;
-    let output = grouped_conv(spec, x, &w_eff, Some(&bias))?;
-    Ok(TrainForward { output, saved: vec![mean, var, a] })
-}
-
-/// `(branches, C)` -> `(1, C, branches, 1, 1)`, to broadcast over a stacked branch output.
-fn per_cb(t: &Tensor) -> Result<Tensor> {
-    let (nb, c) = (t.size()[0], t.size()[1]);
-    Ok(t.f_transpose(0, 1)?.f_reshape([1, c, nb, 1, 1])?)
-}
-
-/// BN backward of every branch at once: `S_b = sum(g * (y_b - m_b))`, then rewrites the centred
-/// stacked output in place into `dL/dy_b = a_b (g - mean(g)) - a_b S_b / (M var_b) (y_b - m_b)`.
-fn branch_grads_in_place(centred: &Tensor, grad: &Tensor, a: &Tensor, std: &Tensor) -> Result<Tensor> {
-    let s = grad.size();
-    let (nb, count) = (a.size()[0], (s[0] * s[2] * s[3]) as f64);
-    let mut y5 = centred.f_view([s[0], s[1], nb, s[2], s[3]])?;
-    let g5 = grad.f_unsqueeze(2)?;
-    let sums = y5.f_mul(&g5)?.f_sum_dim_intlist([0i64, 3, 4].as_slice(), false, None::<Kind>)?;
-    let sums = sums.f_transpose(0, 1)?;
-    let coef = a.f_mul(&sums)?.f_div(&std.f_square()?.f_mul_scalar(count)?)?;
-    let g_mean = grad.f_mean_dim([0i64, 2, 3].as_slice(), true, None::<Kind>)?;
-    let _ = y5.f_mul_(&per_cb(&coef)?.f_neg()?)?;
-    let _ = y5.f_addcmul_(&grad.f_sub(&g_mean)?.f_unsqueeze(2)?, &per_cb(a)?)?;
-    Ok(sums)
-}
-
-/// Recomputes the stacked branch outputs (one grouped conv, no BN), applies every BN backward
-/// analytically, and lets libtorch's conv backward map them to the input and kernels.
-fn stacked_backward(spec: &BlockSpec, branches: &Branches, x: &Tensor, saved: &[Tensor], grad: &Tensor) -> Result<Vec<Tensor>> {
-    let [mean, var, a] = saved else {
-        return Err(crate::error::config("stacked backward needs 3 saved tensors"));
-    };
-    let list = branch_list(branches);
-    let c = spec.in_channels;
-    let std = var.f_add(&eps_column(&list, var)?)?.f_sqrt()?;
-    let g_sum = grad.f_sum_dim_intlist([0i64, 2, 3].as_slice(), false, None::<Kind>)?;
-    tch::with_grad(|| {
-        let leaf = |t: &Tensor| t.f_detach().and_then(|t| t.f_set_requires_grad(true));
-        let x_leaf = leaf(x)?;
-        let weights: Vec<Option<Tensor>> = list.iter().map(|b| b.weight.map(leaf).transpose()).collect::<std::result::Result<_, _>>()?;
-        let stacked = stacked_kernel(spec, &list, &weights, x)?;
-        let shift = mean.f_transpose(0, 1)?.f_reshape([c * list.len() as i64])?.f_neg()?.f_detach()?;
-        let y = grouped_conv(spec, &x_leaf, &stacked, Some(&shift))?;
-        let dy = y.f_detach()?;
-        let sums = tch::no_grad(|| branch_grads_in_place(&dy, grad, a, &std))?;
-        let loss = y.f_mul(&dy)?.f_sum(None::<Kind>)?;
-        let mut inputs = vec![x_leaf];
-        inputs.extend(weights.into_iter().flatten());
-        let mut autograd = Tensor::f_run_backward(&[loss], &inputs, false, false)?.into_iter();
-        let mut grads = vec![autograd.next().ok_or_else(|| crate::error::config("missing input grad"))?];
-        for (i, b) in list.iter().enumerate() {
-            if b.weight.is_some() {
-                grads.push(autograd.next().ok_or_else(|| crate::error::config("missing kernel grad"))?);
-            }
-            grads.push(sums.f_get(i as i64)?.f_div(&std.f_get(i as i64)?)?);
-            grads.push(g_sum.shallow_clone());
-        }
-        Ok(grads)
-    })
 }
 
 /// Whether every BN of the block shares one eps (the stacked path normalizes them together).

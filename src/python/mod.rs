@@ -89,12 +89,12 @@ fn path_of(spec: &BlockSpec) -> PyResult<train::TrainPath> {
     }
 }
 
-/// The train-time path of a block: "gram", "stacked" or "branches".
+/// The train-time path of a block: "gram", "depthwise" or "branches".
 #[pyfunction]
 fn train_path(spec: PyBlockSpec) -> &'static str {
     match train::train_path(&BlockSpec::from(spec)) {
         train::TrainPath::Gram => "gram",
-        train::TrainPath::Stacked => "stacked",
+        train::TrainPath::Depthwise => "depthwise",
         train::TrainPath::Branches => "branches",
     }
 }
