@@ -8,7 +8,7 @@ use tch::{Kind, Tensor};
 use crate::block::{check_batch_size, BlockSpec, Branches};
 use crate::error::{config, Result};
 use crate::fusion;
-use crate::train::{branch_list, bn_scale, eps_column, stack_bn, update_running, Branch, TrainForward};
+use crate::train::{branch_list, bn_scale, add_eps, stack_bn, update_running, Branch, TrainForward};
 
 const DIMS: [i64; 3] = [0, 2, 3];
 
@@ -62,7 +62,7 @@ fn full_kernel(spec: &BlockSpec, b: &Branch<'_>, like: &Tensor) -> Result<Tensor
     match b.weight {
         Some(w) if b.scale => fusion::pad_kernel_to(w, spec.kernel_size),
         Some(w) => Ok(w.shallow_clone()),
-        None => fusion::identity_kernel(spec.in_channels, spec.groups, spec.kernel_size, like, like.kind()),
+        None => fusion::identity_kernel(spec.in_channels, spec.groups, spec.kernel_size, &b.bn.running_mean, like.kind()),
     }
 }
 
@@ -70,7 +70,7 @@ fn full_kernel(spec: &BlockSpec, b: &Branch<'_>, like: &Tensor) -> Result<Tensor
 pub fn forward(spec: &BlockSpec, branches: &Branches, x: &Tensor) -> Result<TrainForward> {
     let list = branch_list(branches);
     let count = output_count(spec, x)?;
-    let zero = Tensor::f_zeros([spec.in_channels], (x.kind(), x.device()))?;
+    let zero = list[0].bn.running_mean.f_zeros_like()?.f_to_kind(x.kind())?;
     let mut means = Vec::with_capacity(list.len());
     let mut vars = Vec::with_capacity(list.len());
     for b in &list {
@@ -113,7 +113,7 @@ pub fn backward(spec: &BlockSpec, branches: &Branches, x: &Tensor, saved: &[Tens
     };
     let list = branch_list(branches);
     let count = output_count(spec, x)? as f64;
-    let std = var.f_add(&eps_column(&list, var)?)?.f_sqrt()?;
+    let std = add_eps(&list, var)?.f_sqrt()?;
     let g_sum = wide_sum(grad)?;
     let centred_grad = grad.f_sub(&g_sum.f_div_scalar(count)?.f_reshape([1, -1, 1, 1])?)?;
     let ctx = BranchGrad { spec, x, grad, centred_grad: &centred_grad, count };

@@ -77,12 +77,14 @@ pub fn pad_kernel_to(kernel: &Tensor, size: i64) -> Result<Tensor> {
 }
 
 /// The kernel of a grouped conv that copies its input: channel `i` takes input `i % (C / groups)`
-/// of its group at the centre tap.
+/// of its group at the centre tap. `like` (of `channels` elements, e.g. a BN's running mean) gives
+/// the device: the kernel is built from its own ops, so meta and CUDA need no host copy.
 pub fn identity_kernel(channels: i64, groups: i64, kernel_size: i64, like: &Tensor, kind: Kind) -> Result<Tensor> {
     let input_dim = channels / groups;
-    let eye = Tensor::f_eye(input_dim, (kind, like.device()))?;
-    let centre = eye.f_repeat([groups, 1])?.f_reshape([channels, input_dim, 1, 1])?;
-    pad_kernel_to(&centre, kernel_size)
+    let ones = like.f_ones_like()?.f_to_kind(kind)?.f_reshape([channels])?;
+    let eye = ones.f_diag_embed(0, 0, 1)?;
+    let folded = eye.f_reshape([channels, groups, input_dim])?.f_sum_dim_intlist([1i64].as_slice(), false, kind)?;
+    pad_kernel_to(&folded.f_reshape([channels, input_dim, 1, 1])?, kernel_size)
 }
 
 /// Folds a BN used as a skip branch into an identity kernel times the BN scale.

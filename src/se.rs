@@ -21,8 +21,8 @@ pub fn reduced_channels(channels: i64, rd_ratio: f64) -> Result<i64> {
     if !(rd_ratio.is_finite() && rd_ratio > 0.0 && rd_ratio <= 1.0) {
         return Err(config(format!("SE rd_ratio must be in (0, 1], got {rd_ratio}")));
     }
-    if channels < 1 {
-        return Err(config(format!("SE in_channels must be positive, got {channels}")));
+    if !(1..=crate::block::MAX_CHANNELS).contains(&channels) {
+        return Err(config(format!("SE in_channels must be in [1, {}], got {channels}", crate::block::MAX_CHANNELS)));
     }
     let reduced = (channels as f64 * rd_ratio) as i64;
     if reduced < 1 {
@@ -44,8 +44,8 @@ pub fn forward(se: &SqueezeExcite, x: &Tensor) -> Result<Tensor> {
             se.expand_weight.size()[0]
         )));
     }
-    let (h, w) = (size[2], size[3]);
-    let pooled = x.f_avg_pool2d([h, w], [h, w], [0, 0], false, true, None)?;
+    // A global mean (the seed's avg_pool2d over the whole map) keeps traced graphs shape-generic.
+    let pooled = x.f_mean_dim([2i64, 3].as_slice(), true, None::<tch::Kind>)?;
     let reduced = pointwise(&pooled, &se.reduce_weight, &se.reduce_bias)?.f_relu()?;
     let gate = pointwise(&reduced, &se.expand_weight, &se.expand_bias)?.f_sigmoid()?;
     Ok(x.f_mul(&gate)?)

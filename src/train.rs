@@ -59,9 +59,10 @@ pub(crate) fn stack_bn(list: &[Branch<'_>], field: impl Fn(&BatchNorm) -> &Tenso
     Ok(Tensor::f_stack(&parts, 0)?)
 }
 
-pub(crate) fn eps_column(list: &[Branch<'_>], like: &Tensor) -> Result<Tensor> {
-    let eps: Vec<f64> = list.iter().map(|b| b.bn.eps).collect();
-    Ok(Tensor::from_slice(&eps).f_to_kind(like.kind())?.f_to_device(like.device())?.f_reshape([-1, 1])?)
+/// `var + eps` with each branch's own eps on its row of a `(branches, C)` tensor.
+pub(crate) fn add_eps(list: &[Branch<'_>], var: &Tensor) -> Result<Tensor> {
+    let rows = list.iter().enumerate().map(|(i, b)| var.f_get(i as i64)?.f_add_scalar(b.bn.eps)).collect::<std::result::Result<Vec<_>, _>>()?;
+    Ok(Tensor::f_stack(&rows, 0)?)
 }
 
 /// Counts the batch on every BN and moves its running statistics towards the batch's.
@@ -82,7 +83,7 @@ pub(crate) fn update_running(list: &[Branch<'_>], mean: &Tensor, var: &Tensor, c
 /// `a = gamma / sqrt(var + eps)` per branch and channel.
 pub(crate) fn bn_scale(list: &[Branch<'_>], var: &Tensor) -> Result<Tensor> {
     let gamma = stack_bn(list, |bn| &bn.weight)?;
-    Ok(gamma.f_div(&var.f_add(&eps_column(list, var)?)?.f_sqrt()?)?)
+    Ok(gamma.f_div(&add_eps(list, var)?.f_sqrt()?)?)
 }
 
 /// The branch-sum output of a training step, and what the backward needs.
@@ -115,11 +116,12 @@ pub fn backward(spec: &BlockSpec, branches: &Branches, x: &Tensor, saved: &[Tens
 
 // ---- pointwise blocks: the Gram path ----
 
-/// The `(out, in)` matrix of a 1x1 branch; the identity for the skip.
-fn gram_kernel(b: &Branch<'_>, channels: i64, like: &Tensor) -> Result<Tensor> {
+/// The `(out, in)` matrix of a 1x1 branch; for the skip the identity, on the device of `like`
+/// (a per-channel vector).
+fn gram_kernel(b: &Branch<'_>, like: &Tensor) -> Result<Tensor> {
     match b.weight {
         Some(w) => Ok(w.f_flatten(1, -1)?),
-        None => Ok(Tensor::f_eye(channels, (like.kind(), like.device()))?),
+        None => Ok(like.f_ones_like()?.f_diag_embed(0, 0, 1)?),
     }
 }
 
@@ -137,7 +139,7 @@ fn gram_forward(spec: &BlockSpec, branches: &Branches, x: &Tensor) -> Result<Tra
     let centred = batched(&x.f_sub(&mu.f_reshape([1, c, 1, 1])?)?)?;
     let sigma = centred.f_bmm(&centred.f_transpose(1, 2)?)?.f_sum_dim_intlist([0i64].as_slice(), false, None::<Kind>)?.f_div_scalar(count as f64)?;
     drop(centred);
-    let kernels = list.iter().map(|b| gram_kernel(b, c, x)).collect::<Result<Vec<_>>>()?;
+    let kernels = list.iter().map(|b| gram_kernel(b, &mu)).collect::<Result<Vec<_>>>()?;
     let means = kernels.iter().map(|k| k.f_mv(&mu)).collect::<std::result::Result<Vec<_>, _>>()?;
     let vars = kernels.iter().map(|k| k.f_mm(&sigma)?.f_mul(k)?.f_sum_dim_intlist([1i64].as_slice(), false, None::<Kind>)).collect::<std::result::Result<Vec<_>, _>>()?;
     let (mean, var) = (Tensor::f_stack(&means, 0)?, Tensor::f_stack(&vars, 0)?);
@@ -164,12 +166,12 @@ fn gram_backward(spec: &BlockSpec, branches: &Branches, x: &Tensor, saved: &[Ten
     let g_sum = grad.f_sum_dim_intlist([0i64, 2, 3].as_slice(), false, None::<Kind>)?;
     let p = batched(grad)?.f_bmm(&batched(x)?.f_transpose(1, 2)?)?.f_sum_dim_intlist([0i64].as_slice(), false, None::<Kind>)?;
     let p_centred = p.f_sub(&g_sum.f_outer(mu)?)?;
-    let std = var.f_add(&eps_column(&list, var)?)?.f_sqrt()?;
-    let mut q = Tensor::f_zeros([c, c], (x.kind(), x.device()))?;
+    let std = add_eps(&list, var)?.f_sqrt()?;
+    let mut q = sigma.f_zeros_like()?;
     let mut grads = Vec::with_capacity(3 * list.len() + 1);
     let scaled_sigma = sigma.f_mul_scalar(count)?;
     for (i, b) in list.iter().enumerate() {
-        let k = gram_kernel(b, c, x)?;
+        let k = gram_kernel(b, mu)?;
         let (a_b, std_b) = (a.f_get(i as i64)?, std.f_get(i as i64)?);
         let s_b = k.f_mul(&p_centred)?.f_sum_dim_intlist([1i64].as_slice(), false, None::<Kind>)?;
         let c_b = a_b.f_mul(&s_b)?.f_div(&std_b.f_square()?.f_mul_scalar(count)?)?;

@@ -43,7 +43,7 @@ fn one_by_one_kernel_pads_to_centre() {
 #[test]
 fn identity_kernel_for_groups() {
     // 4 channels in 2 groups: channel i reads input i % 2 of its group, at the centre tap.
-    let like = Tensor::zeros([1], (Kind::Double, tch::Device::Cpu));
+    let like = Tensor::zeros([4], (Kind::Double, tch::Device::Cpu));
     let k = fusion::identity_kernel(4, 2, 3, &like, Kind::Double).unwrap();
     assert_eq!(k.size(), vec![4, 2, 3, 3]);
     let v = values(&k);

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import importlib
 import re
-import shutil
 from copy import deepcopy
 from datetime import datetime
 from pathlib import Path
@@ -24,7 +23,9 @@ from torch import nn
 
 from tests import yolov9_helpers as h
 
-pytestmark = pytest.mark.skipif(h.installed_yolo9() is None, reason="yolo9 (YOLOv9 from PyPI) is not installed")
+pytestmark = pytest.mark.skipif(
+    h.installed_yolo9() is None, reason="yolo9 (YOLOv9 from PyPI) is not installed"
+)
 
 IMG = 64  # two cells at stride 32: the smallest input the detector takes, to keep CPU time down
 SEED_PARAMS, SEED_GFLOPS = 45_970_870, 212.0
@@ -81,7 +82,9 @@ def test_seed_yaml_is_the_shared_contract():
         assert h.file_sha256(shared) == h.SEED_YAML_SHA256
     seed_text = h.SHARED_SEED / "mobileone-yolov9.seed.txt"
     if seed_text.exists():  # our transcription of the printed table is the seed's
-        seed_rows = h.parse_model_table(seed_text.read_text(encoding="utf-8").split("yolov9-c-mobileone:")[-1])
+        seed_rows = h.parse_model_table(
+            seed_text.read_text(encoding="utf-8").split("yolov9-c-mobileone:")[-1]
+        )
         assert seed_rows == h.parse_model_table(h.SEED_TABLE)
 
 
@@ -148,12 +151,16 @@ def trained(built, yolo, patched):
     model = deepcopy(built.model).train()
     hyp = yaml.safe_load((patched / "data" / "hyps" / "hyp.scratch-high.yaml").read_text())
     model.hyp, model.nc = hyp, 1
-    optimizer = yolo.torch_utils.smart_optimizer(model, "SGD", hyp["lr0"], hyp["momentum"], hyp["weight_decay"])
+    optimizer = yolo.torch_utils.smart_optimizer(
+        model, "SGD", hyp["lr0"], hyp["momentum"], hyp["weight_decay"]
+    )
     ema = yolo.torch_utils.ModelEMA(model)
     compute_loss = yolo.loss_tal_dual.ComputeLoss(model)
     images = h.random_images(2, IMG, seed=3)
     # (image, class, x, y, w, h), normalized
-    targets = torch.tensor([[0, 0, 0.5, 0.5, 0.5, 0.4], [1, 0, 0.35, 0.6, 0.3, 0.5], [1, 0, 0.75, 0.3, 0.3, 0.3]])
+    targets = torch.tensor(
+        [[0, 0, 0.5, 0.5, 0.5, 0.4], [1, 0, 0.35, 0.6, 0.3, 0.5], [1, 0, 0.75, 0.3, 0.3, 0.3]]
+    )
     initial = deepcopy(model.state_dict())
     losses = []
     for _ in range(4):
@@ -175,7 +182,10 @@ def test_initialize_weights_reached_the_mobileone_batchnorms(built):
 
 def test_smart_optimizer_groups_mobileone_parameters(trained):
     biases, decayed, no_decay = (group["params"] for group in trained.optimizer.param_groups)
-    assert (trained.optimizer.param_groups[1]["weight_decay"], trained.optimizer.param_groups[2]["weight_decay"]) == (
+    assert (
+        trained.optimizer.param_groups[1]["weight_decay"],
+        trained.optimizer.param_groups[2]["weight_decay"],
+    ) == (
         trained.model.hyp["weight_decay"],
         0.0,
     )
@@ -258,10 +268,19 @@ def test_onnx_export_runs_in_onnxruntime(built, yolo, tmp_path):
     with torch.no_grad():
         expected = model(im)
     path = tmp_path / "model.onnx"
-    export_kwargs = dict(verbose=False, opset_version=12, do_constant_folding=True, input_names=["images"],
-                         output_names=["output0"], dynamic_axes=None)
-    # torch >= 2.9 defaults to the dynamo exporter; export.py's call is the TorchScript one.
-    torch.onnx.export(model, im, str(path), dynamo=False, **export_kwargs)
+    # export.py's call; torch >= 2.9 defaults to the dynamo exporter, export.py's is the TorchScript one.
+    torch.onnx.export(
+        model,
+        im,
+        str(path),
+        verbose=False,
+        opset_version=12,
+        do_constant_folding=True,
+        input_names=["images"],
+        output_names=["output0"],
+        dynamic_axes=None,
+        dynamo=False,
+    )
     graph = onnx.load(str(path))
     onnx.checker.check_model(graph)
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
@@ -287,10 +306,31 @@ def test_train_val_detect_scripts(patched, yolo, tmp_path):
     data = h.write_synthetic_dataset(tmp_path / "data", count=4, size=2 * IMG)
     env = h.script_env(patched.parent, tmp_path / "config")
     runs, common = tmp_path / "runs", ["--device", "cpu", "--img", str(IMG), "--exist-ok"]
-    h.run_python([str(patched / "train_dual.py"), "--cfg", str(h.SEED_YAML), "--data", str(data),
-                  "--hyp", str(patched / "data" / "hyps" / "hyp.scratch-high.yaml"), "--epochs", "1",
-                  "--batch-size", "2", "--workers", "0", "--noplots", "--project", str(runs), "--name", "train",
-                  *common], cwd=tmp_path, env=env)
+    h.run_python(
+        [
+            str(patched / "train_dual.py"),
+            "--cfg",
+            str(h.SEED_YAML),
+            "--data",
+            str(data),
+            "--hyp",
+            str(patched / "data" / "hyps" / "hyp.scratch-high.yaml"),
+            "--epochs",
+            "1",
+            "--batch-size",
+            "2",
+            "--workers",
+            "0",
+            "--noplots",
+            "--project",
+            str(runs),
+            "--name",
+            "train",
+            *common,
+        ],
+        cwd=tmp_path,
+        env=env,
+    )
     best = runs / "train" / "weights" / "best.pt"
     checkpoint = torch.load(best, map_location="cpu", weights_only=False)
     stored = checkpoint["model"]  # strip_optimizer's EMA, half, still with its train-time branches
@@ -298,17 +338,50 @@ def test_train_val_detect_scripts(patched, yolo, tmp_path):
     assert all(hasattr(b, "rbr_conv") for b in mobileone_blocks(stored))
     assert sum(p.numel() for p in stored.parameters()) == SEED_PARAMS
 
-    val = h.run_python([str(patched / "val_dual.py"), "--data", str(data), "--weights", str(best),
-                        "--batch-size", "2", "--workers", "0", "--project", str(runs), "--name", "val",
-                        *common], cwd=tmp_path, env=env)
+    val = h.run_python(
+        [
+            str(patched / "val_dual.py"),
+            "--data",
+            str(data),
+            "--weights",
+            str(best),
+            "--batch-size",
+            "2",
+            "--workers",
+            "0",
+            "--project",
+            str(runs),
+            "--name",
+            "val",
+            *common,
+        ],
+        cwd=tmp_path,
+        env=env,
+    )
     val_log = val.stdout + val.stderr
     assert "Fusing layers" in val_log
     assert h.parse_summary(val_log)[-1][0] == SEED_FUSED_PARAMS
-    assert re.search(r"^\s+all\s+4\s+\d+\s", val_log, re.M), val_log[-3000:]
+    assert re.search(r"^\s+all\s+4\s+\d+\s", val_log, re.MULTILINE), val_log[-3000:]
 
     for script in ("detect.py", "detect_dual.py"):
         name = Path(script).stem
-        h.run_python([str(patched / script), "--weights", str(best), "--source", str(data.parent / "images" / "train"),
-                      "--conf-thres", "0.0001", "--save-txt", "--project", str(runs), "--name", name, *common],
-                     cwd=tmp_path, env=env)
+        h.run_python(
+            [
+                str(patched / script),
+                "--weights",
+                str(best),
+                "--source",
+                str(data.parent / "images" / "train"),
+                "--conf-thres",
+                "0.0001",
+                "--save-txt",
+                "--project",
+                str(runs),
+                "--name",
+                name,
+                *common,
+            ],
+            cwd=tmp_path,
+            env=env,
+        )
         assert len(list((runs / name).glob("*.jpg"))) == 4, script

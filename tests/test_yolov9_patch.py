@@ -19,7 +19,9 @@ import pytest
 
 from tests import yolov9_helpers as h
 
-pytestmark = pytest.mark.skipif(h.installed_yolo9() is None, reason="yolo9 (YOLOv9 from PyPI) is not installed")
+pytestmark = pytest.mark.skipif(
+    h.installed_yolo9() is None, reason="yolo9 (YOLOv9 from PyPI) is not installed"
+)
 
 IMPORT_LINE = "from mobileone_rs import MobileOne, MobileOneBlock, reparameterize_model"
 
@@ -45,7 +47,9 @@ def _files(root: Path) -> dict[str, str]:
 
 def _added_and_removed(diff: str) -> tuple[list[str], list[str]]:
     body = [line for line in diff.splitlines() if not line.startswith(("+++", "---"))]
-    return [line[1:] for line in body if line.startswith("+")], [line[1:] for line in body if line.startswith("-")]
+    return [line[1:] for line in body if line.startswith("+")], [
+        line[1:] for line in body if line.startswith("-")
+    ]
 
 
 def test_patch_prints_a_diff_of_exactly_the_three_edits(copy_dir: Path):
@@ -73,15 +77,20 @@ def test_patched_source_has_the_edits_where_yolov9_uses_them(copy_dir: Path):
     patch(copy_dir)
     yolo = ast.parse((copy_dir / "models" / "yolo.py").read_text())
     fuse = next(
-        f for c in yolo.body if isinstance(c, ast.ClassDef) and c.name == "BaseModel"
-        for f in c.body if isinstance(f, ast.FunctionDef) and f.name == "fuse"
+        f
+        for c in yolo.body
+        if isinstance(c, ast.ClassDef) and c.name == "BaseModel"
+        for f in c.body
+        if isinstance(f, ast.FunctionDef) and f.name == "fuse"
     )
     loop = next(n for n in ast.walk(fuse) if isinstance(n, ast.For))
     assert ast.unparse(loop.body[-1]) == "if hasattr(m, 'reparameterize'):\n    m.reparameterize()"
     parse_model = next(f for f in yolo.body if isinstance(f, ast.FunctionDef) and f.name == "parse_model")
     channel_sets = [
-        n.comparators[0] for n in ast.walk(parse_model)
-        if isinstance(n, ast.Compare) and isinstance(n.comparators[0], ast.Set)
+        n.comparators[0]
+        for n in ast.walk(parse_model)
+        if isinstance(n, ast.Compare)
+        and isinstance(n.comparators[0], ast.Set)
         and "MobileOne" in {getattr(e, "id", None) for e in n.comparators[0].elts}
     ]
     assert len(channel_sets) == 1 and "Conv" in {getattr(e, "id", None) for e in channel_sets[0].elts}
@@ -121,20 +130,26 @@ def test_patched_copy_imports_and_resolves_mobileone(copy_dir: Path):
     probe = textwrap.dedent(
         """
         import mobileone_rs, yolo9.models.yolo as yolo
-        assert yolo.__file__.startswith(%r), yolo.__file__
+        assert yolo.__file__.startswith(COPY), yolo.__file__
         assert yolo.MobileOne is mobileone_rs.MobileOne
         model, _ = yolo.parse_model(
-            {'nc': 1, 'depth_multiple': 1.0, 'width_multiple': 1.0, 'anchors': 3,
-             'backbone': [[-1, 1, 'Conv', [16, 3, 2]], [-1, 1, 'MobileOne', [32, 2, 2, True, 1]]], 'head': []},
+            {'nc': 1, 'depth_multiple': 1.0, 'width_multiple': 1.0, 'anchors': 3, 'head': [],
+             'backbone': [[-1, 1, 'Conv', [16, 3, 2]], [-1, 1, 'MobileOne', [32, 2, 2, True, 1]]]},
             ch=[3])
         stage = model[1]
         assert isinstance(stage, mobileone_rs.MobileOne)
         assert sum(p.numel() for p in stage.parameters()) == stage.np
         print('ok', type(stage).__name__)
-        """ % str(copy_dir)
+        """
+    ).replace("COPY", repr(str(copy_dir)))
+    result = subprocess.run(
+        [sys.executable, "-c", probe],
+        check=False,
+        capture_output=True,
+        text=True,
+        env=h.subprocess_env(copy_dir.parent),
+        timeout=300,
     )
-    result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True,
-                            env=h.subprocess_env(copy_dir.parent), timeout=300)
     assert result.returncode == 0, result.stderr[-4000:]
     assert "ok MobileOne" in result.stdout
 
@@ -192,7 +207,9 @@ def test_models_dir_given_instead_of_root_gets_a_hint(copy_dir: Path):
 def test_upstream_layout_and_crlf_line_endings(tmp_path: Path):
     """A checkout of the upstream repository (``from models.common import *``), saved with CRLF."""
     (tmp_path / "models").mkdir()
-    common = '"""Common modules."""\nimport torch\nfrom utils.general import LOGGER\n\n\nclass Conv:\n    pass\n'
+    common = (
+        '"""Common modules."""\nimport torch\nfrom utils.general import LOGGER\n\n\nclass Conv:\n    pass\n'
+    )
     yolo = textwrap.dedent(
         """\
         from models.common import *
@@ -226,7 +243,9 @@ def test_upstream_layout_and_crlf_line_endings(tmp_path: Path):
     assert "SPPELAN, MobileOne, }:" in new_yolo
     assert (
         "            if hasattr(m, 'bn'):\r\n                pass\r\n"
-        "            if hasattr(m, 'reparameterize'):\r\n                m.reparameterize()\r\n        return self"
+        "            if hasattr(m, 'reparameterize'):\r\n"
+        "                m.reparameterize()\r\n"
+        "        return self"
     ) in new_yolo
     assert "\n" not in new_yolo.replace("\r\n", "")
     compile(new_yolo, "yolo.py", "exec")

@@ -85,9 +85,7 @@ def parse_model_table(text: str) -> list[tuple[int, str, int, int, str, str]]:
 
 def parse_summary(text: str) -> list[tuple[int, int, float | None]]:
     """``(parameters, gradients, GFLOPs or None)`` of every model_info summary line in ``text``."""
-    return [
-        (int(p), int(g), float(fl) if fl else None) for _, p, g, fl in _SUMMARY.findall(text)
-    ]
+    return [(int(p), int(g), float(fl) if fl else None) for _, p, g, fl in _SUMMARY.findall(text)]
 
 
 def file_sha256(path: Path) -> str:
@@ -103,7 +101,7 @@ def installed_yolo9() -> Path | None:
     spec = importlib.util.find_spec("yolo9")
     if spec is None or not spec.submodule_search_locations:
         return None
-    return Path(list(spec.submodule_search_locations)[0])
+    return Path(next(iter(spec.submodule_search_locations)))
 
 
 def copy_yolo9(destination: Path) -> Path:
@@ -130,13 +128,22 @@ def subprocess_env(copy_root: Path) -> dict[str, str]:
 def run_patch(path: Path, *flags: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
     """``python -m mobileone_rs.yolov9 patch PATH FLAGS`` in a subprocess, text captured."""
     command = [sys.executable, "-m", "mobileone_rs.yolov9", "patch", str(path), *flags]
-    return subprocess.run(command, capture_output=True, text=True, env=env, timeout=300)
+    return subprocess.run(command, check=False, capture_output=True, text=True, env=env, timeout=300)
 
 
-def run_python(args: list[str], cwd: Path, env: dict[str, str], timeout: int = 600) -> subprocess.CompletedProcess:
+def run_python(
+    args: list[str], cwd: Path, env: dict[str, str], timeout: int = 600
+) -> subprocess.CompletedProcess:
     """Run ``python ARGS``; on failure the assertion message carries the output's tail."""
-    result = subprocess.run([sys.executable, *args], cwd=cwd, env=env, capture_output=True, text=True,
-                            timeout=timeout)
+    result = subprocess.run(
+        [sys.executable, *args],
+        check=False,
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
     tail = (result.stdout + result.stderr)[-6000:]
     assert result.returncode == 0, f"python {' '.join(args)} exited {result.returncode}:\n{tail}"
     return result
@@ -284,7 +291,9 @@ def write_synthetic_dataset(root: Path, count: int, size: int, seed: int = 0) ->
             w, h = rng.integers(size // 4, size // 2, size=2)
             x, y = rng.integers(0, size - w), rng.integers(0, size - h)
             image[y : y + h, x : x + w] = rng.integers(150, 256, size=3, dtype=np.uint8)
-            labels.append(f"0 {(x + w / 2) / size:.6f} {(y + h / 2) / size:.6f} {w / size:.6f} {h / size:.6f}")
+            labels.append(
+                f"0 {(x + w / 2) / size:.6f} {(y + h / 2) / size:.6f} {w / size:.6f} {h / size:.6f}"
+            )
         cv2.imwrite(str(root / "images" / "train" / f"img{i}.jpg"), image)
         (root / "labels" / "train" / f"img{i}.txt").write_text("\n".join(labels) + "\n")
     data = root / "data.yaml"

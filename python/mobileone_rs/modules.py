@@ -55,7 +55,12 @@ def _hooked(module: nn.Module) -> bool:
 
 
 def _autocast(x) -> bool:
-    return isinstance(x, torch.Tensor) and torch.is_autocast_enabled(x.device.type)
+    if not isinstance(x, torch.Tensor):
+        return False
+    try:
+        return torch.is_autocast_enabled(x.device.type)
+    except RuntimeError:  # a device type autocast does not know (meta)
+        return False
 
 
 def _bn_args(bn: nn.Module):

@@ -30,14 +30,14 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-__all__ = ["NotYolov9Error", "FileChange", "plan_patch", "apply_patch", "main"]
+__all__ = ["FileChange", "NotYolov9Error", "apply_patch", "main", "plan_patch"]
 
 IMPORT_LINE = "from mobileone_rs import MobileOne, MobileOneBlock, reparameterize_model"
 REPARAM_LINES = ("if hasattr(m, 'reparameterize'):", "m.reparameterize()")
 COMMON = Path("models") / "common.py"
-# Top-level packages of a YOLOv9 tree: upstream imports ``utils.x`` and ``models.x``; PyPI's yolo9 ``yolo9.x``.
-PROJECT_PACKAGES = frozenset({"utils", "models", "yolo9", "export"})
 YOLO = Path("models") / "yolo.py"
+# Top-level packages of a YOLOv9 tree: upstream imports ``utils.x``, ``models.x``; PyPI's yolo9 ``yolo9.x``.
+PROJECT_PACKAGES = frozenset({"utils", "models", "yolo9", "export"})
 
 EXIT_OK, EXIT_NEEDS_PATCH, EXIT_REFUSED = 0, 1, 2
 
@@ -252,7 +252,9 @@ def _fuse_loop(tree: ast.Module) -> ast.For:
         and getattr(node.iter.func, "attr", None) == "modules"
     ]
     if len(loops) != 1:
-        raise NotYolov9Error(f"{YOLO}: expected one 'for m in self.model.modules():' in fuse(), found {len(loops)}")
+        raise NotYolov9Error(
+            f"{YOLO}: expected one 'for m in self.model.modules():' in fuse(), found {len(loops)}"
+        )
     return loops[0]
 
 
@@ -309,7 +311,10 @@ def plan_patch(root: str | Path) -> list[FileChange]:
     root = Path(root)
     common, yolo = _read(root, COMMON), _read(root, YOLO)
     # Check both files before changing either, so a refusal never leaves a half-patched tree.
-    yolo_steps = [("parse_model channel set", add_to_channel_set), ("fuse reparameterize", add_reparameterize_to_fuse)]
+    yolo_steps = [
+        ("parse_model channel set", add_to_channel_set),
+        ("fuse reparameterize", add_reparameterize_to_fuse),
+    ]
     changes = [
         _change(root, COMMON, common, [("import mobileone_rs", add_package_import)]),
         _change(root, YOLO, yolo, yolo_steps),

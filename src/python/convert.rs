@@ -1,11 +1,14 @@
 //! Argument conversion: the tuples the nn.Module shells pass, turned into core types.
 
+use pyo3::exceptions::PyTypeError;
 use pyo3::prelude::*;
+use pyo3::types::{PyFloat, PyInt, PyTuple};
 use pyo3_tch::PyTensor;
 use tch::Tensor;
 
 use super::errors::not_a_tensor;
 use crate::block::{BlockSpec, Branches};
+use crate::error::Error;
 use crate::fusion::{BatchNorm, ConvBn};
 use crate::se::SqueezeExcite;
 
@@ -54,21 +57,64 @@ impl From<PySqueezeExcite> for SqueezeExcite {
 }
 
 /// `(in_channels, out_channels, kernel_size, stride, padding, dilation, groups, use_se, num_conv_branches)`.
-#[derive(FromPyObject)]
-pub struct PyBlockSpec(i64, i64, i64, i64, i64, i64, i64, bool, i64);
+pub struct PyBlockSpec(BlockSpec);
+
+const SPEC_NAMES: [&str; 9] =
+    ["in_channels", "out_channels", "kernel_size", "stride", "padding", "dilation", "groups", "use_se", "num_conv_branches"];
+
+impl<'py> FromPyObject<'py> for PyBlockSpec {
+    fn extract_bound(ob: &Bound<'py, PyAny>) -> PyResult<Self> {
+        let items = ob.downcast::<PyTuple>()?;
+        if items.len() != SPEC_NAMES.len() {
+            return Err(PyTypeError::new_err(format!("a block spec has {} fields, got {}", SPEC_NAMES.len(), items.len())));
+        }
+        let mut ints = [0i64; 9];
+        for (i, name) in SPEC_NAMES.iter().enumerate() {
+            if *name != "use_se" {
+                ints[i] = int_arg(&items.get_item(i)?, name)?;
+            }
+        }
+        let use_se = items.get_item(7)?.is_truthy()?;
+        Ok(PyBlockSpec(BlockSpec {
+            in_channels: ints[0],
+            out_channels: ints[1],
+            kernel_size: ints[2],
+            stride: ints[3],
+            padding: ints[4],
+            dilation: ints[5],
+            groups: ints[6],
+            use_se,
+            num_conv_branches: ints[8],
+        }))
+    }
+}
 
 impl From<PyBlockSpec> for BlockSpec {
     fn from(s: PyBlockSpec) -> Self {
-        BlockSpec {
-            in_channels: s.0,
-            out_channels: s.1,
-            kernel_size: s.2,
-            stride: s.3,
-            padding: s.4,
-            dilation: s.5,
-            groups: s.6,
-            use_se: s.7,
-            num_conv_branches: s.8,
+        s.0
+    }
+}
+
+/// An integer argument, or a `TypeError` (not an int) / `ConfigError` (beyond int64) naming it.
+pub fn int_arg(obj: &Bound<'_, PyAny>, name: &str) -> PyResult<i64> {
+    if let Ok(value) = obj.extract::<i64>() {
+        return Ok(value);
+    }
+    if obj.is_instance_of::<PyInt>() {
+        return Err(Error::Config(format!("{name} is out of range, got {obj}")).into());
+    }
+    let type_name = obj.get_type().name().map(|n| n.to_string()).unwrap_or_else(|_| "?".into());
+    Err(PyTypeError::new_err(format!("{name} must be an integer, got {type_name} {}", obj.repr()?)))
+}
+
+/// A float argument, or a `TypeError` naming it.
+pub fn float_arg(obj: &Bound<'_, PyAny>, name: &str) -> PyResult<f64> {
+    let is_number = obj.is_instance_of::<PyInt>() || obj.is_instance_of::<PyFloat>();
+    match obj.extract::<f64>() {
+        Ok(value) if is_number => Ok(value),
+        _ => {
+            let type_name = obj.get_type().name().map(|n| n.to_string()).unwrap_or_else(|_| "?".into());
+            Err(PyTypeError::new_err(format!("{name} must be a number, got {type_name}")))
         }
     }
 }

@@ -66,7 +66,8 @@ impl From<Error> for PyErr {
             Error::InputType(_) => raise(&INPUT_TYPE_ERROR, msg),
             Error::Yaml(_) => raise(&YAML_ERROR, msg),
             Error::FuseOverflow(_) => raise(&FUSE_OVERFLOW_ERROR, msg),
-            Error::Torch(_) => raise(&TORCH_ERROR, msg),
+            // libtorch appends a C++ backtrace; the first lines say what went wrong.
+            Error::Torch(_) => raise(&TORCH_ERROR, msg.split("\nException raised from").next().unwrap_or("").to_string()),
         }
     }
 }

@@ -22,21 +22,29 @@ fn validate_block(spec: PyBlockSpec) -> PyResult<()> {
 
 /// The seed's SE reduced width `int(in_channels * rd_ratio)`; raises `ConfigError` when it is 0.
 #[pyfunction]
-fn se_reduced_channels(in_channels: i64, rd_ratio: f64) -> PyResult<i64> {
-    Ok(se::reduced_channels(in_channels, rd_ratio)?)
+fn se_reduced_channels(in_channels: &Bound<'_, PyAny>, rd_ratio: &Bound<'_, PyAny>) -> PyResult<i64> {
+    let in_channels = convert::int_arg(in_channels, "in_channels")?;
+    Ok(se::reduced_channels(in_channels, convert::float_arg(rd_ratio, "rd_ratio")?)?)
 }
 
 /// The block specs of a `MobileOne` stage, in order.
 #[pyfunction]
 fn stage_plan(
-    in_channels: i64,
-    out_channels: i64,
-    num_blocks: i64,
-    num_conv_branches: i64,
+    in_channels: &Bound<'_, PyAny>,
+    out_channels: &Bound<'_, PyAny>,
+    num_blocks_per_stage: &Bound<'_, PyAny>,
+    num_conv_branches: &Bound<'_, PyAny>,
     use_se: bool,
-    num_se: i64,
+    num_se: &Bound<'_, PyAny>,
 ) -> PyResult<Vec<SpecTuple>> {
-    let spec = StageSpec { in_channels, out_channels, num_blocks, num_conv_branches, use_se, num_se };
+    let spec = StageSpec {
+        in_channels: convert::int_arg(in_channels, "in_channels")?,
+        out_channels: convert::int_arg(out_channels, "out_channels")?,
+        num_blocks: convert::int_arg(num_blocks_per_stage, "num_blocks_per_stage")?,
+        num_conv_branches: convert::int_arg(num_conv_branches, "num_conv_branches")?,
+        use_se,
+        num_se: convert::int_arg(num_se, "num_se")?,
+    };
     Ok(stage::plan_stage(&spec)?.iter().map(convert::spec_tuple).collect())
 }
 
