@@ -146,3 +146,13 @@ def test_add_safe_globals_recipe():
         torch.serialization.add_safe_globals(previous)
     x = _input()
     assert_close(eval_output(loaded, x), eval_output(reference, x), F64, "loaded module vs oracle")
+
+
+def test_exported_safe_globals_load_a_whole_module(tmp_path):
+    import mobileone_rs
+
+    path = tmp_path / "stage.pt"
+    torch.save(mobileone_rs.MobileOne(16, 32, 2, 2, True, 1), path)
+    with torch.serialization.safe_globals(mobileone_rs.safe_globals()):
+        loaded = torch.load(path, weights_only=True)
+    assert isinstance(loaded, mobileone_rs.MobileOne)

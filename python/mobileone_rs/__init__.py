@@ -24,7 +24,14 @@ from ._native import (  # noqa: E402
     TorchError,
     YamlError,
 )
-from .modules import MobileOne, MobileOneBlock, SEBlock, module_path, reparameterize_model  # noqa: E402
+from .modules import (  # noqa: E402
+    MobileOne,
+    MobileOneBlock,
+    SEBlock,
+    module_path,
+    reparameterize_model,
+    safe_globals,
+)
 from .verify import ErrorStat, ReparamReport, verify_reparameterization  # noqa: E402
 
 __version__ = "0.1.0"
@@ -44,6 +51,7 @@ __all__ = [
     "YamlError",
     "module_path",
     "reparameterize_model",
+    "safe_globals",
     "verify_reparameterization",
     "__version__",
 ]

@@ -440,3 +440,13 @@ def _naming(name: str):
         yield
     except _native.FuseOverflowError as err:
         raise _native.FuseOverflowError(f"block {name or '<model>'!r}: {err}") from err
+
+
+def safe_globals() -> list:
+    """The classes a whole-module checkpoint of MobileOne modules needs under ``weights_only=True``.
+
+    Use as ``torch.serialization.add_safe_globals(mobileone_rs.safe_globals())`` (add your own
+    model's classes too); state_dicts need nothing.
+    """
+    return [MobileOne, MobileOneBlock, SEBlock, nn.Sequential, nn.ModuleList, nn.Conv2d, nn.BatchNorm2d,
+            nn.ReLU, nn.Identity]
