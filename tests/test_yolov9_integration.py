@@ -16,11 +16,13 @@ from datetime import datetime
 from pathlib import Path
 from types import SimpleNamespace
 
+import mobileone_rs
 import pytest
 import torch
 import yaml
 from torch import nn
 
+from tests import oracle
 from tests import yolov9_helpers as h
 
 pytestmark = pytest.mark.skipif(
@@ -47,7 +49,7 @@ def patched(tmp_path_factory) -> Path:
 def yolo(patched):
     """YOLOv9's modules, imported from the patched copy."""
     with h.imported_copy(patched):
-        names = ["models.yolo", "models.experimental", "utils.torch_utils", "utils.loss_tal_dual"]
+        names = ["models.yolo", "utils.torch_utils", "utils.loss_tal_dual"]
         modules = {n.split(".")[-1]: importlib.import_module(f"yolo9.{n}") for n in names}
         yield SimpleNamespace(**modules)
 
@@ -61,8 +63,6 @@ def built(yolo):
 
 
 def mobileone_blocks(model: nn.Module) -> list[nn.Module]:
-    import mobileone_rs
-
     return [m for m in model.modules() if isinstance(m, mobileone_rs.MobileOneBlock)]
 
 
@@ -120,25 +120,33 @@ def test_fuse_reparameterizes_and_matches_the_seed_totals(built):
     for block in blocks:
         names = {name for name, _ in block.named_children()}
         assert "reparam_conv" in names and not names & {"rbr_conv", "rbr_scale", "rbr_skip"}, names
-    # YOLOv9's Conv-fuse branch must leave MobileOne alone: no MobileOne conv lost its BN to it.
     assert not any(hasattr(m, "bn") for m in model.modules() if type(m).__name__ == "Conv")
+    with h.captured_yolo_log() as log:  # attempt_load(fuse=True) on a fused checkpoint fuses again
+        model.fuse()
+    assert h.parse_summary("\n".join(log))[-1][0] == SEED_FUSED_PARAMS
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["f64", "f32"])
-def test_fuse_and_reparameterize_model_keep_the_eval_output(built, dtype):
-    import mobileone_rs
-
-    model = h.randomize_batchnorms(deepcopy(built.model)).to(dtype).eval()
+def test_unfused_fused_and_reparameterized_match_the_oracle(built, dtype):
+    """The whole detector in eval mode, against a twin whose MobileOne layers are the seed's code."""
+    model = oracle.randomize_bn_stats(deepcopy(built.model), torch.Generator().manual_seed(0))
+    model = model.to(dtype).eval()
     assert {m.eps for m in model.modules() if isinstance(m, nn.BatchNorm2d)} == {1e-3}
     x = h.random_images(2, IMG, dtype=dtype)
     with torch.no_grad():
-        reference = model(x)
+        reference = h.oracle_twin(model).eval()(x)
+        unfused = model(x)
         by_fuse = fused(model, dtype)(x)
         by_function = mobileone_rs.reparameterize_model(model)(x)
         after = model(x)
-    assert h.max_rel_err(by_fuse, reference) <= FUSED_BOUND[dtype]
-    assert h.max_rel_err(by_function, reference) <= FUSED_BOUND[dtype]
-    assert h.max_rel_err(after, reference) == 0.0  # reparameterize_model copied: the model is untouched
+    for name, output in [
+        ("unfused", unfused),
+        ("model.fuse()", by_fuse),
+        ("reparameterize_model", by_function),
+    ]:
+        err = h.max_rel_err(output, reference)
+        assert err <= FUSED_BOUND[dtype], f"{name}: relative error {err:.2e}"
+    assert h.max_rel_err(after, unfused) == 0.0  # reparameterize_model copied: the model is untouched
     assert all(hasattr(b, "rbr_conv") for b in mobileone_blocks(model))
 
 
@@ -196,14 +204,9 @@ def test_initialize_weights_reached_the_mobileone_batchnorms(built):
 
 
 def test_smart_optimizer_groups_mobileone_parameters(trained):
-    biases, decayed, no_decay = (group["params"] for group in trained.optimizer.param_groups)
-    assert (
-        trained.optimizer.param_groups[1]["weight_decay"],
-        trained.optimizer.param_groups[2]["weight_decay"],
-    ) == (
-        trained.model.hyp["weight_decay"],
-        0.0,
-    )
+    groups = trained.optimizer.param_groups
+    biases, decayed, no_decay = (group["params"] for group in groups)
+    assert [group["weight_decay"] for group in groups[1:]] == [trained.model.hyp["weight_decay"], 0.0]
     everything = [id(p) for p in trained.model.parameters()]
     grouped = [id(p) for p in biases + decayed + no_decay]
     assert sorted(grouped) == sorted(everything)  # each parameter exactly once
@@ -321,32 +324,12 @@ def test_train_val_detect_scripts(patched, yolo, tmp_path):
     """train_dual.py for one epoch, then val_dual.py, detect.py and detect_dual.py on its weights."""
     data = h.write_synthetic_dataset(tmp_path / "data", count=4, size=2 * IMG)
     env = h.script_env(patched.parent, tmp_path / "config")
-    runs, common = tmp_path / "runs", ["--device", "cpu", "--img", str(IMG), "--exist-ok"]
-    h.run_python(
-        [
-            str(patched / "train_dual.py"),
-            "--cfg",
-            str(h.SEED_YAML),
-            "--data",
-            str(data),
-            "--hyp",
-            str(patched / "data" / "hyps" / "hyp.scratch-high.yaml"),
-            "--epochs",
-            "1",
-            "--batch-size",
-            "2",
-            "--workers",
-            "0",
-            "--noplots",
-            "--project",
-            str(runs),
-            "--name",
-            "train",
-            *common,
-        ],
-        cwd=tmp_path,
-        env=env,
-    )
+    runs = tmp_path / "runs"
+    common = {"device": "cpu", "img": IMG, "exist_ok": True, "project": runs}
+    hyp = patched / "data" / "hyps" / "hyp.scratch-high.yaml"
+    options = {"cfg": h.SEED_YAML, "data": data, "hyp": hyp, "epochs": 1, "batch_size": 2, "workers": 0}
+    train = h.cli(patched / "train_dual.py", noplots=True, name="train", **options, **common)
+    h.run_python(train, cwd=tmp_path, env=env)
     best = runs / "train" / "weights" / "best.pt"
     checkpoint = torch.load(best, map_location="cpu", weights_only=False)
     stored = checkpoint["model"]  # strip_optimizer's EMA, half, still with its train-time branches
@@ -354,50 +337,19 @@ def test_train_val_detect_scripts(patched, yolo, tmp_path):
     assert all(hasattr(b, "rbr_conv") for b in mobileone_blocks(stored))
     assert sum(p.numel() for p in stored.parameters()) == SEED_PARAMS
 
-    val = h.run_python(
-        [
-            str(patched / "val_dual.py"),
-            "--data",
-            str(data),
-            "--weights",
-            str(best),
-            "--batch-size",
-            "2",
-            "--workers",
-            "0",
-            "--project",
-            str(runs),
-            "--name",
-            "val",
-            *common,
-        ],
-        cwd=tmp_path,
-        env=env,
+    val = h.cli(
+        patched / "val_dual.py", data=data, weights=best, batch_size=2, workers=0, name="val", **common
     )
-    val_log = val.stdout + val.stderr
+    result = h.run_python(val, cwd=tmp_path, env=env)
+    val_log = result.stdout + result.stderr
     assert "Fusing layers" in val_log
     assert h.parse_summary(val_log)[-1][0] == SEED_FUSED_PARAMS
     assert re.search(r"^\s+all\s+4\s+\d+\s", val_log, re.MULTILINE), val_log[-3000:]
 
+    # detect_dual.py is the script for dual-head models; detect.py runs too (NMS on the aux head).
     for script in ("detect.py", "detect_dual.py"):
         name = Path(script).stem
-        h.run_python(
-            [
-                str(patched / script),
-                "--weights",
-                str(best),
-                "--source",
-                str(data.parent / "images" / "train"),
-                "--conf-thres",
-                "0.0001",
-                "--save-txt",
-                "--project",
-                str(runs),
-                "--name",
-                name,
-                *common,
-            ],
-            cwd=tmp_path,
-            env=env,
-        )
+        source = data.parent / "images" / "train"
+        detect = h.cli(patched / script, weights=best, source=source, conf_thres=0.0001, name=name, **common)
+        h.run_python(detect, cwd=tmp_path, env=env)
         assert len(list((runs / name).glob("*.jpg"))) == 4, script

@@ -16,20 +16,15 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
+from mobileone_rs.yolov9 import main
 
 from tests import yolov9_helpers as h
-
-pytestmark = pytest.mark.skipif(
-    h.installed_yolo9() is None, reason="yolo9 (YOLOv9 from PyPI) is not installed"
-)
 
 IMPORT_LINE = "from mobileone_rs import MobileOne, MobileOneBlock, reparameterize_model"
 
 
 def patch(path: Path, *flags: str) -> SimpleNamespace:
     """``main(["patch", PATH, *FLAGS])`` with its exit status and printed text."""
-    from mobileone_rs.yolov9 import main
-
     out, err = io.StringIO(), io.StringIO()
     with redirect_stdout(out), redirect_stderr(err):
         code = main(["patch", str(path), *flags])
@@ -38,6 +33,9 @@ def patch(path: Path, *flags: str) -> SimpleNamespace:
 
 @pytest.fixture()
 def copy_dir(tmp_path: Path) -> Path:
+    """A copy of the installed yolo9 package (the tests without it use hand-written trees)."""
+    if h.installed_yolo9() is None:
+        pytest.skip("yolo9 (YOLOv9 from PyPI) is not installed")
     return h.copy_yolo9(tmp_path)
 
 
@@ -204,8 +202,9 @@ def test_models_dir_given_instead_of_root_gets_a_hint(copy_dir: Path):
     assert result.returncode == 2 and "not models/ itself" in result.stderr
 
 
-def test_upstream_layout_and_crlf_line_endings(tmp_path: Path):
-    """A checkout of the upstream repository (``from models.common import *``), saved with CRLF."""
+def test_upstream_layout_crlf_and_form_feed(tmp_path: Path):
+    """Upstream's layout (``from models.common import *``), saved with CRLF, with a form feed in a
+    comment (Python does not end a line there, ``str.splitlines`` does)."""
     (tmp_path / "models").mkdir()
     common = (
         '"""Common modules."""\nimport torch\nfrom utils.general import LOGGER\n\n\nclass Conv:\n    pass\n'
@@ -213,6 +212,7 @@ def test_upstream_layout_and_crlf_line_endings(tmp_path: Path):
     yolo = textwrap.dedent(
         """\
         from models.common import *
+        # models FORMFEED section
 
 
         class BaseModel:
@@ -232,10 +232,10 @@ def test_upstream_layout_and_crlf_line_endings(tmp_path: Path):
             return m
         """
     )
-    common, yolo = common.replace("\n", "\r\n"), yolo.replace("\n", "\r\n")
+    common, yolo = common.replace("\n", "\r\n"), yolo.replace("\n", "\r\n").replace("FORMFEED", "\x0c")
     (tmp_path / "models" / "common.py").write_bytes(common.encode())
     (tmp_path / "models" / "yolo.py").write_bytes(yolo.encode())
-    result = patch(tmp_path)
+    result = h.run_patch(tmp_path)  # the real command line
     assert result.returncode == 0, result.stderr
     new_common = (tmp_path / "models" / "common.py").read_bytes().decode()
     new_yolo = (tmp_path / "models" / "yolo.py").read_bytes().decode()
@@ -249,3 +249,32 @@ def test_upstream_layout_and_crlf_line_endings(tmp_path: Path):
     ) in new_yolo
     assert "\n" not in new_yolo.replace("\r\n", "")
     compile(new_yolo, "yolo.py", "exec")
+
+
+def test_refuses_a_file_that_is_not_utf8(copy_dir: Path):
+    (copy_dir / "models" / "yolo.py").write_bytes(b"# \xff\xfe not utf-8\n")
+    result = patch(copy_dir)
+    assert result.returncode == 2 and "cannot read" in result.stderr
+
+
+def test_a_hand_made_reparameterize_call_anywhere_in_the_loop_counts(tmp_path: Path):
+    yolo = textwrap.dedent(
+        """\
+        class BaseModel:
+            def fuse(self):
+                for m in self.model.modules():
+                    if isinstance(m, Conv):
+                        pass
+                    elif hasattr(m, 'reparameterize'):
+                        m.reparameterize()
+                return self
+
+
+        def parse_model(d, ch):
+            if m in {Conv, MobileOne}:
+                c1, c2 = ch[f], args[0]
+        """
+    )
+    _write_tree(tmp_path, f"import torch\n{IMPORT_LINE}\n", yolo)
+    result = patch(tmp_path)
+    assert result.returncode == 0 and "already patched" in result.stdout

@@ -8,6 +8,7 @@ installed one, which is left untouched.
 
 from __future__ import annotations
 
+import ast
 import contextlib
 import hashlib
 import importlib
@@ -18,6 +19,7 @@ import re
 import shutil
 import subprocess
 import sys
+from copy import deepcopy
 from pathlib import Path
 
 import torch
@@ -131,6 +133,17 @@ def run_patch(path: Path, *flags: str, env: dict[str, str] | None = None) -> sub
     return subprocess.run(command, check=False, capture_output=True, text=True, env=env, timeout=300)
 
 
+def cli(*positional: object, **options: object) -> list[str]:
+    """Command-line arguments: ``cli(a, batch_size=2, noplots=True)`` is
+    ``[a, "--batch-size", "2", "--noplots"]``."""
+    args = [str(p) for p in positional]
+    for key, value in options.items():
+        args.append("--" + key.replace("_", "-"))
+        if value is not True:
+            args.append(str(value))
+    return args
+
+
 def run_python(
     args: list[str], cwd: Path, env: dict[str, str], timeout: int = 600
 ) -> subprocess.CompletedProcess:
@@ -217,18 +230,32 @@ def default_dtype(dtype: torch.dtype):
         torch.set_default_dtype(previous)
 
 
-def randomize_batchnorms(model: nn.Module, seed: int = 0) -> nn.Module:
-    """Give every BatchNorm2d non-trivial statistics and affine parameters, in place."""
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for m in model.modules():
+def seed_mobileone_args() -> dict[int, list]:
+    """``{layer: arguments}`` of the seed table's MobileOne rows, as parse_model passes them."""
+    rows = parse_model_table(SEED_TABLE)
+    return {i: ast.literal_eval(args) for i, _, _, _, name, args in rows if name == "MobileOne"}
+
+
+def oracle_twin(model: nn.Module) -> nn.Module:
+    """A copy of a YOLOv9 model whose MobileOne layers are the oracle's (the seed's code), same weights.
+
+    The oracle's blocks run branch by branch in plain PyTorch: the twin's eval output is the
+    independent reference for the package's unfused and fused outputs.
+    """
+    from tests import oracle
+
+    twin = deepcopy(model)
+    for i, args in seed_mobileone_args().items():
+        ours = twin.model[i]
+        reference = oracle.MobileOne(*args).to(next(ours.parameters()).dtype)
+        oracle.copy_weights(ours, reference)
+        our_modules = dict(ours.named_modules())
+        for name, m in reference.named_modules():
             if isinstance(m, nn.BatchNorm2d):
-                n, dtype = m.num_features, m.running_mean.dtype
-                m.running_mean.copy_((torch.rand(n, generator=gen) - 0.5).to(dtype))
-                m.running_var.copy_((torch.rand(n, generator=gen) * 1.5 + 0.5).to(dtype))
-                m.weight.copy_((torch.rand(n, generator=gen) * 1.5 + 0.25).to(dtype))
-                m.bias.copy_((torch.rand(n, generator=gen) - 0.5).to(dtype))
-    return model
+                m.eps, m.momentum = our_modules[name].eps, our_modules[name].momentum
+        reference.i, reference.f, reference.type, reference.np = ours.i, ours.f, ours.type, ours.np
+        twin.model[i] = reference.train(ours.training)
+    return twin
 
 
 def flat_tensors(output) -> list[torch.Tensor]:

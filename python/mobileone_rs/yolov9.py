@@ -26,6 +26,7 @@ from __future__ import annotations
 import argparse
 import ast
 import difflib
+import re
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -59,8 +60,8 @@ class FileChange:
     def diff(self) -> str:
         """A unified diff in ``git diff`` form, paths relative to PATH."""
         lines = difflib.unified_diff(
-            self.old.splitlines(keepends=True),
-            self.new.splitlines(keepends=True),
+            _lines(self.old),
+            _lines(self.new),
             fromfile=f"a/{self.relative.as_posix()}",
             tofile=f"b/{self.relative.as_posix()}",
         )
@@ -68,7 +69,15 @@ class FileChange:
 
 
 # ----------------------------------------------------------------------------------------------
-# Text positions: ast columns are UTF-8 byte offsets within a line.
+# Text positions: ast counts lines as Python does (only \n, \r\n, \r end one; str.splitlines would
+# also split at form feeds and the like), and its columns are UTF-8 byte offsets within a line.
+
+_LINE = re.compile(r"[^\r\n]*(?:\r\n|\n|\r)|[^\r\n]+$")
+
+
+def _lines(text: str) -> list[str]:
+    """The lines of ``text`` with their endings, numbered as :mod:`ast` numbers them."""
+    return _LINE.findall(text)
 
 
 def _offset(lines: list[str], lineno: int, col_bytes: int) -> int:
@@ -87,7 +96,7 @@ def _newline_of(line: str) -> str:
 
 def _insert_after_line(text: str, lineno: int, new_lines: list[str]) -> str:
     """Insert whole lines after 1-based ``lineno``, matching that line's line ending."""
-    lines = text.splitlines(keepends=True)
+    lines = _lines(text)
     newline = _newline_of(lines[lineno - 1])
     if not lines[lineno - 1].endswith(("\n", "\r")):
         lines[lineno - 1] += newline
@@ -96,8 +105,7 @@ def _insert_after_line(text: str, lineno: int, new_lines: list[str]) -> str:
 
 
 def _indent_of(text: str, lineno: int) -> str:
-    line = text.splitlines()[lineno - 1]
-    return line[: len(line) - len(line.lstrip())]
+    return re.match(r"[ \t]*", _lines(text)[lineno - 1]).group()
 
 
 def _parse(text: str, relative: Path) -> ast.Module:
@@ -226,7 +234,7 @@ def add_to_channel_set(text: str) -> str:
     if any(isinstance(e, ast.Name) and e.id == "MobileOne" for e in literal.elts):
         return text
     last = literal.elts[-1]
-    at = _offset(text.splitlines(keepends=True), last.end_lineno, last.end_col_offset)
+    at = _offset(_lines(text), last.end_lineno, last.end_col_offset)
     return text[:at] + ", MobileOne" + text[at:]
 
 
@@ -272,7 +280,7 @@ def _calls_reparameterize(node: ast.stmt) -> bool:
 def add_reparameterize_to_fuse(text: str) -> str:
     """Return ``models/yolo.py`` with ``m.reparameterize()`` at the end of fuse()'s module loop."""
     loop = _fuse_loop(_parse(text, YOLO))
-    if any(_calls_reparameterize(stmt) for stmt in loop.body):
+    if any(_calls_reparameterize(node) for node in ast.walk(loop)):
         return text
     outer, body = _indent_of(text, loop.lineno), _indent_of(text, loop.body[0].lineno)
     step = body[len(outer) :] or "    "
@@ -289,8 +297,11 @@ def _read(root: Path, relative: Path) -> str:
     if not path.is_file():
         hint = " (PATH is the folder that holds models/, not models/ itself)" if root.name == "models" else ""
         raise NotYolov9Error(f"{path} not found: {root} does not look like a YOLOv9 tree{hint}")
-    with open(path, encoding="utf-8", newline="") as f:
-        return f.read()
+    try:
+        with open(path, encoding="utf-8", newline="") as f:
+            return f.read()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise NotYolov9Error(f"cannot read {path}: {exc}") from exc
 
 
 def _change(root: Path, relative: Path, old: str, steps) -> FileChange | None:
