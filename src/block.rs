@@ -52,7 +52,9 @@ pub struct Branches {
 
 fn check_range(name: &str, value: i64, min: i64, max: i64) -> Result<()> {
     if value < min || value > max {
-        return Err(config(format!("{name} must be in [{min}, {max}], got {value}")));
+        return Err(config(format!(
+            "{name} must be in [{min}, {max}], got {value}"
+        )));
     }
     Ok(())
 }
@@ -224,8 +226,18 @@ pub fn batch_norm(x: &Tensor, bn: &BatchNorm, training: bool) -> Result<Tensor> 
     Ok(x.f_batch_norm(w, b, rm, rv, training, factor, bn.eps, true)?)
 }
 
-fn conv_bn(spec: &BlockSpec, x: &Tensor, branch: &ConvBn, training: bool, scale: bool) -> Result<Tensor> {
-    let y = if scale { spec.conv_scale(x, &branch.weight)? } else { spec.conv(x, &branch.weight, None)? };
+fn conv_bn(
+    spec: &BlockSpec,
+    x: &Tensor,
+    branch: &ConvBn,
+    training: bool,
+    scale: bool,
+) -> Result<Tensor> {
+    let y = if scale {
+        spec.conv_scale(x, &branch.weight)?
+    } else {
+        spec.conv(x, &branch.weight, None)?
+    };
     batch_norm(&y, &branch.bn, training)
 }
 
@@ -296,19 +308,31 @@ pub fn activate(y: Tensor, se: Option<&SqueezeExcite>) -> Result<Tensor> {
 /// The kernel and bias of the one conv equal to every branch in eval mode, computed in at
 /// least float32 and returned in the weights' dtype.
 pub fn fused_kernel_bias(spec: &BlockSpec, branches: &Branches) -> Result<(Tensor, Tensor)> {
-    let first = branches.conv.first().ok_or_else(|| config("a block needs at least one conv branch"))?;
+    let first = branches
+        .conv
+        .first()
+        .ok_or_else(|| config("a block needs at least one conv branch"))?;
     let out_kind = first.weight.kind();
     let kind = fusion::compute_kind(out_kind);
     let mut parts = Vec::with_capacity(branches.conv.len() + 2);
     for branch in &branches.conv {
-        parts.push(fusion::fuse_bn_into_kernel(&branch.weight, &branch.bn, kind)?);
+        parts.push(fusion::fuse_bn_into_kernel(
+            &branch.weight,
+            &branch.bn,
+            kind,
+        )?);
     }
     if let Some(scale) = &branches.scale {
         let (k, b) = fusion::fuse_bn_into_kernel(&scale.weight, &scale.bn, kind)?;
         parts.push((fusion::pad_kernel_to(&k, spec.kernel_size)?, b));
     }
     if let Some(skip) = &branches.skip {
-        parts.push(fusion::fuse_bn_skip(skip, spec.groups, spec.kernel_size, kind)?);
+        parts.push(fusion::fuse_bn_skip(
+            skip,
+            spec.groups,
+            spec.kernel_size,
+            kind,
+        )?);
     }
     let (kernel, bias) = fusion::sum_branches(parts)?;
     Ok((kernel.f_to_kind(out_kind)?, bias.f_to_kind(out_kind)?))
@@ -316,7 +340,10 @@ pub fn fused_kernel_bias(spec: &BlockSpec, branches: &Branches) -> Result<(Tenso
 
 /// [`fused_kernel_bias`] for re-parameterization: refuses, naming the tensor, a kernel or bias
 /// that overflows (or is not finite in) the weights' dtype instead of writing inf.
-pub fn fused_kernel_bias_checked(spec: &BlockSpec, branches: &Branches) -> Result<(Tensor, Tensor)> {
+pub fn fused_kernel_bias_checked(
+    spec: &BlockSpec,
+    branches: &Branches,
+) -> Result<(Tensor, Tensor)> {
     let (kernel, bias) = fused_kernel_bias(spec, branches)?;
     for (name, t) in [("kernel", &kernel), ("bias", &bias)] {
         if has_non_finite(t)? {
@@ -334,7 +361,10 @@ pub fn fused_kernel_bias_checked(spec: &BlockSpec, branches: &Branches) -> Resul
 }
 
 fn fused_kernel_bias_wide(spec: &BlockSpec, branches: &Branches) -> Result<(Tensor, Tensor)> {
-    let widen = |c: &ConvBn| ConvBn { weight: c.weight.to_kind(Kind::Double), bn: c.bn.shallow_copy() };
+    let widen = |c: &ConvBn| ConvBn {
+        weight: c.weight.to_kind(Kind::Double),
+        bn: c.bn.shallow_copy(),
+    };
     let wide = Branches {
         conv: branches.conv.iter().map(widen).collect(),
         scale: branches.scale.as_ref().map(widen),

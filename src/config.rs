@@ -9,9 +9,23 @@ use crate::stage::StageSpec;
 
 /// Modules whose first argument is their output width, scaled by `width_multiple`.
 const WIDTH_MODULES: &[&str] = &[
-    "Conv", "AConv", "ConvTranspose", "Bottleneck", "SPP", "SPPF", "DWConv", "BottleneckCSP",
-    "nn.ConvTranspose2d", "DWConvTranspose2d", "SPPCSPC", "ADown", "RepNCSPELAN4", "SPPELAN",
-    "ELAN1", "RepConvN", "MobileOne",
+    "Conv",
+    "AConv",
+    "ConvTranspose",
+    "Bottleneck",
+    "SPP",
+    "SPPF",
+    "DWConv",
+    "BottleneckCSP",
+    "nn.ConvTranspose2d",
+    "DWConvTranspose2d",
+    "SPPCSPC",
+    "ADown",
+    "RepNCSPELAN4",
+    "SPPELAN",
+    "ELAN1",
+    "RepConvN",
+    "MobileOne",
 ];
 
 #[derive(Debug, Deserialize)]
@@ -49,7 +63,8 @@ fn yaml_err(msg: String) -> Error {
 
 /// Parses a model yaml and returns its `MobileOne` layers with resolved channels.
 pub fn mobileone_layers(text: &str, image_channels: i64) -> Result<Vec<StageLayer>> {
-    let model: ModelYaml = serde_yaml::from_str(text).map_err(|e| yaml_err(format!("invalid model yaml: {e}")))?;
+    let model: ModelYaml =
+        serde_yaml::from_str(text).map_err(|e| yaml_err(format!("invalid model yaml: {e}")))?;
     let mut channels: Vec<i64> = Vec::new();
     let mut strides: Vec<i64> = Vec::new();
     let mut stages = Vec::new();
@@ -58,7 +73,11 @@ pub fn mobileone_layers(text: &str, image_channels: i64) -> Result<Vec<StageLaye
         let (c_in, s_in) = layer.input(&channels, &strides, image_channels)?;
         let (c_out, stride) = layer.output(c_in, model.width_multiple)?;
         if layer.module == "MobileOne" {
-            stages.push(StageLayer { index, spec: layer.stage_spec(c_in, c_out)?, input_stride: s_in });
+            stages.push(StageLayer {
+                index,
+                spec: layer.stage_spec(c_in, c_out)?,
+                input_stride: s_in,
+            });
         }
         channels.push(c_out);
         strides.push(s_in * stride);
@@ -79,22 +98,37 @@ struct Row<'a> {
 
 impl<'a> Row<'a> {
     fn parse(index: usize, row: &'a Value) -> Result<Self> {
-        let bad = || yaml_err(format!("layer {index}: expected [from, number, module, args], got {row:?}"));
+        let bad = || {
+            yaml_err(format!(
+                "layer {index}: expected [from, number, module, args], got {row:?}"
+            ))
+        };
         let items = row.as_sequence().filter(|s| s.len() == 4).ok_or_else(bad)?;
         let from = match &items[0] {
             Value::Number(n) => vec![n.as_i64().ok_or_else(bad)?],
-            Value::Sequence(s) => s.iter().map(|v| v.as_i64().ok_or_else(bad)).collect::<Result<_>>()?,
+            Value::Sequence(s) => s
+                .iter()
+                .map(|v| v.as_i64().ok_or_else(bad))
+                .collect::<Result<_>>()?,
             _ => return Err(bad()),
         };
         let module = items[2].as_str().ok_or_else(bad)?;
         let args = items[3].as_sequence().map(Vec::as_slice).ok_or_else(bad)?;
-        Ok(Self { index, from, module, args })
+        Ok(Self {
+            index,
+            from,
+            module,
+            args,
+        })
     }
 
     fn resolve(&self, from: i64, len: usize) -> Result<usize> {
         let at = if from < 0 { len as i64 + from } else { from };
         if at < 0 || at >= len as i64 {
-            return Err(yaml_err(format!("layer {}: 'from' index {from} is out of range", self.index)));
+            return Err(yaml_err(format!(
+                "layer {}: 'from' index {from} is out of range",
+                self.index
+            )));
         }
         Ok(at as usize)
     }
@@ -106,7 +140,10 @@ impl<'a> Row<'a> {
         }
         let first = self.resolve(self.from[0], channels.len())?;
         let channels_in = if self.module == "Concat" {
-            self.from.iter().map(|&f| self.resolve(f, channels.len()).map(|i| channels[i])).sum::<Result<i64>>()?
+            self.from
+                .iter()
+                .map(|&f| self.resolve(f, channels.len()).map(|i| channels[i]))
+                .sum::<Result<i64>>()?
         } else {
             channels[first]
         };
@@ -117,7 +154,10 @@ impl<'a> Row<'a> {
         match self.args.get(at) {
             None => Ok(default),
             Some(v) => v.as_i64().ok_or_else(|| {
-                yaml_err(format!("layer {} ({}): argument {at} must be an integer, got {v:?}", self.index, self.module))
+                yaml_err(format!(
+                    "layer {} ({}): argument {at} must be an integer, got {v:?}",
+                    self.index, self.module
+                ))
             }),
         }
     }
@@ -140,7 +180,10 @@ impl<'a> Row<'a> {
         let use_se = match self.args.get(3) {
             None => false,
             Some(v) => v.as_bool().ok_or_else(|| {
-                yaml_err(format!("layer {} (MobileOne): use_se must be a bool, got {v:?}", self.index))
+                yaml_err(format!(
+                    "layer {} (MobileOne): use_se must be a bool, got {v:?}",
+                    self.index
+                ))
             })?,
         };
         let spec = StageSpec {

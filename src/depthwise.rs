@@ -8,7 +8,9 @@ use tch::{Kind, Tensor};
 use crate::block::{check_batch_size, BlockSpec, Branches};
 use crate::error::{config, Result};
 use crate::fusion;
-use crate::train::{branch_list, bn_scale, add_eps, stack_bn, update_running, Branch, TrainForward};
+use crate::train::{
+    add_eps, bn_scale, branch_list, stack_bn, update_running, Branch, TrainForward,
+};
 
 const DIMS: [i64; 3] = [0, 2, 3];
 
@@ -23,14 +25,29 @@ fn strided(spec: &BlockSpec, x: &Tensor) -> Result<Tensor> {
 
 /// One branch's output minus `shift`: a depthwise conv, the scale times the strided input, or the
 /// input itself (the skip). Always a fresh tensor.
-fn branch_output(spec: &BlockSpec, b: &Branch<'_>, weight: Option<&Tensor>, x: &Tensor, shift: &Tensor) -> Result<Tensor> {
+fn branch_output(
+    spec: &BlockSpec,
+    b: &Branch<'_>,
+    weight: Option<&Tensor>,
+    x: &Tensor,
+    shift: &Tensor,
+) -> Result<Tensor> {
     let c = spec.in_channels;
     let column = shift.f_reshape([1, c, 1, 1])?;
     Ok(match weight {
-        Some(w) if b.scale => strided(spec, x)?.f_mul(&w.f_reshape([1, c, 1, 1])?)?.f_sub(&column)?,
+        Some(w) if b.scale => strided(spec, x)?
+            .f_mul(&w.f_reshape([1, c, 1, 1])?)?
+            .f_sub(&column)?,
         Some(w) => {
             let (s, p, d) = (spec.stride, spec.padding, spec.dilation);
-            x.f_conv2d(w, Some(&shift.f_neg()?), [s, s], [p, p], [d, d], spec.groups)?
+            x.f_conv2d(
+                w,
+                Some(&shift.f_neg()?),
+                [s, s],
+                [p, p],
+                [d, d],
+                spec.groups,
+            )?
         }
         None => x.f_sub(&column)?,
     })
@@ -42,13 +59,17 @@ fn centred_moments(mut y: Tensor, count: f64) -> Result<(Tensor, Tensor)> {
     let kind = y.kind();
     let mean = wide_sum(&y)?.f_div_scalar(count)?;
     let _ = y.f_sub_(&mean.f_reshape([1, -1, 1, 1])?)?;
-    let var = y.f_norm_scalaropt_dim_dtype(2, DIMS, false, Kind::Double)?.f_square()?.f_div_scalar(count)?;
+    let var = y
+        .f_norm_scalaropt_dim_dtype(2, DIMS, false, Kind::Double)?
+        .f_square()?
+        .f_div_scalar(count)?;
     Ok((mean, var.f_to_kind(kind)?))
 }
 
 /// Per-channel sum over (N, H, W), accumulated in float64 as `F.batch_norm`'s CPU kernels do.
 fn wide_sum(t: &Tensor) -> Result<Tensor> {
-    Ok(t.f_sum_dim_intlist(DIMS.as_slice(), false, Kind::Double)?.f_to_kind(t.kind())?)
+    Ok(t.f_sum_dim_intlist(DIMS.as_slice(), false, Kind::Double)?
+        .f_to_kind(t.kind())?)
 }
 
 fn output_count(spec: &BlockSpec, x: &Tensor) -> Result<i64> {
@@ -62,7 +83,13 @@ fn full_kernel(spec: &BlockSpec, b: &Branch<'_>, like: &Tensor) -> Result<Tensor
     match b.weight {
         Some(w) if b.scale => fusion::pad_kernel_to(w, spec.kernel_size),
         Some(w) => Ok(w.shallow_clone()),
-        None => fusion::identity_kernel(spec.in_channels, spec.groups, spec.kernel_size, &b.bn.running_mean, like.kind()),
+        None => fusion::identity_kernel(
+            spec.in_channels,
+            spec.groups,
+            spec.kernel_size,
+            &b.bn.running_mean,
+            like.kind(),
+        ),
     }
 }
 
@@ -70,7 +97,11 @@ fn full_kernel(spec: &BlockSpec, b: &Branch<'_>, like: &Tensor) -> Result<Tensor
 pub fn forward(spec: &BlockSpec, branches: &Branches, x: &Tensor) -> Result<TrainForward> {
     let list = branch_list(branches);
     let count = output_count(spec, x)?;
-    let zero = list[0].bn.running_mean.f_zeros_like()?.f_to_kind(x.kind())?;
+    let zero = list[0]
+        .bn
+        .running_mean
+        .f_zeros_like()?
+        .f_to_kind(x.kind())?;
     let mut means = Vec::with_capacity(list.len());
     let mut vars = Vec::with_capacity(list.len());
     for b in &list {
@@ -81,7 +112,9 @@ pub fn forward(spec: &BlockSpec, branches: &Branches, x: &Tensor) -> Result<Trai
     let (mean, var) = (Tensor::f_stack(&means, 0)?, Tensor::f_stack(&vars, 0)?);
     update_running(&list, &mean, &var, count)?;
     let a = bn_scale(&list, &var)?;
-    let bias = stack_bn(&list, |bn| &bn.bias)?.f_sub(&a.f_mul(&mean)?)?.f_sum_dim_intlist([0i64].as_slice(), false, None::<Kind>)?;
+    let bias = stack_bn(&list, |bn| &bn.bias)?
+        .f_sub(&a.f_mul(&mean)?)?
+        .f_sum_dim_intlist([0i64].as_slice(), false, None::<Kind>)?;
     let mut kernel = zero.f_reshape([-1, 1, 1, 1])?;
     for (i, b) in list.iter().enumerate() {
         let a_b = a.f_get(i as i64)?.f_reshape([-1, 1, 1, 1])?;
@@ -89,15 +122,27 @@ pub fn forward(spec: &BlockSpec, branches: &Branches, x: &Tensor) -> Result<Trai
     }
     let (s, p, d) = (spec.stride, spec.padding, spec.dilation);
     let output = x.f_conv2d(&kernel, Some(&bias), [s, s], [p, p], [d, d], spec.groups)?;
-    Ok(TrainForward { output, saved: vec![mean, var, a] })
+    Ok(TrainForward {
+        output,
+        saved: vec![mean, var, a],
+    })
 }
 
 /// BN backward of one branch, in place on its centred output `yc`:
 /// `dL/dy = a (g - mean(g)) - a S / (M var) (y - m)` with `S = sum(g (y - m))`. Returns `S`.
-fn bn_backward_in_place(yc: &mut Tensor, centred_grad: &Tensor, grad: &Tensor, a: &Tensor, std: &Tensor, count: f64) -> Result<Tensor> {
+fn bn_backward_in_place(
+    yc: &mut Tensor,
+    centred_grad: &Tensor,
+    grad: &Tensor,
+    a: &Tensor,
+    std: &Tensor,
+    count: f64,
+) -> Result<Tensor> {
     let column = |t: &Tensor| t.f_reshape([1, -1, 1, 1]);
     let sums = wide_sum(&yc.f_mul(grad)?)?;
-    let coef = a.f_mul(&sums)?.f_div(&std.f_square()?.f_mul_scalar(count)?)?;
+    let coef = a
+        .f_mul(&sums)?
+        .f_div(&std.f_square()?.f_mul_scalar(count)?)?;
     let _ = yc.f_mul_(&column(&coef)?.f_neg()?)?;
     let _ = yc.f_addcmul_(centred_grad, &column(a)?)?;
     Ok(sums)
@@ -107,7 +152,13 @@ fn bn_backward_in_place(yc: &mut Tensor, centred_grad: &Tensor, grad: &Tensor, a
 /// BN bias. Each branch is recomputed and its BN backward applied analytically; a conv branch's
 /// result goes through libtorch's conv backward (autograd), a scale or skip branch's is mapped
 /// back by hand (it is elementwise), with float64 accumulation for the scale kernel's gradient.
-pub fn backward(spec: &BlockSpec, branches: &Branches, x: &Tensor, saved: &[Tensor], grad: &Tensor) -> Result<Vec<Tensor>> {
+pub fn backward(
+    spec: &BlockSpec,
+    branches: &Branches,
+    x: &Tensor,
+    saved: &[Tensor],
+    grad: &Tensor,
+) -> Result<Vec<Tensor>> {
     let [mean, var, a] = saved else {
         return Err(config("depthwise backward needs 3 saved tensors"));
     };
@@ -116,13 +167,25 @@ pub fn backward(spec: &BlockSpec, branches: &Branches, x: &Tensor, saved: &[Tens
     let std = add_eps(&list, var)?.f_sqrt()?;
     let g_sum = wide_sum(grad)?;
     let centred_grad = grad.f_sub(&g_sum.f_div_scalar(count)?.f_reshape([1, -1, 1, 1])?)?;
-    let ctx = BranchGrad { spec, x, grad, centred_grad: &centred_grad, count };
+    let ctx = BranchGrad {
+        spec,
+        x,
+        grad,
+        centred_grad: &centred_grad,
+        count,
+    };
     let mut dx = x.f_zeros_like()?;
     let mut grads = Vec::with_capacity(3 * list.len() + 1);
     for (i, b) in list.iter().enumerate() {
-        let (a_b, std_b, m_b) = (a.f_get(i as i64)?, std.f_get(i as i64)?, mean.f_get(i as i64)?);
+        let (a_b, std_b, m_b) = (
+            a.f_get(i as i64)?,
+            std.f_get(i as i64)?,
+            mean.f_get(i as i64)?,
+        );
         let sums = match b.weight {
-            Some(w) if !b.scale => ctx.conv_branch(b, w, &m_b, &a_b, &std_b, &mut dx, &mut grads)?,
+            Some(w) if !b.scale => {
+                ctx.conv_branch(b, w, &m_b, &a_b, &std_b, &mut dx, &mut grads)?
+            }
             _ => ctx.elementwise_branch(b, &m_b, &a_b, &std_b, &mut dx, &mut grads)?,
         };
         grads.push(sums.f_div(&std_b)?);
@@ -148,7 +211,16 @@ impl BranchGrad<'_> {
 
     /// Recomputes a depthwise conv branch under autograd and backpropagates its BN gradient.
     #[allow(clippy::too_many_arguments)]
-    fn conv_branch(&self, b: &Branch<'_>, w: &Tensor, m: &Tensor, a: &Tensor, std: &Tensor, dx: &mut Tensor, grads: &mut Vec<Tensor>) -> Result<Tensor> {
+    fn conv_branch(
+        &self,
+        b: &Branch<'_>,
+        w: &Tensor,
+        m: &Tensor,
+        a: &Tensor,
+        std: &Tensor,
+        dx: &mut Tensor,
+        grads: &mut Vec<Tensor>,
+    ) -> Result<Tensor> {
         let x_leaf = self.x.f_detach()?.f_set_requires_grad(true)?;
         let w_leaf = w.f_detach()?.f_set_requires_grad(true)?;
         let (loss, sums) = tch::with_grad(|| -> Result<(Tensor, Tensor)> {
@@ -164,11 +236,23 @@ impl BranchGrad<'_> {
     }
 
     /// The scale (`w * strided x`) or skip (`x`) branch: its BN gradient maps back elementwise.
-    fn elementwise_branch(&self, b: &Branch<'_>, m: &Tensor, a: &Tensor, std: &Tensor, dx: &mut Tensor, grads: &mut Vec<Tensor>) -> Result<Tensor> {
+    fn elementwise_branch(
+        &self,
+        b: &Branch<'_>,
+        m: &Tensor,
+        a: &Tensor,
+        std: &Tensor,
+        dx: &mut Tensor,
+        grads: &mut Vec<Tensor>,
+    ) -> Result<Tensor> {
         let _guard = tch::no_grad_guard();
         let mut dy = branch_output(self.spec, b, b.weight, self.x, m)?;
         let sums = self.bn_backward(&mut dy, a, std)?;
-        let mut target = if b.scale { strided(self.spec, dx)? } else { dx.shallow_clone() };
+        let mut target = if b.scale {
+            strided(self.spec, dx)?
+        } else {
+            dx.shallow_clone()
+        };
         match b.weight {
             Some(w) => {
                 let c = self.spec.in_channels;

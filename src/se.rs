@@ -19,10 +19,15 @@ pub struct SqueezeExcite {
 /// `int(channels * rd_ratio)`, the seed's reduced width, which must be at least 1.
 pub fn reduced_channels(channels: i64, rd_ratio: f64) -> Result<i64> {
     if !(rd_ratio.is_finite() && rd_ratio > 0.0 && rd_ratio <= 1.0) {
-        return Err(config(format!("SE rd_ratio must be in (0, 1], got {rd_ratio}")));
+        return Err(config(format!(
+            "SE rd_ratio must be in (0, 1], got {rd_ratio}"
+        )));
     }
     if !(1..=crate::block::MAX_CHANNELS).contains(&channels) {
-        return Err(config(format!("SE in_channels must be in [1, {}], got {channels}", crate::block::MAX_CHANNELS)));
+        return Err(config(format!(
+            "SE in_channels must be in [1, {}], got {channels}",
+            crate::block::MAX_CHANNELS
+        )));
     }
     let reduced = (channels as f64 * rd_ratio) as i64;
     if reduced < 1 {

@@ -17,7 +17,14 @@ pub struct StageSpec {
 
 impl Default for StageSpec {
     fn default() -> Self {
-        Self { in_channels: 1, out_channels: 1, num_blocks: 2, num_conv_branches: 1, use_se: false, num_se: 0 }
+        Self {
+            in_channels: 1,
+            out_channels: 1,
+            num_blocks: 2,
+            num_conv_branches: 1,
+            use_se: false,
+            num_se: 0,
+        }
     }
 }
 
@@ -67,7 +74,11 @@ pub fn plan_stage(stage: &StageSpec) -> Result<Vec<BlockSpec>> {
     for ix in 0..stage.num_blocks {
         let use_se = ix >= stage.num_blocks - stage.se_pairs();
         let stride = if ix == 0 { 2 } else { 1 };
-        let common = BlockSpec { use_se, num_conv_branches: stage.num_conv_branches, ..BlockSpec::default() };
+        let common = BlockSpec {
+            use_se,
+            num_conv_branches: stage.num_conv_branches,
+            ..BlockSpec::default()
+        };
         let depthwise = BlockSpec {
             in_channels: channels,
             out_channels: channels,

@@ -43,30 +43,58 @@ pub(crate) struct Branch<'a> {
 }
 
 pub(crate) fn branch_list(branches: &Branches) -> Vec<Branch<'_>> {
-    let mut list: Vec<Branch<'_>> = branches.conv.iter().map(|c| Branch { weight: Some(&c.weight), scale: false, bn: &c.bn }).collect();
+    let mut list: Vec<Branch<'_>> = branches
+        .conv
+        .iter()
+        .map(|c| Branch {
+            weight: Some(&c.weight),
+            scale: false,
+            bn: &c.bn,
+        })
+        .collect();
     if let Some(s) = &branches.scale {
-        list.push(Branch { weight: Some(&s.weight), scale: true, bn: &s.bn });
+        list.push(Branch {
+            weight: Some(&s.weight),
+            scale: true,
+            bn: &s.bn,
+        });
     }
     if let Some(bn) = &branches.skip {
-        list.push(Branch { weight: None, scale: false, bn });
+        list.push(Branch {
+            weight: None,
+            scale: false,
+            bn,
+        });
     }
     list
 }
 
 /// Stacks one per-branch vector (e.g. each BN's weight) into a `(branches, channels)` tensor.
-pub(crate) fn stack_bn(list: &[Branch<'_>], field: impl Fn(&BatchNorm) -> &Tensor) -> Result<Tensor> {
+pub(crate) fn stack_bn(
+    list: &[Branch<'_>],
+    field: impl Fn(&BatchNorm) -> &Tensor,
+) -> Result<Tensor> {
     let parts: Vec<&Tensor> = list.iter().map(|b| field(b.bn)).collect();
     Ok(Tensor::f_stack(&parts, 0)?)
 }
 
 /// `var + eps` with each branch's own eps on its row of a `(branches, C)` tensor.
 pub(crate) fn add_eps(list: &[Branch<'_>], var: &Tensor) -> Result<Tensor> {
-    let rows = list.iter().enumerate().map(|(i, b)| var.f_get(i as i64)?.f_add_scalar(b.bn.eps)).collect::<std::result::Result<Vec<_>, _>>()?;
+    let rows = list
+        .iter()
+        .enumerate()
+        .map(|(i, b)| var.f_get(i as i64)?.f_add_scalar(b.bn.eps))
+        .collect::<std::result::Result<Vec<_>, _>>()?;
     Ok(Tensor::f_stack(&rows, 0)?)
 }
 
 /// Counts the batch on every BN and moves its running statistics towards the batch's.
-pub(crate) fn update_running(list: &[Branch<'_>], mean: &Tensor, var: &Tensor, count: i64) -> Result<()> {
+pub(crate) fn update_running(
+    list: &[Branch<'_>],
+    mean: &Tensor,
+    var: &Tensor,
+    count: i64,
+) -> Result<()> {
     let _guard = tch::no_grad_guard();
     let unbias = count as f64 / (count - 1).max(1) as f64;
     for (i, b) in list.iter().enumerate() {
@@ -94,7 +122,12 @@ pub struct TrainForward {
 
 /// The train-time branch sum (before SE and ReLU): BN on batch statistics, running statistics
 /// updated. `path` must not be [`TrainPath::Branches`].
-pub fn forward(spec: &BlockSpec, branches: &Branches, x: &Tensor, path: TrainPath) -> Result<TrainForward> {
+pub fn forward(
+    spec: &BlockSpec,
+    branches: &Branches,
+    x: &Tensor,
+    path: TrainPath,
+) -> Result<TrainForward> {
     let _guard = tch::no_grad_guard();
     match path {
         TrainPath::Gram => gram_forward(spec, branches, x),
@@ -104,7 +137,14 @@ pub fn forward(spec: &BlockSpec, branches: &Branches, x: &Tensor, path: TrainPat
 
 /// The gradients of a training step: input first, then for every branch in order (conv..., scale,
 /// skip) its kernel (none for the skip), BN weight and BN bias.
-pub fn backward(spec: &BlockSpec, branches: &Branches, x: &Tensor, saved: &[Tensor], grad: &Tensor, path: TrainPath) -> Result<Vec<Tensor>> {
+pub fn backward(
+    spec: &BlockSpec,
+    branches: &Branches,
+    x: &Tensor,
+    saved: &[Tensor],
+    grad: &Tensor,
+    path: TrainPath,
+) -> Result<Vec<Tensor>> {
     match path {
         TrainPath::Gram => {
             let _guard = tch::no_grad_guard();
@@ -137,34 +177,74 @@ fn gram_forward(spec: &BlockSpec, branches: &Branches, x: &Tensor) -> Result<Tra
     let list = branch_list(branches);
     let mu = x.f_mean_dim([0i64, 2, 3].as_slice(), false, None::<Kind>)?;
     let centred = batched(&x.f_sub(&mu.f_reshape([1, c, 1, 1])?)?)?;
-    let sigma = centred.f_bmm(&centred.f_transpose(1, 2)?)?.f_sum_dim_intlist([0i64].as_slice(), false, None::<Kind>)?.f_div_scalar(count as f64)?;
+    let sigma = centred
+        .f_bmm(&centred.f_transpose(1, 2)?)?
+        .f_sum_dim_intlist([0i64].as_slice(), false, None::<Kind>)?
+        .f_div_scalar(count as f64)?;
     drop(centred);
-    let kernels = list.iter().map(|b| gram_kernel(b, &mu)).collect::<Result<Vec<_>>>()?;
-    let means = kernels.iter().map(|k| k.f_mv(&mu)).collect::<std::result::Result<Vec<_>, _>>()?;
-    let vars = kernels.iter().map(|k| k.f_mm(&sigma)?.f_mul(k)?.f_sum_dim_intlist([1i64].as_slice(), false, None::<Kind>)).collect::<std::result::Result<Vec<_>, _>>()?;
+    let kernels = list
+        .iter()
+        .map(|b| gram_kernel(b, &mu))
+        .collect::<Result<Vec<_>>>()?;
+    let means = kernels
+        .iter()
+        .map(|k| k.f_mv(&mu))
+        .collect::<std::result::Result<Vec<_>, _>>()?;
+    let vars = kernels
+        .iter()
+        .map(|k| {
+            k.f_mm(&sigma)?
+                .f_mul(k)?
+                .f_sum_dim_intlist([1i64].as_slice(), false, None::<Kind>)
+        })
+        .collect::<std::result::Result<Vec<_>, _>>()?;
     let (mean, var) = (Tensor::f_stack(&means, 0)?, Tensor::f_stack(&vars, 0)?);
     update_running(&list, &mean, &var, count)?;
     let a = bn_scale(&list, &var)?;
     let beta = stack_bn(&list, |bn| &bn.bias)?;
-    let bias = beta.f_sub(&a.f_mul(&mean)?)?.f_sum_dim_intlist([0i64].as_slice(), false, None::<Kind>)?;
+    let bias =
+        beta.f_sub(&a.f_mul(&mean)?)?
+            .f_sum_dim_intlist([0i64].as_slice(), false, None::<Kind>)?;
     let mut w_eff = kernels[0].f_mul(&a.f_get(0)?.f_unsqueeze(1)?)?;
     for (i, k) in kernels.iter().enumerate().skip(1) {
         w_eff = w_eff.f_add(&k.f_mul(&a.f_get(i as i64)?.f_unsqueeze(1)?)?)?;
     }
     let o = spec.out_channels;
-    let output = x.f_conv2d(&w_eff.f_reshape([o, c, 1, 1])?, Some(&bias), [1, 1], [0, 0], [1, 1], 1)?;
-    Ok(TrainForward { output, saved: vec![mu, sigma, var, a, w_eff] })
+    let output = x.f_conv2d(
+        &w_eff.f_reshape([o, c, 1, 1])?,
+        Some(&bias),
+        [1, 1],
+        [0, 0],
+        [1, 1],
+        1,
+    )?;
+    Ok(TrainForward {
+        output,
+        saved: vec![mu, sigma, var, a, w_eff],
+    })
 }
 
-fn gram_backward(spec: &BlockSpec, branches: &Branches, x: &Tensor, saved: &[Tensor], grad: &Tensor) -> Result<Vec<Tensor>> {
+fn gram_backward(
+    spec: &BlockSpec,
+    branches: &Branches,
+    x: &Tensor,
+    saved: &[Tensor],
+    grad: &Tensor,
+) -> Result<Vec<Tensor>> {
     let [mu, sigma, var, a, w_eff] = saved else {
         return Err(crate::error::config("gram backward needs 5 saved tensors"));
     };
     let size = x.size();
-    let (c, o, count) = (spec.in_channels, spec.out_channels, (size[0] * size[2] * size[3]) as f64);
+    let (c, o, count) = (
+        spec.in_channels,
+        spec.out_channels,
+        (size[0] * size[2] * size[3]) as f64,
+    );
     let list = branch_list(branches);
     let g_sum = grad.f_sum_dim_intlist([0i64, 2, 3].as_slice(), false, None::<Kind>)?;
-    let p = batched(grad)?.f_bmm(&batched(x)?.f_transpose(1, 2)?)?.f_sum_dim_intlist([0i64].as_slice(), false, None::<Kind>)?;
+    let p = batched(grad)?
+        .f_bmm(&batched(x)?.f_transpose(1, 2)?)?
+        .f_sum_dim_intlist([0i64].as_slice(), false, None::<Kind>)?;
     let p_centred = p.f_sub(&g_sum.f_outer(mu)?)?;
     let std = add_eps(&list, var)?.f_sqrt()?;
     let mut q = sigma.f_zeros_like()?;
@@ -173,12 +253,18 @@ fn gram_backward(spec: &BlockSpec, branches: &Branches, x: &Tensor, saved: &[Ten
     for (i, b) in list.iter().enumerate() {
         let k = gram_kernel(b, mu)?;
         let (a_b, std_b) = (a.f_get(i as i64)?, std.f_get(i as i64)?);
-        let s_b = k.f_mul(&p_centred)?.f_sum_dim_intlist([1i64].as_slice(), false, None::<Kind>)?;
-        let c_b = a_b.f_mul(&s_b)?.f_div(&std_b.f_square()?.f_mul_scalar(count)?)?;
+        let s_b = k
+            .f_mul(&p_centred)?
+            .f_sum_dim_intlist([1i64].as_slice(), false, None::<Kind>)?;
+        let c_b = a_b
+            .f_mul(&s_b)?
+            .f_div(&std_b.f_square()?.f_mul_scalar(count)?)?;
         let ck = k.f_mul(&c_b.f_unsqueeze(1)?)?;
         q = q.f_add(&k.f_transpose(0, 1)?.f_mm(&ck)?)?;
         if let Some(w) = b.weight {
-            let dw = p_centred.f_mul(&a_b.f_unsqueeze(1)?)?.f_sub(&ck.f_mm(&scaled_sigma)?)?;
+            let dw = p_centred
+                .f_mul(&a_b.f_unsqueeze(1)?)?
+                .f_sub(&ck.f_mm(&scaled_sigma)?)?;
             grads.push(dw.f_reshape(w.size())?);
         }
         grads.push(s_b.f_div(&std_b)?);
@@ -186,8 +272,24 @@ fn gram_backward(spec: &BlockSpec, branches: &Branches, x: &Tensor, saved: &[Ten
     }
     let w_t = w_eff.f_transpose(0, 1)?.f_contiguous()?;
     let shift = q.f_mv(mu)?.f_sub(&w_t.f_mv(&g_sum.f_div_scalar(count)?)?)?;
-    let from_grad = grad.f_conv2d(&w_t.f_reshape([c, o, 1, 1])?, None::<&Tensor>, [1, 1], [0, 0], [1, 1], 1)?;
-    let dx = x.f_conv2d(&q.f_neg()?.f_reshape([c, c, 1, 1])?, Some(&shift), [1, 1], [0, 0], [1, 1], 1)?.f_add_(&from_grad)?;
+    let from_grad = grad.f_conv2d(
+        &w_t.f_reshape([c, o, 1, 1])?,
+        None::<&Tensor>,
+        [1, 1],
+        [0, 0],
+        [1, 1],
+        1,
+    )?;
+    let dx = x
+        .f_conv2d(
+            &q.f_neg()?.f_reshape([c, c, 1, 1])?,
+            Some(&shift),
+            [1, 1],
+            [0, 0],
+            [1, 1],
+            1,
+        )?
+        .f_add_(&from_grad)?;
     grads.insert(0, dx);
     Ok(grads)
 }

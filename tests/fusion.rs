@@ -25,7 +25,12 @@ fn values(t: &Tensor) -> Vec<f64> {
 fn bn_folds_into_kernel() {
     // std = sqrt(3 + 1) = 2, scale = 4 / 2 = 2, bias = 0.25 - 0.5 * 2 = -0.75.
     let kernel = Tensor::from_slice(&[1.5f64]).reshape([1, 1, 1, 1]);
-    let (k, b) = fusion::fuse_bn_into_kernel(&kernel, &bn(&[4.0], &[0.25], &[0.5], &[3.0], 1.0), Kind::Double).unwrap();
+    let (k, b) = fusion::fuse_bn_into_kernel(
+        &kernel,
+        &bn(&[4.0], &[0.25], &[0.5], &[3.0], 1.0),
+        Kind::Double,
+    )
+    .unwrap();
     assert_eq!(values(&k), vec![3.0]);
     assert_eq!(values(&b), vec![-0.75]);
 }
@@ -61,11 +66,26 @@ fn identity_kernel_for_groups() {
 fn depthwise_block_kernel_by_hand() {
     // One channel, 3x3 depthwise: conv kernel all 1 (BN identity-ish), scale 2 (BN scale 0.5),
     // skip BN scale 3: centre = 1 + 2 * 0.5 + 3 = 5, other taps 1; bias = 1 + 2 + (-1).
-    let spec = BlockSpec { in_channels: 1, out_channels: 1, groups: 1, ..BlockSpec::default() };
-    let conv = ConvBn { weight: Tensor::ones([1, 1, 3, 3], (Kind::Double, tch::Device::Cpu)), bn: bn(&[1.0], &[1.0], &[0.0], &[1.0], 0.0) };
-    let scale = ConvBn { weight: Tensor::from_slice(&[2.0f64]).reshape([1, 1, 1, 1]), bn: bn(&[2.0], &[3.0], &[1.0], &[16.0], 0.0) };
+    let spec = BlockSpec {
+        in_channels: 1,
+        out_channels: 1,
+        groups: 1,
+        ..BlockSpec::default()
+    };
+    let conv = ConvBn {
+        weight: Tensor::ones([1, 1, 3, 3], (Kind::Double, tch::Device::Cpu)),
+        bn: bn(&[1.0], &[1.0], &[0.0], &[1.0], 0.0),
+    };
+    let scale = ConvBn {
+        weight: Tensor::from_slice(&[2.0f64]).reshape([1, 1, 1, 1]),
+        bn: bn(&[2.0], &[3.0], &[1.0], &[16.0], 0.0),
+    };
     let skip = bn(&[3.0], &[2.0], &[1.0], &[1.0], 0.0);
-    let branches = Branches { conv: vec![conv], scale: Some(scale), skip: Some(skip) };
+    let branches = Branches {
+        conv: vec![conv],
+        scale: Some(scale),
+        skip: Some(skip),
+    };
     let (k, b) = block::fused_kernel_bias(&spec, &branches).unwrap();
     let v = values(&k);
     assert_eq!(v[4], 5.0);
@@ -76,11 +96,26 @@ fn depthwise_block_kernel_by_hand() {
 
 #[test]
 fn half_weights_fuse_in_float32_and_come_back_half() {
-    let spec = BlockSpec { in_channels: 1, out_channels: 1, kernel_size: 1, padding: 0, ..BlockSpec::default() };
+    let spec = BlockSpec {
+        in_channels: 1,
+        out_channels: 1,
+        kernel_size: 1,
+        padding: 0,
+        ..BlockSpec::default()
+    };
     let mut norm = bn(&[1.0], &[0.0], &[0.0], &[1e-8], 0.0);
     norm.weight = norm.weight.to_kind(Kind::Half);
-    let conv = ConvBn { weight: Tensor::from_slice(&[1.0f32]).reshape([1, 1, 1, 1]).to_kind(Kind::Half), bn: norm };
-    let branches = Branches { conv: vec![conv], scale: None, skip: None };
+    let conv = ConvBn {
+        weight: Tensor::from_slice(&[1.0f32])
+            .reshape([1, 1, 1, 1])
+            .to_kind(Kind::Half),
+        bn: norm,
+    };
+    let branches = Branches {
+        conv: vec![conv],
+        scale: None,
+        skip: None,
+    };
     let (k, _) = block::fused_kernel_bias(&spec, &branches).unwrap();
     assert_eq!(k.kind(), Kind::Half);
     // 1 / sqrt(1e-8) = 1e4 fits half; computed in half, 1e-8 would underflow to 0 and give inf.

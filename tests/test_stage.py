@@ -9,13 +9,13 @@ from torch import nn
 
 from tests import oracle
 from tests._util import (
-    rel_err,
     SEED_STAGES,
     TOLERANCE,
     assert_close,
     build_pair,
     eval_output,
     random_input,
+    rel_err,
     sgd_steps,
     train_step,
 )

@@ -14,8 +14,8 @@ if torch.__version__.split("+")[0].rsplit(".", 1)[0] != TORCH_BUILT_FOR:
         f"{torch.__version__} is installed; install torch=={TORCH_BUILT_FOR}.* (pip install 'torch=={TORCH_BUILT_FOR}.*')"
     )
 
-from . import _native  # noqa: E402  (torch must be imported first: it loads libtorch)
-from ._native import (  # noqa: E402
+from . import _native  # noqa: F401  (torch, imported above, loads libtorch first)
+from ._native import (
     ConfigError,
     FuseOverflowError,
     InputShapeError,
@@ -24,7 +24,7 @@ from ._native import (  # noqa: E402
     TorchError,
     YamlError,
 )
-from .modules import (  # noqa: E402
+from .modules import (
     MobileOne,
     MobileOneBlock,
     SEBlock,
@@ -32,7 +32,7 @@ from .modules import (  # noqa: E402
     reparameterize_model,
     safe_globals,
 )
-from .verify import ErrorStat, ReparamReport, verify_reparameterization  # noqa: E402
+from .verify import ErrorStat, ReparamReport, verify_reparameterization
 
 __version__ = "0.1.0"
 
@@ -49,9 +49,9 @@ __all__ = [
     "SEBlock",
     "TorchError",
     "YamlError",
+    "__version__",
     "module_path",
     "reparameterize_model",
     "safe_globals",
     "verify_reparameterization",
-    "__version__",
 ]

@@ -102,7 +102,7 @@ def print_table(rows: list[dict], batch: int) -> None:
     print("-" * len(head))
     for r in rows:
         p, g, e, t = r["params"], r["gflops"], r["rel_err"], r["ms"]
-        print(f"{r['layer']:>5} {str(r['args']):<26} {p[0]:>9,}->{p[1]:>8,} {g[0]:>7.2f}->{g[1]:>6.2f} "
+        print(f"{r['layer']:>5} {r['args']!s:<26} {p[0]:>9,}->{p[1]:>8,} {g[0]:>7.2f}->{g[1]:>6.2f} "
               f"{e[0]:>16.2e} {e[1]:>9.1e} {t[0]:>11.1f} {t[1]:>9.1f}")
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import threading
+
 import torch
 import torch.nn.modules.module as _torch_module
 from torch import nn
@@ -166,7 +167,7 @@ class SEBlock(nn.Module):
         args = None if torch.compiler.is_compiling() or _global_hooks() else self.native_args()
         if args is not None:
             return _native.se_forward(inputs, args, _autocast(inputs))
-        b, c, h, w = inputs.size()
+        _, c, h, w = inputs.size()
         x = nn.functional.avg_pool2d(inputs, kernel_size=[h, w])
         x = torch.sigmoid(self.expand(nn.functional.relu(self.reduce(x))))
         return inputs * x.view(-1, c, 1, 1)
@@ -365,7 +366,7 @@ class MobileOneBlock(nn.Module):
                 delattr(self, name)
         self.inference_mode = True
 
-    def _fused_copy(self, memo: dict) -> "MobileOneBlock":
+    def _fused_copy(self, memo: dict) -> MobileOneBlock:
         """A deep copy of this block, already re-parameterized, without copying the branches."""
         clone = self.__class__.__new__(self.__class__)
         for key, value in self.__dict__.items():

@@ -14,7 +14,15 @@ use crate::se::SqueezeExcite;
 
 /// `(weight, bias, running_mean, running_var, num_batches_tracked, momentum, eps)`.
 #[derive(FromPyObject)]
-pub struct PyBatchNorm(PyTensor, PyTensor, PyTensor, PyTensor, Option<PyTensor>, Option<f64>, f64);
+pub struct PyBatchNorm(
+    PyTensor,
+    PyTensor,
+    PyTensor,
+    PyTensor,
+    Option<PyTensor>,
+    Option<f64>,
+    f64,
+);
 
 impl From<PyBatchNorm> for BatchNorm {
     fn from(bn: PyBatchNorm) -> Self {
@@ -37,7 +45,10 @@ pub struct PyConvBn(PyTensor, PyBatchNorm);
 
 impl From<PyConvBn> for ConvBn {
     fn from(branch: PyConvBn) -> Self {
-        ConvBn { weight: branch.0 .0, bn: branch.1.into() }
+        ConvBn {
+            weight: branch.0 .0,
+            bn: branch.1.into(),
+        }
     }
 }
 
@@ -59,14 +70,27 @@ impl From<PySqueezeExcite> for SqueezeExcite {
 /// `(in_channels, out_channels, kernel_size, stride, padding, dilation, groups, use_se, num_conv_branches)`.
 pub struct PyBlockSpec(BlockSpec);
 
-const SPEC_NAMES: [&str; 9] =
-    ["in_channels", "out_channels", "kernel_size", "stride", "padding", "dilation", "groups", "use_se", "num_conv_branches"];
+const SPEC_NAMES: [&str; 9] = [
+    "in_channels",
+    "out_channels",
+    "kernel_size",
+    "stride",
+    "padding",
+    "dilation",
+    "groups",
+    "use_se",
+    "num_conv_branches",
+];
 
 impl<'py> FromPyObject<'py> for PyBlockSpec {
     fn extract_bound(ob: &Bound<'py, PyAny>) -> PyResult<Self> {
         let items = ob.downcast::<PyTuple>()?;
         if items.len() != SPEC_NAMES.len() {
-            return Err(PyTypeError::new_err(format!("a block spec has {} fields, got {}", SPEC_NAMES.len(), items.len())));
+            return Err(PyTypeError::new_err(format!(
+                "a block spec has {} fields, got {}",
+                SPEC_NAMES.len(),
+                items.len()
+            )));
         }
         let mut ints = [0i64; 9];
         for (i, name) in SPEC_NAMES.iter().enumerate() {
@@ -103,8 +127,15 @@ pub fn int_arg(obj: &Bound<'_, PyAny>, name: &str) -> PyResult<i64> {
     if obj.is_instance_of::<PyInt>() {
         return Err(Error::Config(format!("{name} is out of range, got {obj}")).into());
     }
-    let type_name = obj.get_type().name().map(|n| n.to_string()).unwrap_or_else(|_| "?".into());
-    Err(PyTypeError::new_err(format!("{name} must be an integer, got {type_name} {}", obj.repr()?)))
+    let type_name = obj
+        .get_type()
+        .name()
+        .map(|n| n.to_string())
+        .unwrap_or_else(|_| "?".into());
+    Err(PyTypeError::new_err(format!(
+        "{name} must be an integer, got {type_name} {}",
+        obj.repr()?
+    )))
 }
 
 /// A float argument, or a `TypeError` naming it.
@@ -113,8 +144,14 @@ pub fn float_arg(obj: &Bound<'_, PyAny>, name: &str) -> PyResult<f64> {
     match obj.extract::<f64>() {
         Ok(value) if is_number => Ok(value),
         _ => {
-            let type_name = obj.get_type().name().map(|n| n.to_string()).unwrap_or_else(|_| "?".into());
-            Err(PyTypeError::new_err(format!("{name} must be a number, got {type_name}")))
+            let type_name = obj
+                .get_type()
+                .name()
+                .map(|n| n.to_string())
+                .unwrap_or_else(|_| "?".into());
+            Err(PyTypeError::new_err(format!(
+                "{name} must be a number, got {type_name}"
+            )))
         }
     }
 }
@@ -124,11 +161,25 @@ pub type SpecTuple = (i64, i64, i64, i64, i64, i64, i64, bool, i64);
 
 /// The tuple form of a spec.
 pub fn spec_tuple(s: &BlockSpec) -> SpecTuple {
-    (s.in_channels, s.out_channels, s.kernel_size, s.stride, s.padding, s.dilation, s.groups, s.use_se, s.num_conv_branches)
+    (
+        s.in_channels,
+        s.out_channels,
+        s.kernel_size,
+        s.stride,
+        s.padding,
+        s.dilation,
+        s.groups,
+        s.use_se,
+        s.num_conv_branches,
+    )
 }
 
 /// The branches of an unfused block.
-pub fn branches(conv: Vec<PyConvBn>, scale: Option<PyConvBn>, skip: Option<PyBatchNorm>) -> Branches {
+pub fn branches(
+    conv: Vec<PyConvBn>,
+    scale: Option<PyConvBn>,
+    skip: Option<PyBatchNorm>,
+) -> Branches {
     Branches {
         conv: conv.into_iter().map(ConvBn::from).collect(),
         scale: scale.map(ConvBn::from),
@@ -138,5 +189,7 @@ pub fn branches(conv: Vec<PyConvBn>, scale: Option<PyConvBn>, skip: Option<PyBat
 
 /// The input tensor, or an `InputTypeError` naming what was passed instead.
 pub fn input_tensor(x: &Bound<'_, PyAny>) -> PyResult<Tensor> {
-    x.extract::<PyTensor>().map(|t| t.0).map_err(|_| not_a_tensor("input", x))
+    x.extract::<PyTensor>()
+        .map(|t| t.0)
+        .map_err(|_| not_a_tensor("input", x))
 }

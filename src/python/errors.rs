@@ -9,7 +9,12 @@ use pyo3::types::{PyDict, PyTuple, PyType};
 
 use crate::error::Error;
 
-create_exception!(mobileone_rs, MobileOneError, PyException, "Base class of every mobileone_rs error.");
+create_exception!(
+    mobileone_rs,
+    MobileOneError,
+    PyException,
+    "Base class of every mobileone_rs error."
+);
 
 static CONFIG_ERROR: GILOnceCell<Py<PyType>> = GILOnceCell::new();
 static INPUT_SHAPE_ERROR: GILOnceCell<Py<PyType>> = GILOnceCell::new();
@@ -19,7 +24,12 @@ static FUSE_OVERFLOW_ERROR: GILOnceCell<Py<PyType>> = GILOnceCell::new();
 static TORCH_ERROR: GILOnceCell<Py<PyType>> = GILOnceCell::new();
 
 /// A subclass of `MobileOneError` and of a builtin, so `except ValueError` still catches it.
-fn subclass(py: Python<'_>, name: &str, builtin: Bound<'_, PyType>, doc: &str) -> PyResult<Py<PyType>> {
+fn subclass(
+    py: Python<'_>,
+    name: &str,
+    builtin: Bound<'_, PyType>,
+    doc: &str,
+) -> PyResult<Py<PyType>> {
     let bases = PyTuple::new(py, [py.get_type::<MobileOneError>(), builtin])?;
     let namespace = PyDict::new(py);
     namespace.set_item("__module__", "mobileone_rs")?;
@@ -28,15 +38,50 @@ fn subclass(py: Python<'_>, name: &str, builtin: Bound<'_, PyType>, doc: &str) -
     Ok(cls.downcast_into::<PyType>()?.unbind())
 }
 
-type ErrorClass = (&'static GILOnceCell<Py<PyType>>, &'static str, fn(Python<'_>) -> Bound<'_, PyType>, &'static str);
+type ErrorClass = (
+    &'static GILOnceCell<Py<PyType>>,
+    &'static str,
+    fn(Python<'_>) -> Bound<'_, PyType>,
+    &'static str,
+);
 
 const CLASSES: [ErrorClass; 6] = [
-    (&CONFIG_ERROR, "ConfigError", |py| py.get_type::<PyValueError>(), "Invalid constructor arguments or stage plan."),
-    (&INPUT_SHAPE_ERROR, "InputShapeError", |py| py.get_type::<PyValueError>(), "Input of the wrong rank, channels or size."),
-    (&INPUT_TYPE_ERROR, "InputTypeError", |py| py.get_type::<PyTypeError>(), "Input that is not a tensor, or of another dtype or device."),
-    (&YAML_ERROR, "YamlError", |py| py.get_type::<PyValueError>(), "A model yaml that cannot be read."),
-    (&FUSE_OVERFLOW_ERROR, "FuseOverflowError", |py| py.get_type::<PyOverflowError>(), "A fused kernel or bias that overflows the weights' dtype."),
-    (&TORCH_ERROR, "TorchError", |py| py.get_type::<PyRuntimeError>(), "An error raised by libtorch."),
+    (
+        &CONFIG_ERROR,
+        "ConfigError",
+        |py| py.get_type::<PyValueError>(),
+        "Invalid constructor arguments or stage plan.",
+    ),
+    (
+        &INPUT_SHAPE_ERROR,
+        "InputShapeError",
+        |py| py.get_type::<PyValueError>(),
+        "Input of the wrong rank, channels or size.",
+    ),
+    (
+        &INPUT_TYPE_ERROR,
+        "InputTypeError",
+        |py| py.get_type::<PyTypeError>(),
+        "Input that is not a tensor, or of another dtype or device.",
+    ),
+    (
+        &YAML_ERROR,
+        "YamlError",
+        |py| py.get_type::<PyValueError>(),
+        "A model yaml that cannot be read.",
+    ),
+    (
+        &FUSE_OVERFLOW_ERROR,
+        "FuseOverflowError",
+        |py| py.get_type::<PyOverflowError>(),
+        "A fused kernel or bias that overflows the weights' dtype.",
+    ),
+    (
+        &TORCH_ERROR,
+        "TorchError",
+        |py| py.get_type::<PyRuntimeError>(),
+        "An error raised by libtorch.",
+    ),
 ];
 
 /// Creates every exception class and adds it to the module.
@@ -67,13 +112,23 @@ impl From<Error> for PyErr {
             Error::Yaml(_) => raise(&YAML_ERROR, msg),
             Error::FuseOverflow(_) => raise(&FUSE_OVERFLOW_ERROR, msg),
             // libtorch appends a C++ backtrace; the first lines say what went wrong.
-            Error::Torch(_) => raise(&TORCH_ERROR, msg.split("\nException raised from").next().unwrap_or("").to_string()),
+            Error::Torch(_) => raise(
+                &TORCH_ERROR,
+                msg.split("\nException raised from")
+                    .next()
+                    .unwrap_or("")
+                    .to_string(),
+            ),
         }
     }
 }
 
 /// The error for an argument that should have been a tensor.
 pub fn not_a_tensor(what: &str, obj: &Bound<'_, PyAny>) -> PyErr {
-    let type_name = obj.get_type().name().map(|n| n.to_string()).unwrap_or_else(|_| "?".into());
+    let type_name = obj
+        .get_type()
+        .name()
+        .map(|n| n.to_string())
+        .unwrap_or_else(|_| "?".into());
     Error::InputType(format!("{what} must be a torch.Tensor, got {type_name}")).into()
 }

@@ -22,9 +22,15 @@ fn validate_block(spec: PyBlockSpec) -> PyResult<()> {
 
 /// The seed's SE reduced width `int(in_channels * rd_ratio)`; raises `ConfigError` when it is 0.
 #[pyfunction]
-fn se_reduced_channels(in_channels: &Bound<'_, PyAny>, rd_ratio: &Bound<'_, PyAny>) -> PyResult<i64> {
+fn se_reduced_channels(
+    in_channels: &Bound<'_, PyAny>,
+    rd_ratio: &Bound<'_, PyAny>,
+) -> PyResult<i64> {
     let in_channels = convert::int_arg(in_channels, "in_channels")?;
-    Ok(se::reduced_channels(in_channels, convert::float_arg(rd_ratio, "rd_ratio")?)?)
+    Ok(se::reduced_channels(
+        in_channels,
+        convert::float_arg(rd_ratio, "rd_ratio")?,
+    )?)
 }
 
 /// The block specs of a `MobileOne` stage, in order.
@@ -45,7 +51,10 @@ fn stage_plan(
         use_se,
         num_se: convert::int_arg(num_se, "num_se")?,
     };
-    Ok(stage::plan_stage(&spec)?.iter().map(convert::spec_tuple).collect())
+    Ok(stage::plan_stage(&spec)?
+        .iter()
+        .map(convert::spec_tuple)
+        .collect())
 }
 
 /// Forward of an unfused block: branches with batch statistics when `training`, else one
@@ -69,7 +78,11 @@ fn block_forward(
     let branches = convert::branches(conv, scale, skip);
     let se = se.map(SqueezeExcite::from);
     let out = py.allow_threads(move || {
-        let weight = &branches.conv.first().ok_or_else(|| crate::error::config("no conv branch"))?.weight;
+        let weight = &branches
+            .conv
+            .first()
+            .ok_or_else(|| crate::error::config("no conv branch"))?
+            .weight;
         spec.check_input(&x, weight, autocast)?;
         // Under autocast the seed's branch sum mixes reduced-precision convs with a float32 BN
         // skip; running the branches keeps its output dtype and rounding.
@@ -84,7 +97,13 @@ fn block_forward(
 
 /// Checks an input against a block's spec and weight: rank, channels, dtype, device, size.
 #[pyfunction]
-fn check_input(py: Python<'_>, x: &Bound<'_, PyAny>, spec: PyBlockSpec, weight: PyTensor, autocast: bool) -> PyResult<()> {
+fn check_input(
+    py: Python<'_>,
+    x: &Bound<'_, PyAny>,
+    spec: PyBlockSpec,
+    weight: PyTensor,
+    autocast: bool,
+) -> PyResult<()> {
     let x = convert::input_tensor(x)?;
     let spec = BlockSpec::from(spec);
     Ok(py.allow_threads(move || spec.check_input(&x, &weight, autocast))?)
@@ -92,7 +111,9 @@ fn check_input(py: Python<'_>, x: &Bound<'_, PyAny>, spec: PyBlockSpec, weight: 
 
 fn path_of(spec: &BlockSpec) -> PyResult<train::TrainPath> {
     match train::train_path(spec) {
-        train::TrainPath::Branches => Err(crate::error::config("this block has no exact fast training path").into()),
+        train::TrainPath::Branches => {
+            Err(crate::error::config("this block has no exact fast training path").into())
+        }
         path => Ok(path),
     }
 }
@@ -127,7 +148,10 @@ fn train_forward(
         spec.check_input(&x, &branches.conv[0].weight, false)?;
         train::forward(&spec, &branches, &x, path)
     })?;
-    Ok((PyTensor(out.output), out.saved.into_iter().map(PyTensor).collect()))
+    Ok((
+        PyTensor(out.output),
+        out.saved.into_iter().map(PyTensor).collect(),
+    ))
 }
 
 /// The gradients of [`train_forward`]: input, then per branch kernel (none for the skip), BN
@@ -149,7 +173,8 @@ fn train_backward(
     let path = path_of(&spec)?;
     let branches = convert::branches(conv, scale, skip);
     let saved: Vec<tch::Tensor> = saved.into_iter().map(|t| t.0).collect();
-    let grads = py.allow_threads(move || train::backward(&spec, &branches, &x, &saved, &grad, path))?;
+    let grads =
+        py.allow_threads(move || train::backward(&spec, &branches, &x, &saved, &grad, path))?;
     Ok(grads.into_iter().map(PyTensor).collect())
 }
 
@@ -179,12 +204,19 @@ fn fused_forward(
 #[pyfunction]
 fn se_relu(py: Python<'_>, x: PyTensor, se: Option<PySqueezeExcite>) -> PyResult<PyTensor> {
     let se = se.map(SqueezeExcite::from);
-    Ok(PyTensor(py.allow_threads(move || block::activate(x.0, se.as_ref()))?))
+    Ok(PyTensor(py.allow_threads(move || {
+        block::activate(x.0, se.as_ref())
+    })?))
 }
 
 /// The squeeze-excite forward on its own.
 #[pyfunction]
-fn se_forward(py: Python<'_>, x: &Bound<'_, PyAny>, se: PySqueezeExcite, autocast: bool) -> PyResult<PyTensor> {
+fn se_forward(
+    py: Python<'_>,
+    x: &Bound<'_, PyAny>,
+    se: PySqueezeExcite,
+    autocast: bool,
+) -> PyResult<PyTensor> {
     let x = convert::input_tensor(x)?;
     let se = SqueezeExcite::from(se);
     let out = py.allow_threads(move || {
@@ -214,17 +246,31 @@ fn fuse_block(
     Ok((PyTensor(kernel), PyTensor(bias)))
 }
 
+/// `(layer_index, stage_args, input_stride)` of one yaml `MobileOne` row.
+type YamlLayer = (usize, (i64, i64, i64, i64, bool, i64), i64);
+
 /// The `MobileOne` layers of a YOLO model yaml: `(layer_index, stage_args, input_stride)`, with
 /// `stage_args = (in_channels, out_channels, num_blocks, num_conv_branches, use_se, num_se)`.
 #[pyfunction]
 #[pyo3(signature = (text, image_channels=3))]
-fn yaml_mobileone_layers(text: &str, image_channels: i64) -> PyResult<Vec<(usize, (i64, i64, i64, i64, bool, i64), i64)>> {
+fn yaml_mobileone_layers(text: &str, image_channels: i64) -> PyResult<Vec<YamlLayer>> {
     let layers = config::mobileone_layers(text, image_channels)?;
     Ok(layers
         .into_iter()
         .map(|l| {
             let s = l.spec;
-            (l.index, (s.in_channels, s.out_channels, s.num_blocks, s.num_conv_branches, s.use_se, s.num_se), l.input_stride)
+            (
+                l.index,
+                (
+                    s.in_channels,
+                    s.out_channels,
+                    s.num_blocks,
+                    s.num_conv_branches,
+                    s.use_se,
+                    s.num_se,
+                ),
+                l.input_stride,
+            )
         })
         .collect())
 }
