@@ -158,13 +158,21 @@ impl BlockSpec {
         Ok(x.f_conv2d(weight, bias, [s, s], [p, p], [d, d], self.groups)?)
     }
 
+    /// The input at the output positions of a 1x1 conv with this block's stride.
+    pub fn strided(&self, x: &Tensor) -> Result<Tensor> {
+        let s = self.stride;
+        if s == 1 {
+            return Ok(x.shallow_clone());
+        }
+        Ok(x.f_slice(2, 0, None, s)?.f_slice(3, 0, None, s)?)
+    }
+
     fn conv_scale(&self, x: &Tensor, weight: &Tensor) -> Result<Tensor> {
         let s = self.stride;
         if self.groups == self.in_channels && self.in_channels == self.out_channels {
             // A depthwise 1x1 conv is a per-channel scale of the strided input (same single
             // product per element); libtorch's grouped 1x1 conv backward is a slow per-group loop.
-            let strided = x.f_slice(2, 0, None, s)?.f_slice(3, 0, None, s)?;
-            return Ok(strided.f_mul(&weight.f_reshape([1, -1, 1, 1])?)?);
+            return Ok(self.strided(x)?.f_mul(&weight.f_reshape([1, -1, 1, 1])?)?);
         }
         Ok(x.f_conv2d(weight, None::<&Tensor>, [s, s], [0, 0], [1, 1], self.groups)?)
     }

@@ -14,15 +14,6 @@ use crate::train::{
 
 const DIMS: [i64; 3] = [0, 2, 3];
 
-/// The input at the output positions of a 1x1 conv with the block's stride.
-fn strided(spec: &BlockSpec, x: &Tensor) -> Result<Tensor> {
-    let s = spec.stride;
-    if s == 1 {
-        return Ok(x.shallow_clone());
-    }
-    Ok(x.f_slice(2, 0, None, s)?.f_slice(3, 0, None, s)?)
-}
-
 /// One branch's output minus `shift`: a depthwise conv, the scale times the strided input, or the
 /// input itself (the skip). Always a fresh tensor.
 fn branch_output(
@@ -35,7 +26,8 @@ fn branch_output(
     let c = spec.in_channels;
     let column = shift.f_reshape([1, c, 1, 1])?;
     Ok(match weight {
-        Some(w) if b.scale => strided(spec, x)?
+        Some(w) if b.scale => spec
+            .strided(x)?
             .f_mul(&w.f_reshape([1, c, 1, 1])?)?
             .f_sub(&column)?,
         Some(w) => {
@@ -73,7 +65,7 @@ fn wide_sum(t: &Tensor) -> Result<Tensor> {
 }
 
 fn output_count(spec: &BlockSpec, x: &Tensor) -> Result<i64> {
-    let size = strided(spec, x)?.size();
+    let size = spec.strided(x)?.size();
     check_batch_size(&size)?;
     Ok(size[0] * size[2] * size[3])
 }
@@ -249,14 +241,14 @@ impl BranchGrad<'_> {
         let mut dy = branch_output(self.spec, b, b.weight, self.x, m)?;
         let sums = self.bn_backward(&mut dy, a, std)?;
         let mut target = if b.scale {
-            strided(self.spec, dx)?
+            self.spec.strided(dx)?
         } else {
             dx.shallow_clone()
         };
         match b.weight {
             Some(w) => {
                 let c = self.spec.in_channels;
-                let dw = wide_sum(&dy.f_mul(&strided(self.spec, self.x)?)?)?;
+                let dw = wide_sum(&dy.f_mul(&self.spec.strided(self.x)?)?)?;
                 grads.push(dw.f_reshape(w.size())?);
                 let _ = target.f_add_(&dy.f_mul(&w.f_reshape([1, c, 1, 1])?)?)?;
             }

@@ -10,7 +10,7 @@ use tch::{Kind, Tensor};
 
 use crate::block::{check_batch_size, count_batch, BlockSpec, Branches};
 use crate::error::Result;
-use crate::fusion::BatchNorm;
+use crate::fusion::{self, BatchNorm};
 
 /// Which exact train-time path a block takes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -161,7 +161,9 @@ pub fn backward(
 fn gram_kernel(b: &Branch<'_>, like: &Tensor) -> Result<Tensor> {
     match b.weight {
         Some(w) => Ok(w.f_flatten(1, -1)?),
-        None => Ok(like.f_ones_like()?.f_diag_embed(0, 0, 1)?),
+        None => Ok(
+            fusion::identity_kernel(like.size()[0], 1, 1, like, like.kind())?.f_flatten(1, -1)?,
+        ),
     }
 }
 
