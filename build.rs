@@ -4,7 +4,10 @@ fn main() {
     println!("cargo:rerun-if-changed=build.rs");
     // Rust test binaries load libtorch from the torch install torch-sys found.
     if let Some(dir) = std::env::var_os("DEP_TCH_LIBTORCH_LIB") {
-        println!("cargo:rustc-link-arg-tests=-Wl,-rpath,{}", dir.to_string_lossy());
+        println!(
+            "cargo:rustc-link-arg-tests=-Wl,-rpath,{}",
+            dir.to_string_lossy()
+        );
     }
     if std::env::var_os("CARGO_FEATURE_PYTHON").is_none() {
         return;
