@@ -295,9 +295,3 @@ fn gram_backward(
     grads.insert(0, dx);
     Ok(grads)
 }
-
-/// Whether every BN of the block shares one eps (the stacked path normalizes them together).
-pub fn shared_eps(branches: &Branches) -> bool {
-    let list = branch_list(branches);
-    list.iter().all(|b| b.bn.eps == list[0].bn.eps)
-}

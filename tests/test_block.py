@@ -276,3 +276,13 @@ def test_non_plain_batchnorm_runs_the_module_path(make_norm, kernel_size, groups
         model.eval()
     with torch.no_grad():
         assert_close(ours(x), reference(x), TOLERANCE[torch.float64], "eval")
+
+
+@pytest.mark.parametrize("kernel_size, groups", [(3, 8), (1, 1)], ids=["depthwise", "pointwise"])
+def test_train_step_with_a_different_eps_per_branch_matches_oracle(kernel_size, groups):
+    ours, reference = build_pair("MobileOneBlock", 8, 8, kernel_size, padding=kernel_size // 2,
+                                 groups=groups, num_conv_branches=3)
+    for model in (ours, reference):
+        for i, bn in enumerate(m for m in model.modules() if isinstance(m, nn.BatchNorm2d)):
+            bn.eps = 10.0 ** -(i + 1)
+    _assert_train_step_matches(ours, reference, random_input((2, 8, 7, 9)), torch.float64, steps=2)

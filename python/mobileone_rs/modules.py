@@ -109,15 +109,6 @@ def _flat_params(conv, scale, skip) -> list:
     return params
 
 
-def _shared_eps(conv, scale, skip) -> bool:
-    eps = {bn[6] for _, bn in conv}
-    if scale is not None:
-        eps.add(scale[1][6])
-    if skip is not None:
-        eps.add(skip[6])
-    return len(eps) == 1
-
-
 class _TrainBranchSum(torch.autograd.Function):
     """The exact train-time branch sum of a block, computed in Rust without storing any branch
     output: the forward runs one conv folded from the batch statistics, the backward is analytic
@@ -283,12 +274,12 @@ class MobileOneBlock(nn.Module):
             return self._forward_modules(x)
         conv, scale, skip = branches
         autocast = _autocast(x)
-        if self.training and self._fast_train(x, autocast, conv, scale, skip):
+        if self.training and self._fast_train(x, autocast):
             out = _TrainBranchSum.apply(x, (self._spec, conv, scale, skip), *_flat_params(conv, scale, skip))
             return _native.se_relu(out, se)
         return _native.block_forward(x, self._spec, conv, scale, skip, se, self.training, autocast)
 
-    def _fast_train(self, x, autocast: bool, conv, scale, skip) -> bool:
+    def _fast_train(self, x, autocast: bool) -> bool:
         """Whether the exact no-branch-storage training path applies (float32/64, no autocast).
 
         Pointwise blocks always take it (it is faster and leaner); depthwise blocks when
@@ -297,7 +288,7 @@ class MobileOneBlock(nn.Module):
         path = self._train_path
         wanted = path == "gram" or (path == "depthwise" and self.low_memory)
         return (wanted and not autocast and isinstance(x, torch.Tensor)
-                and x.dtype in _FAST_DTYPES and _shared_eps(conv, scale, skip))
+                and x.dtype in _FAST_DTYPES)
 
     def _forward_fused(self, x: torch.Tensor) -> torch.Tensor:
         conv = self.reparam_conv
