@@ -22,6 +22,18 @@ SEED_STAGES = {
 }
 
 
+# A small block with every branch (kxk, scale, skip), grouped convs and SE.
+BLOCK_ARGS = {
+    "in_channels": 16,
+    "out_channels": 16,
+    "kernel_size": 3,
+    "padding": 1,
+    "groups": 4,
+    "use_se": True,
+    "num_conv_branches": 3,
+}
+
+
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     """max|a - b| / max|b|, computed in float64; b is the reference."""
     a = a.detach().to(torch.float64)

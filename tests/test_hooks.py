@@ -5,17 +5,8 @@ import operator
 import pytest
 import torch
 
-from tests._util import TOLERANCE, assert_close, build_pair, random_input
+from tests._util import BLOCK_ARGS, TOLERANCE, assert_close, build_pair, random_input
 
-BLOCK_ARGS = {
-    "in_channels": 16,
-    "out_channels": 16,
-    "kernel_size": 3,
-    "padding": 1,
-    "groups": 4,
-    "use_se": True,
-    "num_conv_branches": 3,
-}
 TRAIN_TIME_CHILDREN = [
     "",
     "rbr_conv.0.conv",

@@ -4,18 +4,9 @@ import mobileone_rs
 import pytest
 import torch
 
-from tests._util import TOLERANCE, assert_close, build_pair, random_input, train_step
+from tests._util import BLOCK_ARGS, TOLERANCE, assert_close, build_pair, random_input, train_step
 
 F64 = TOLERANCE[torch.float64]
-BLOCK_ARGS = {
-    "in_channels": 16,
-    "out_channels": 16,
-    "kernel_size": 3,
-    "padding": 1,
-    "groups": 4,
-    "use_se": True,
-    "num_conv_branches": 3,
-}
 
 
 def _pair(fused: bool = False):

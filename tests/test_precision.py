@@ -6,21 +6,13 @@ import mobileone_rs  # noqa: F401  (build_pair imports it; fail here first if it
 import pytest
 import torch
 
-from tests._util import assert_close, build_pair, random_input, train_step
+from tests._util import BLOCK_ARGS, assert_close, build_pair, random_input, train_step
 
 # Ours against the oracle run in the same reduced precision: rounding-level bounds only.
 BOUND = {torch.float16: 1e-2, torch.bfloat16: 5e-2}
 LOW = list(BOUND)
 CASES = {
-    "skip-se": {
-        "in_channels": 16,
-        "out_channels": 16,
-        "kernel_size": 3,
-        "padding": 1,
-        "groups": 4,
-        "use_se": True,
-        "num_conv_branches": 3,
-    },
+    "skip-se": BLOCK_ARGS,
     "stride2": {"in_channels": 16, "out_channels": 16, "kernel_size": 3, "stride": 2, "padding": 1},
     "pointwise-skip": {"in_channels": 16, "out_channels": 16, "kernel_size": 1, "num_conv_branches": 2},
     "wider": {"in_channels": 8, "out_channels": 16, "kernel_size": 5, "padding": 2, "groups": 2},

@@ -7,6 +7,7 @@ from torch import nn
 
 from tests import oracle
 from tests._util import (
+    BLOCK_ARGS,
     TOLERANCE,
     assert_close,
     assert_state_dicts_equal,
@@ -18,15 +19,6 @@ from tests._util import (
 )
 
 F64 = TOLERANCE[torch.float64]
-BLOCK_ARGS = {
-    "in_channels": 16,
-    "out_channels": 16,
-    "kernel_size": 3,
-    "padding": 1,
-    "groups": 4,
-    "use_se": True,
-    "num_conv_branches": 3,
-}
 STAGE_ARGS = (16, 32, 2, 2, True, 1)
 
 

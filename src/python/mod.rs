@@ -128,7 +128,7 @@ fn train_path(spec: PyBlockSpec) -> &'static str {
     }
 }
 
-/// The exact train-time branch sum (before SE and ReLU) of a gram or stacked block, updating the
+/// The exact train-time branch sum (before SE and ReLU) of a gram or depthwise block, updating the
 /// running statistics; returns the sum and the tensors its backward needs.
 #[pyfunction]
 #[pyo3(signature = (x, spec, conv, scale, skip))]
