@@ -1,13 +1,19 @@
-//! The exact training path of depthwise blocks: each branch's batch statistics come from its own
-//! output (a depthwise conv, or the input scaled), which is dropped at once; the forward then runs
-//! one conv. The backward recomputes one branch at a time, applies its BN backward analytically
-//! and lets libtorch's conv backward map it to the input and kernel.
+//! The exact training path of depthwise blocks.
+//!
+//! On CPU (float32/float64) the statistics and gradients come from each channel's patch moments
+//! (`patch.rs`): no branch is run or stored. Elsewhere (CUDA) each branch's batch statistics come
+//! from its own output (a depthwise conv, or the input scaled), which is dropped at once; the
+//! forward then runs one conv, and the backward recomputes one branch at a time, applies its BN
+//! backward analytically and lets libtorch's conv backward map it to the input and kernel.
 
-use tch::{Kind, Tensor};
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use tch::{Device, Kind, Tensor};
 
 use crate::block::{check_batch_size, BlockSpec, Branches};
 use crate::error::{config, Result};
 use crate::fusion;
+use crate::patch::{self, BranchScales, Element, Geometry, Kernels, Layout, Moments};
 use crate::train::{
     add_eps, bn_scale, branch_list, stack_bn, update_running, Branch, TrainForward,
 };
@@ -87,6 +93,9 @@ fn full_kernel(spec: &BlockSpec, b: &Branch<'_>, like: &Tensor) -> Result<Tensor
 
 /// The train-time branch sum: statistics per branch, running statistics updated, one conv.
 pub fn forward(spec: &BlockSpec, branches: &Branches, x: &Tensor) -> Result<TrainForward> {
+    if patch_kernel_applies(x) {
+        return patch_forward(spec, branches, x);
+    }
     let list = branch_list(branches);
     let count = output_count(spec, x)?;
     let zero = list[0]
@@ -151,8 +160,11 @@ pub fn backward(
     saved: &[Tensor],
     grad: &Tensor,
 ) -> Result<Vec<Tensor>> {
+    if let [a, var_eps, mu, nu, cov] = saved {
+        return patch_backward(spec, branches, x, [a, var_eps, mu, nu, cov], grad);
+    }
     let [mean, var, a] = saved else {
-        return Err(config("depthwise backward needs 3 saved tensors"));
+        return Err(config("depthwise backward needs 3 or 5 saved tensors"));
     };
     let list = branch_list(branches);
     let count = output_count(spec, x)? as f64;
@@ -258,4 +270,225 @@ impl BranchGrad<'_> {
         }
         Ok(sums)
     }
+}
+
+// ---- the CPU patch-moment kernel ----
+
+/// Whether depthwise training steps on CPU use the patch-moment kernel (tests switch it off to
+/// exercise the branch path that CUDA tensors take).
+static PATCH_KERNEL: AtomicBool = AtomicBool::new(true);
+
+/// Switches the CPU patch-moment kernel on or off; returns the previous setting.
+pub fn set_patch_kernel(enabled: bool) -> bool {
+    PATCH_KERNEL.swap(enabled, Ordering::SeqCst)
+}
+
+fn patch_kernel_applies(x: &Tensor) -> bool {
+    PATCH_KERNEL.load(Ordering::SeqCst)
+        && x.device() == Device::Cpu
+        && matches!(x.kind(), Kind::Float | Kind::Double)
+}
+
+/// A detached tensor's values as a flat float64 vector.
+fn values(t: &Tensor) -> Result<Vec<f64>> {
+    let flat = t
+        .f_detach()?
+        .f_to_kind(Kind::Double)?
+        .f_contiguous()?
+        .f_reshape([-1])?;
+    Ok(Vec::<f64>::try_from(&flat)?)
+}
+
+fn to_usize(v: i64) -> Result<usize> {
+    usize::try_from(v).map_err(|_| config(format!("negative geometry value {v}")))
+}
+
+fn layout(spec: &BlockSpec, x: &Tensor) -> Result<Layout> {
+    let size = x.size();
+    check_batch_size(&size)?;
+    let geo = Geometry::new(
+        to_usize(spec.kernel_size)?,
+        to_usize(spec.stride)?,
+        to_usize(spec.padding)?,
+        to_usize(spec.dilation)?,
+        to_usize(size[2])?,
+        to_usize(size[3])?,
+    )
+    .ok_or_else(|| config(format!("input {size:?} too small for the kernel")))?;
+    Ok(Layout {
+        n: to_usize(size[0])?,
+        c: to_usize(size[1])?,
+        geo,
+    })
+}
+
+fn kernels(spec: &BlockSpec, list: &[Branch<'_>]) -> Result<Kernels> {
+    let mut k = Kernels {
+        conv: Vec::new(),
+        centre: Vec::new(),
+    };
+    for b in list {
+        match b.weight {
+            Some(w) if !b.scale => k.conv.push(values(w)?),
+            Some(w) => k.centre.push(values(w)?),
+            None => k.centre.push(vec![1.0; to_usize(spec.in_channels)?]),
+        }
+    }
+    Ok(k)
+}
+
+/// The elements of a contiguous CPU tensor of element type `T`.
+///
+/// # Safety
+/// `t` must be contiguous, on the CPU, of `T`'s kind, and outlive the slice unmodified.
+unsafe fn elements<T>(t: &Tensor) -> &[T] {
+    std::slice::from_raw_parts(t.data_ptr() as *const T, t.numel())
+}
+
+/// `(rows, cols)` float64 values as a tensor of `kind`.
+fn matrix(v: &[f64], rows: usize, kind: Kind) -> Result<Tensor> {
+    Ok(Tensor::f_from_slice(v)?
+        .f_reshape([rows as i64, -1])?
+        .f_to_kind(kind)?)
+}
+
+fn threads(x: &Tensor) -> usize {
+    patch::threads_for(x.numel(), tch::get_num_threads().max(1) as usize)
+}
+
+fn patch_moments(lay: &Layout, x: &Tensor) -> Result<Moments> {
+    let threads = threads(x);
+    // SAFETY: `x` is contiguous, on the CPU, and float32 or float64 as matched.
+    Ok(match x.kind() {
+        Kind::Float => patch::moments(lay, unsafe { elements::<f32>(x) }, threads),
+        Kind::Double => patch::moments(lay, unsafe { elements::<f64>(x) }, threads),
+        other => return Err(config(format!("patch kernel on {other:?}"))),
+    })
+}
+
+fn patch_forward(spec: &BlockSpec, branches: &Branches, x: &Tensor) -> Result<TrainForward> {
+    let x = x.f_contiguous()?;
+    let list = branch_list(branches);
+    let lay = layout(spec, &x)?;
+    let (geo, channels, nb) = (lay.geo, lay.c, list.len());
+    let kern = kernels(spec, &list)?;
+    let m = patch_moments(&lay, &x)?;
+    let (mean, var) = patch::branch_statistics(&geo, &kern, &m);
+    update_running(
+        &list,
+        &matrix(&mean, nb, Kind::Double)?,
+        &matrix(&var, nb, Kind::Double)?,
+        m.count as i64,
+    )?;
+    let (taps, mut a, mut var_eps) = (geo.taps(), vec![0.0; nb * channels], var);
+    let mut kernel = vec![0.0; channels * taps];
+    let mut bias = vec![0.0; channels];
+    for (b, br) in list.iter().enumerate() {
+        let (gamma, beta) = (values(&br.bn.weight)?, values(&br.bn.bias)?);
+        for c in 0..channels {
+            let i = b * channels + c;
+            var_eps[i] += br.bn.eps;
+            a[i] = gamma[c] / var_eps[i].sqrt();
+            bias[c] += beta[c] - a[i] * mean[i];
+        }
+        for c in 0..channels {
+            let k = if b < kern.conv.len() {
+                kern.conv[b][c * taps..][..taps].to_vec()
+            } else {
+                let mut k = vec![0.0; taps];
+                k[geo.centre()] = kern.centre[b - kern.conv.len()][c];
+                k
+            };
+            for t in 0..taps {
+                kernel[c * taps + t] += a[b * channels + c] * k[t];
+            }
+        }
+    }
+    let kind = x.kind();
+    let k = spec.kernel_size;
+    let weight = matrix(&kernel, channels, kind)?.f_reshape([-1, 1, k, k])?;
+    let bias = Tensor::f_from_slice(&bias)?.f_to_kind(kind)?;
+    let (s, p, d) = (spec.stride, spec.padding, spec.dilation);
+    let output = x.f_conv2d(&weight, Some(&bias), [s, s], [p, p], [d, d], spec.groups)?;
+    Ok(TrainForward {
+        output,
+        saved: vec![
+            matrix(&a, nb, Kind::Double)?,
+            matrix(&var_eps, nb, Kind::Double)?,
+            Tensor::f_from_slice(&m.mu)?,
+            matrix(&m.nu, channels, Kind::Double)?,
+            matrix(&m.cov, channels, Kind::Double)?,
+        ],
+    })
+}
+
+fn run_backward<T: Element>(
+    lay: &Layout,
+    x: &Tensor,
+    grad: &Tensor,
+    dx: &Tensor,
+    kern: &Kernels,
+    scales: &BranchScales<'_>,
+    m: &Moments,
+) -> patch::Gradients {
+    // SAFETY: the caller passes contiguous CPU tensors of `T`'s kind; `dx` is a fresh tensor
+    // that nothing else reads or writes while the kernel fills it.
+    unsafe {
+        let out = std::slice::from_raw_parts_mut(dx.data_ptr() as *mut T, dx.numel());
+        patch::backward(lay, elements::<T>(x), elements::<T>(grad), out, kern, scales, m, threads(x))
+    }
+}
+
+fn patch_backward(
+    spec: &BlockSpec,
+    branches: &Branches,
+    x: &Tensor,
+    [a, var_eps, mu, nu, cov]: [&Tensor; 5],
+    grad: &Tensor,
+) -> Result<Vec<Tensor>> {
+    let _guard = tch::no_grad_guard();
+    let x = x.f_contiguous()?;
+    let kind = x.kind();
+    if !matches!(kind, Kind::Float | Kind::Double) || x.device() != Device::Cpu {
+        return Err(config(format!("patch kernel backward on {kind:?} {:?}", x.device())));
+    }
+    let grad = grad.f_to_kind(kind)?.f_contiguous()?;
+    let list = branch_list(branches);
+    let lay = layout(spec, &x)?;
+    let kern = kernels(spec, &list)?;
+    let m = Moments {
+        count: lay.n * lay.geo.oh * lay.geo.ow,
+        mu: values(mu)?,
+        nu: values(nu)?,
+        cov: values(cov)?,
+    };
+    let (a, var_eps) = (values(a)?, values(var_eps)?);
+    let eps: Vec<f64> = list.iter().map(|b| b.bn.eps).collect();
+    let scales = BranchScales {
+        a: &a,
+        var_eps: &var_eps,
+        eps: &eps,
+    };
+    let dx = Tensor::f_empty(x.size(), (kind, Device::Cpu))?;
+    let g = match kind {
+        Kind::Float => run_backward::<f32>(&lay, &x, &grad, &dx, &kern, &scales, &m),
+        _ => run_backward::<f64>(&lay, &x, &grad, &dx, &kern, &scales, &m),
+    };
+    let channels = lay.c;
+    let beta = Tensor::f_from_slice(&g.beta)?.f_to_kind(kind)?;
+    let mut grads = vec![dx];
+    let (mut conv, mut centre) = (g.conv.iter(), g.centre.iter());
+    for (b, br) in list.iter().enumerate() {
+        if let Some(w) = br.weight {
+            let values = if br.scale { centre.next() } else { conv.next() };
+            let values = values.ok_or_else(|| config("patch kernel lost a branch gradient"))?;
+            grads.push(Tensor::f_from_slice(values)?.f_reshape(w.size())?.f_to_kind(w.kind())?);
+        } else {
+            centre.next();
+        }
+        let gamma = &g.gamma[b * channels..][..channels];
+        grads.push(Tensor::f_from_slice(gamma)?.f_to_kind(br.bn.weight.kind())?);
+        grads.push(beta.f_to_kind(br.bn.bias.kind())?);
+    }
+    Ok(grads)
 }

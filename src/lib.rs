@@ -4,6 +4,7 @@
 pub mod block;
 pub mod config;
 mod depthwise;
+mod patch;
 pub mod error;
 pub mod fusion;
 pub mod se;
@@ -14,6 +15,7 @@ pub mod train;
 mod python;
 
 pub use block::{BlockSpec, Branches};
+pub use depthwise::set_patch_kernel;
 pub use error::{Error, Result};
 pub use fusion::{BatchNorm, ConvBn};
 pub use se::SqueezeExcite;

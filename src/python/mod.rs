@@ -128,6 +128,13 @@ fn train_path(spec: PyBlockSpec) -> &'static str {
     }
 }
 
+/// Switches the CPU patch-moment kernel of depthwise training steps on or off (tests use it to
+/// run the branch path that CUDA tensors take); returns the previous setting.
+#[pyfunction]
+fn set_patch_kernel(enabled: bool) -> bool {
+    crate::depthwise::set_patch_kernel(enabled)
+}
+
 /// The exact train-time branch sum (before SE and ReLU) of a gram or depthwise block, updating the
 /// running statistics; returns the sum and the tensors its backward needs.
 #[pyfunction]
@@ -288,6 +295,7 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(check_input, m)?)?;
     m.add_function(wrap_pyfunction!(train_path, m)?)?;
     m.add_function(wrap_pyfunction!(train_forward, m)?)?;
+    m.add_function(wrap_pyfunction!(set_patch_kernel, m)?)?;
     m.add_function(wrap_pyfunction!(train_backward, m)?)?;
     m.add_function(wrap_pyfunction!(se_forward, m)?)?;
     m.add_function(wrap_pyfunction!(se_relu, m)?)?;
