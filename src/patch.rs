@@ -109,30 +109,38 @@ impl Geometry {
         (0..self.taps()).map(|t| self.tap_offset(t)).collect()
     }
 
-    /// The raw coordinate of phase-buffer row `i` of phase `r`, if inside the input.
-    fn raw(&self, i: usize, r: usize, size: usize) -> Option<usize> {
-        (i * self.stride + r)
-            .checked_sub(self.padding)
-            .filter(|&v| v < size)
+    /// Phase-buffer columns `j` of phase `r` that hold input columns: `lo..hi`, with input
+    /// column `j * stride + r - padding`.
+    fn valid_columns(&self, r: usize) -> (usize, usize) {
+        let (s, p) = (self.stride, self.padding);
+        // smallest j with j*s + r >= p, and the first j with j*s + r - p >= w
+        let lo = (p.saturating_sub(r)).div_ceil(s);
+        let hi = (self.w + p).saturating_sub(r).div_ceil(s);
+        (lo.min(self.pw), hi.clamp(lo.min(self.pw), self.pw))
     }
 
     /// Fills `buf` with the padded plane `x` minus `shift` (so padding reads `-shift`).
+    #[inline(always)]
     fn fill<T: Element>(&self, x: &[T], shift: f64, buf: &mut [f64]) {
-        let s = self.stride;
+        let (s, p) = (self.stride, self.padding);
         for ry in 0..s {
             for rx in 0..s {
+                let (lo, hi) = self.valid_columns(rx);
                 let phase = &mut buf[(ry * s + rx) * self.phase_len()..][..self.phase_len()];
                 for (i, row) in phase.chunks_exact_mut(self.pw).enumerate() {
-                    let Some(y) = self.raw(i, ry, self.h) else {
+                    let y = (i * s + ry).wrapping_sub(p);
+                    if y >= self.h {
                         row.fill(-shift);
                         continue;
-                    };
-                    let src = &x[y * self.w..][..self.w];
-                    for (j, v) in row.iter_mut().enumerate() {
-                        *v = match self.raw(j, rx, self.w) {
-                            Some(c) => src[c].to_f64() - shift,
-                            None => -shift,
-                        };
+                    }
+                    row[..lo].fill(-shift);
+                    row[hi..].fill(-shift);
+                    if lo < hi {
+                        let first = lo * s + rx - p;
+                        let src = &x[y * self.w + first..][..(hi - lo - 1) * s + 1];
+                        for (v, x) in row[lo..hi].iter_mut().zip(src.iter().step_by(s)) {
+                            *v = x.to_f64() - shift;
+                        }
                     }
                 }
             }
@@ -141,17 +149,33 @@ impl Geometry {
 
     /// Writes the raw plane `dx` from the padded-frame gradient `buf` (the padding is dropped;
     /// positions no tap reaches get zero).
+    #[inline(always)]
     fn gather<T: Element>(&self, buf: &[f64], dx: &mut [T]) {
-        let s = self.stride;
+        let (s, p) = (self.stride, self.padding);
+        for ry in 0..s {
+            for rx in 0..s {
+                let (lo, hi) = self.valid_columns(rx);
+                let phase = &buf[(ry * s + rx) * self.phase_len()..][..self.phase_len()];
+                for (i, row) in phase.chunks_exact(self.pw).enumerate() {
+                    let y = (i * s + ry).wrapping_sub(p);
+                    if y >= self.h || lo >= hi {
+                        continue;
+                    }
+                    let first = lo * s + rx - p;
+                    let dst = &mut dx[y * self.w + first..][..(hi - lo - 1) * s + 1];
+                    for (d, v) in dst.iter_mut().step_by(s).zip(&row[lo..hi]) {
+                        *d = T::from_f64(*v);
+                    }
+                }
+            }
+        }
+        // Input rows and columns past every phase plane's reach get no gradient.
+        let (rows, cols) = (self.ph * s, self.pw * s);
         for (y, row) in dx.chunks_exact_mut(self.w).enumerate() {
-            let (ry, i) = ((y + self.padding) % s, (y + self.padding) / s);
-            for (x, v) in row.iter_mut().enumerate() {
-                let (rx, j) = ((x + self.padding) % s, (x + self.padding) / s);
-                *v = if i < self.ph && j < self.pw {
-                    T::from_f64(buf[(ry * s + rx) * self.phase_len() + i * self.pw + j])
-                } else {
-                    T::from_f64(0.0)
-                };
+            if y + p >= rows {
+                row.fill(T::from_f64(0.0));
+            } else if self.w + p > cols {
+                row[cols.saturating_sub(p)..].fill(T::from_f64(0.0));
             }
         }
     }
@@ -268,41 +292,405 @@ pub fn threads_for(elements: usize, available: usize) -> usize {
     }
 }
 
-#[inline]
-fn dot(a: &[f64], b: &[f64]) -> f64 {
-    let mut acc = [0.0f64; 4];
-    let (ca, cb) = (a.chunks_exact(4), b.chunks_exact(4));
-    let tail: f64 = ca
-        .remainder()
-        .iter()
-        .zip(cb.remainder())
-        .map(|(x, y)| x * y)
-        .sum();
-    for (x, y) in ca.zip(cb) {
-        for l in 0..4 {
-            acc[l] += x[l] * y[l];
-        }
+// ---- row kernels: compiled twice, for AVX2+FMA (chosen at run time) and for the baseline ----
+
+/// Lanes per chunk: one AVX2 register of float64.
+const LANES: usize = 4;
+
+#[inline(always)]
+fn fmadd<const FMA: bool>(a: f64, b: f64, c: f64) -> f64 {
+    if FMA {
+        a.mul_add(b, c)
+    } else {
+        a * b + c
     }
-    (acc[0] + acc[1]) + (acc[2] + acc[3]) + tail
 }
 
-#[inline]
-fn sum(a: &[f64]) -> f64 {
-    let mut acc = [0.0f64; 4];
-    let chunks = a.chunks_exact(4);
+/// Adds the dots of `a` with each of `N` rows (each at least as long) to `out`.
+#[inline(always)]
+fn multi_dot<const N: usize, const FMA: bool>(a: &[f64], rows: &[&[f64]], out: &mut [f64]) {
+    let len = a.len();
+    assert!(rows.len() >= N && out.len() >= N && rows[..N].iter().all(|r| r.len() >= len));
+    #[cfg(target_arch = "x86_64")]
+    if FMA {
+        // SAFETY: FMA is true only inside the AVX2+FMA build (see `dispatched!`); lengths checked.
+        unsafe { avx::multi_dot::<N>(a, rows, out) };
+        return;
+    }
+    let rows: [&[f64]; N] = std::array::from_fn(|n| &rows[n][..len]);
+    let mut acc = [[0.0f64; LANES]; N];
+    let (chunks, tail) = a.split_at(len - len % LANES);
+    for (j, av) in chunks.chunks_exact(LANES).enumerate() {
+        for n in 0..N {
+            let bv = &rows[n][j * LANES..][..LANES];
+            for l in 0..LANES {
+                acc[n][l] = fmadd::<FMA>(av[l], bv[l], acc[n][l]);
+            }
+        }
+    }
+    for n in 0..N {
+        let mut sum = (acc[n][0] + acc[n][1]) + (acc[n][2] + acc[n][3]);
+        for (i, v) in tail.iter().enumerate() {
+            sum = fmadd::<FMA>(*v, rows[n][chunks.len() + i], sum);
+        }
+        out[n] += sum;
+    }
+}
+
+/// Adds the dots of `a` with every row of `rows` to `out`, eight rows at a time.
+#[inline(always)]
+fn dots<const FMA: bool>(a: &[f64], rows: &[&[f64]], out: &mut [f64]) {
+    for (rows, out) in rows.chunks(8).zip(out.chunks_mut(8)) {
+        match rows.len() {
+            1 => multi_dot::<1, FMA>(a, rows, out),
+            2 => multi_dot::<2, FMA>(a, rows, out),
+            3 => multi_dot::<3, FMA>(a, rows, out),
+            4 => multi_dot::<4, FMA>(a, rows, out),
+            5 => multi_dot::<5, FMA>(a, rows, out),
+            6 => multi_dot::<6, FMA>(a, rows, out),
+            7 => multi_dot::<7, FMA>(a, rows, out),
+            _ => multi_dot::<8, FMA>(a, rows, out),
+        }
+    }
+}
+
+#[inline(always)]
+fn lane_sum<const FMA: bool>(a: &[f64]) -> f64 {
+    #[cfg(target_arch = "x86_64")]
+    if FMA {
+        // SAFETY: FMA is true only inside the AVX2+FMA build (see `dispatched!`).
+        return unsafe { avx::lane_sum(a) };
+    }
+    let mut acc = [0.0f64; LANES];
+    let chunks = a.chunks_exact(LANES);
     let tail: f64 = chunks.remainder().iter().sum();
     for x in chunks {
-        for l in 0..4 {
+        for l in 0..LANES {
             acc[l] += x[l];
         }
     }
     (acc[0] + acc[1]) + (acc[2] + acc[3]) + tail
 }
 
-/// Mean of every channel of a contiguous NCHW tensor, in float64.
+/// `dst[j] += kt g[j] + ct - sum_u quad[u] rows[u][j]` for one tap of the input-gradient pass.
+#[inline(always)]
+fn scatter_row<const FMA: bool>(dst: &mut [f64], g: &[f64], rows: &[&[f64]], quad: &[f64], kt: f64, ct: f64) {
+    let len = dst.len();
+    assert!(g.len() >= len && quad.len() >= rows.len() && rows.iter().all(|r| r.len() >= len));
+    #[cfg(target_arch = "x86_64")]
+    if FMA {
+        // SAFETY: FMA is true only inside the AVX2+FMA build (see `dispatched!`); lengths checked.
+        unsafe {
+            if rows.len() == 9 {
+                avx::scatter_row::<9>(dst, g, rows, quad, kt, ct);
+            } else {
+                avx::scatter_row_any(dst, g, rows, quad, kt, ct);
+            }
+        }
+        return;
+    }
+    for j in 0..len {
+        let mut acc = fmadd::<FMA>(kt, g[j], ct);
+        for (u, row) in rows.iter().enumerate() {
+            acc = fmadd::<FMA>(-quad[u], row[j], acc);
+        }
+        dst[j] += acc;
+    }
+}
+
+/// AVX2+FMA row kernels. Callers guarantee the CPU features and the slice lengths.
+#[cfg(target_arch = "x86_64")]
+mod avx {
+    use std::arch::x86_64::*;
+
+    #[inline]
+    #[target_feature(enable = "avx2,fma")]
+    fn horizontal(v: __m256d) -> f64 {
+        let mut lanes = [0.0f64; 4];
+        // SAFETY: `lanes` holds 4 values.
+        unsafe { _mm256_storeu_pd(lanes.as_mut_ptr(), v) };
+        (lanes[0] + lanes[1]) + (lanes[2] + lanes[3])
+    }
+
+    /// # Safety
+    /// `rows[..N]` and `out[..N]` exist and every row is at least `a.len()` long.
+    #[inline]
+    #[target_feature(enable = "avx2,fma")]
+    pub unsafe fn multi_dot<const N: usize>(a: &[f64], rows: &[&[f64]], out: &mut [f64]) {
+        let len = a.len();
+        let whole = len - len % 4;
+        let ptrs: [*const f64; N] = std::array::from_fn(|n| rows[n].as_ptr());
+        let mut acc = [_mm256_setzero_pd(); N];
+        let mut j = 0;
+        while j < whole {
+            let av = _mm256_loadu_pd(a.as_ptr().add(j));
+            for n in 0..N {
+                acc[n] = _mm256_fmadd_pd(av, _mm256_loadu_pd(ptrs[n].add(j)), acc[n]);
+            }
+            j += 4;
+        }
+        for n in 0..N {
+            let mut sum = horizontal(acc[n]);
+            for i in whole..len {
+                sum = a[i].mul_add(*ptrs[n].add(i), sum);
+            }
+            out[n] += sum;
+        }
+    }
+
+    /// # Safety
+    /// None beyond the CPU features.
+    #[inline]
+    #[target_feature(enable = "avx2,fma")]
+    pub unsafe fn lane_sum(a: &[f64]) -> f64 {
+        let whole = a.len() - a.len() % 8;
+        let (mut s0, mut s1) = (_mm256_setzero_pd(), _mm256_setzero_pd());
+        let mut j = 0;
+        while j < whole {
+            s0 = _mm256_add_pd(s0, _mm256_loadu_pd(a.as_ptr().add(j)));
+            s1 = _mm256_add_pd(s1, _mm256_loadu_pd(a.as_ptr().add(j + 4)));
+            j += 8;
+        }
+        horizontal(_mm256_add_pd(s0, s1)) + a[whole..].iter().sum::<f64>()
+    }
+
+    /// # Safety
+    /// `rows.len() == T`, `quad.len() >= T`, `g` and every row at least `dst.len()` long.
+    #[inline]
+    #[target_feature(enable = "avx2,fma")]
+    pub unsafe fn scatter_row<const T: usize>(
+        dst: &mut [f64],
+        g: &[f64],
+        rows: &[&[f64]],
+        quad: &[f64],
+        kt: f64,
+        ct: f64,
+    ) {
+        let len = dst.len();
+        let whole = len - len % 4;
+        let q: [__m256d; T] = std::array::from_fn(|u| _mm256_set1_pd(quad[u]));
+        let ptrs: [*const f64; T] = std::array::from_fn(|u| rows[u].as_ptr());
+        let (k, c) = (_mm256_set1_pd(kt), _mm256_set1_pd(ct));
+        let mut j = 0;
+        while j < whole {
+            let mut acc = _mm256_fmadd_pd(k, _mm256_loadu_pd(g.as_ptr().add(j)), c);
+            for u in 0..T {
+                acc = _mm256_fnmadd_pd(q[u], _mm256_loadu_pd(ptrs[u].add(j)), acc);
+            }
+            let d = dst.as_mut_ptr().add(j);
+            _mm256_storeu_pd(d, _mm256_add_pd(_mm256_loadu_pd(d), acc));
+            j += 4;
+        }
+        for j in whole..len {
+            let mut acc = kt.mul_add(g[j], ct);
+            for u in 0..T {
+                acc = (-quad[u]).mul_add(*ptrs[u].add(j), acc);
+            }
+            dst[j] += acc;
+        }
+    }
+
+    /// [`scatter_row`] for any number of taps.
+    ///
+    /// # Safety
+    /// As [`scatter_row`], with `quad.len() >= rows.len()`.
+    #[inline]
+    #[target_feature(enable = "avx2,fma")]
+    pub unsafe fn scatter_row_any(
+        dst: &mut [f64],
+        g: &[f64],
+        rows: &[&[f64]],
+        quad: &[f64],
+        kt: f64,
+        ct: f64,
+    ) {
+        let len = dst.len();
+        let whole = len - len % 4;
+        let (k, c) = (_mm256_set1_pd(kt), _mm256_set1_pd(ct));
+        let mut j = 0;
+        while j < whole {
+            let mut acc = _mm256_fmadd_pd(k, _mm256_loadu_pd(g.as_ptr().add(j)), c);
+            for (u, row) in rows.iter().enumerate() {
+                acc = _mm256_fnmadd_pd(_mm256_set1_pd(quad[u]), _mm256_loadu_pd(row.as_ptr().add(j)), acc);
+            }
+            let d = dst.as_mut_ptr().add(j);
+            _mm256_storeu_pd(d, _mm256_add_pd(_mm256_loadu_pd(d), acc));
+            j += 4;
+        }
+        for j in whole..len {
+            let mut acc = kt.mul_add(g[j], ct);
+            for (u, row) in rows.iter().enumerate() {
+                acc = (-quad[u]).mul_add(*row.as_ptr().add(j), acc);
+            }
+            dst[j] += acc;
+        }
+    }
+}
+
+/// The tap rows of output row `oy`: one slice of `buf` per tap.
+#[inline(always)]
+fn tap_rows<'a>(geo: &Geometry, offsets: &[usize], buf: &'a [f64], oy: usize, rows: &mut Vec<&'a [f64]>) {
+    rows.clear();
+    rows.extend(offsets.iter().map(|&o| &buf[o + oy * geo.pw..][..geo.ow]));
+}
+
+/// One input plane's contribution to its channel's tap sums and upper-triangle cross sums.
+#[inline(always)]
+fn moments_plane<T: Element, const FMA: bool>(
+    geo: &Geometry,
+    offsets: &[usize],
+    x: &[T],
+    shift: f64,
+    buf: &mut [f64],
+    sums: &mut [f64],
+    cross: &mut [f64],
+) {
+    geo.fill(x, shift, buf);
+    let taps = offsets.len();
+    let mut rows = Vec::with_capacity(taps);
+    for oy in 0..geo.oh {
+        tap_rows(geo, offsets, buf, oy, &mut rows);
+        for t1 in 0..taps {
+            sums[t1] += lane_sum::<FMA>(rows[t1]);
+            dots::<FMA>(rows[t1], &rows[t1..], &mut cross[t1 * taps + t1..(t1 + 1) * taps]);
+        }
+    }
+}
+
+/// One plane's `sum g` and `sum_p g[p] * (x - mu)[p + t]`.
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+fn grad_sums_plane<T: Element, const FMA: bool>(
+    geo: &Geometry,
+    offsets: &[usize],
+    x: &[T],
+    g: &[T],
+    shift: f64,
+    buf: &mut [f64],
+    grow: &mut [f64],
+    gsum: &mut f64,
+    h: &mut [f64],
+) {
+    geo.fill(x, shift, buf);
+    let mut rows = Vec::with_capacity(offsets.len());
+    for (oy, src) in g.chunks_exact(geo.ow).enumerate() {
+        for (d, s) in grow.iter_mut().zip(src) {
+            *d = s.to_f64();
+        }
+        *gsum += lane_sum::<FMA>(grow);
+        tap_rows(geo, offsets, buf, oy, &mut rows);
+        dots::<FMA>(grow, &rows, h);
+    }
+}
+
+/// What the input-gradient pass applies per channel: at every output position `p`, tap `t`
+/// of the patch receives `keff[t] g[p] + konst[t] - sum_u quad[t][u] (x - mu)[p + u]`.
+struct Scatter {
+    keff: Vec<f64>,
+    konst: Vec<f64>,
+    quad: Vec<f64>,
+}
+
+/// One plane's input gradient: scatter into the padded frame `dbuf`, then gather into `dx`.
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+fn dx_plane<T: Element, const FMA: bool>(
+    geo: &Geometry,
+    offsets: &[usize],
+    x: &[T],
+    g: &[T],
+    shift: f64,
+    sc: &Scatter,
+    buf: &mut [f64],
+    dbuf: &mut [f64],
+    grow: &mut [f64],
+    dx: &mut [T],
+) {
+    geo.fill(x, shift, buf);
+    dbuf.fill(0.0);
+    let taps = offsets.len();
+    let ow = geo.ow;
+    let mut rows = Vec::with_capacity(taps);
+    for (oy, src) in g.chunks_exact(ow).enumerate() {
+        for (d, s) in grow.iter_mut().zip(src) {
+            *d = s.to_f64();
+        }
+        tap_rows(geo, offsets, buf, oy, &mut rows);
+        for t in 0..taps {
+            let quad = &sc.quad[t * taps..][..taps];
+            let dst = &mut dbuf[offsets[t] + oy * geo.pw..][..ow];
+            scatter_row::<FMA>(dst, grow, &rows, quad, sc.keff[t], sc.konst[t]);
+        }
+    }
+    geo.gather(dbuf, dx);
+}
+
+/// Whether the CPU runs the AVX2+FMA builds of the row kernels.
+fn simd() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        static SIMD: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+        *SIMD.get_or_init(|| {
+            std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma")
+        })
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        false
+    }
+}
+
+/// `$name(args)` runs `$body::<T, true>` compiled for AVX2+FMA when the CPU has them, else
+/// `$body::<T, false>` for the baseline target.
+macro_rules! dispatched {
+    ($name:ident, $fast:ident, $body:ident, ($($arg:ident: $ty:ty),*)) => {
+        #[cfg(target_arch = "x86_64")]
+        #[target_feature(enable = "avx2,fma")]
+        #[allow(clippy::too_many_arguments)]
+        unsafe fn $fast<T: Element>($($arg: $ty),*) {
+            $body::<T, true>($($arg),*)
+        }
+
+        #[allow(clippy::too_many_arguments)]
+        fn $name<T: Element>($($arg: $ty),*) {
+            #[cfg(target_arch = "x86_64")]
+            if simd() {
+                // SAFETY: the CPU has AVX2 and FMA (checked at run time).
+                return unsafe { $fast::<T>($($arg),*) };
+            }
+            $body::<T, false>($($arg),*)
+        }
+    };
+}
+
+dispatched!(moments_plane_run, moments_plane_simd, moments_plane, (
+    geo: &Geometry, offsets: &[usize], x: &[T], shift: f64, buf: &mut [f64], sums: &mut [f64],
+    cross: &mut [f64]
+));
+dispatched!(grad_sums_plane_run, grad_sums_plane_simd, grad_sums_plane, (
+    geo: &Geometry, offsets: &[usize], x: &[T], g: &[T], shift: f64, buf: &mut [f64],
+    grow: &mut [f64], gsum: &mut f64, h: &mut [f64]
+));
+dispatched!(dx_plane_run, dx_plane_simd, dx_plane, (
+    geo: &Geometry, offsets: &[usize], x: &[T], g: &[T], shift: f64, sc: &Scatter,
+    buf: &mut [f64], dbuf: &mut [f64], grow: &mut [f64], dx: &mut [T]
+));
+
+/// Mean of channel `c` of a contiguous NCHW tensor, in float64.
 fn channel_mean<T: Element>(lay: &Layout, x: &[T], c: usize) -> f64 {
     let total: f64 = (0..lay.n)
-        .map(|n| lay.input(x, n, c).iter().map(|v| v.to_f64()).sum::<f64>())
+        .map(|n| {
+            let mut acc = [0.0f64; LANES];
+            let plane = lay.input(x, n, c);
+            let chunks = plane.chunks_exact(LANES);
+            let tail: f64 = chunks.remainder().iter().map(|v| v.to_f64()).sum();
+            for v in chunks {
+                for l in 0..LANES {
+                    acc[l] += v[l].to_f64();
+                }
+            }
+            (acc[0] + acc[1]) + (acc[2] + acc[3]) + tail
+        })
         .sum();
     total / (lay.n * lay.plane()) as f64
 }
@@ -328,17 +716,8 @@ pub fn moments<T: Element>(lay: &Layout, x: &[T], threads: usize) -> Moments {
             sums.fill(0.0);
             cross.fill(0.0);
             for n in 0..lay.n {
-                geo.fill(lay.input(x, n, c), shift, &mut buf);
-                for oy in 0..geo.oh {
-                    let row = |t: usize| &buf[offsets[t] + oy * geo.pw..][..geo.ow];
-                    for t1 in 0..taps {
-                        let r1 = row(t1);
-                        sums[t1] += sum(r1);
-                        for t2 in t1..taps {
-                            cross[t1 * taps + t2] += dot(r1, row(t2));
-                        }
-                    }
-                }
+                let plane = lay.input(x, n, c);
+                moments_plane_run(&geo, &offsets, plane, shift, &mut buf, &mut sums, &mut cross);
             }
             mu_out[0][i] = shift;
             let nu_c = &mut nu_out[i * taps..][..taps];
@@ -418,17 +797,8 @@ fn grad_patch_sums<T: Element>(lay: &Layout, x: &[T], g: &[T], m: &Moments, thre
         for (i, c) in channels.enumerate() {
             let h_c = &mut h_out[i * taps..][..taps];
             for n in 0..lay.n {
-                geo.fill(lay.input(x, n, c), m.mu[c], &mut buf);
-                let gp = lay.output(g, n, c);
-                for oy in 0..geo.oh {
-                    for (d, s) in grow.iter_mut().zip(&gp[oy * geo.ow..][..geo.ow]) {
-                        *d = s.to_f64();
-                    }
-                    gsum_out[i] += sum(&grow);
-                    for t in 0..taps {
-                        h_c[t] += dot(&grow, &buf[offsets[t] + oy * geo.pw..][..geo.ow]);
-                    }
-                }
+                let (xp, gp) = (lay.input(x, n, c), lay.output(g, n, c));
+                grad_sums_plane_run(&geo, &offsets, xp, gp, m.mu[c], &mut buf, &mut grow, &mut gsum_out[i], h_c);
             }
         }
     });
@@ -510,90 +880,52 @@ pub fn backward<T: Element>(
         }
     }
 
-    let writer = PlaneWriter(dx.as_mut_ptr());
-    let writer = &writer;
-    let (plane, cn) = (lay.plane(), lay.c);
-    let coef = &coef;
-    let gsum = &gsum;
-    for_channels(channels, threads, Vec::new(), |range, _| {
-        let offsets = geo.tap_offsets();
-        let centre = geo.centre();
-        let mut buf = vec![0.0; geo.buffer_len()];
-        let mut dbuf = vec![0.0; geo.buffer_len()];
-        let mut grow = vec![0.0; geo.ow];
-        let mut z = vec![vec![0.0; geo.ow]; nconv];
-        for c in range {
+    let scatters: Vec<Scatter> = (0..channels)
+        .map(|c| {
             let nu = &m.nu[c * taps..][..taps];
-            // v[t] = keff[t] g - sum_b ck[b][t] z_b - [t = centre] alpha (x - mu) + konst[t]
-            let mut keff = vec![0.0; taps];
-            let mut konst = vec![0.0; taps];
-            let mut ck = vec![vec![0.0; taps]; nconv];
-            let mut alpha = 0.0;
             let gbar = gsum[c] / count;
+            let mut sc = Scatter {
+                keff: vec![0.0; taps],
+                konst: vec![0.0; taps],
+                quad: vec![0.0; taps * taps],
+            };
             for b in 0..nb {
                 let k = kernels.full(&geo, b, c);
                 let (a, cf) = (scales.a[b * channels + c], coef[b * channels + c]);
                 let k_nu: f64 = (0..taps).map(|t| k[t] * nu[t]).sum();
                 for t in 0..taps {
-                    keff[t] += a * k[t];
-                    konst[t] += cf * k[t] * k_nu;
-                }
-                if b < nconv {
-                    for t in 0..taps {
-                        ck[b][t] = cf * k[t];
+                    sc.keff[t] += a * k[t];
+                    sc.konst[t] += cf * k[t] * k_nu;
+                    if k[t] != 0.0 {
+                        for u in 0..taps {
+                            sc.quad[t * taps + u] += cf * k[t] * k[u];
+                        }
                     }
-                } else {
-                    alpha += cf * k[centre] * k[centre];
                 }
             }
             for t in 0..taps {
-                konst[t] -= keff[t] * gbar;
+                sc.konst[t] -= sc.keff[t] * gbar;
             }
-            let kconv: Vec<&[f64]> = (0..nconv)
-                .map(|b| &kernels.conv[b][c * taps..][..taps])
-                .collect();
+            sc
+        })
+        .collect();
+    let writer = PlaneWriter(dx.as_mut_ptr());
+    let writer = &writer;
+    let (plane, cn) = (lay.plane(), lay.c);
+    let scatters = &scatters;
+    for_channels(channels, threads, Vec::new(), |range, _| {
+        let offsets = geo.tap_offsets();
+        let mut buf = vec![0.0; geo.buffer_len()];
+        let mut dbuf = vec![0.0; geo.buffer_len()];
+        let mut grow = vec![0.0; geo.ow];
+        for c in range {
             for n in 0..lay.n {
-                geo.fill(lay.input(x, n, c), m.mu[c], &mut buf);
-                dbuf.fill(0.0);
-                let gp = lay.output(g, n, c);
-                for oy in 0..geo.oh {
-                    for (d, s) in grow.iter_mut().zip(&gp[oy * geo.ow..][..geo.ow]) {
-                        *d = s.to_f64();
-                    }
-                    let base = oy * geo.pw;
-                    for (zb, kb) in z.iter_mut().zip(&kconv) {
-                        zb.fill(0.0);
-                        for t in 0..taps {
-                            let src = &buf[offsets[t] + base..][..geo.ow];
-                            let kt = kb[t];
-                            for (zv, s) in zb.iter_mut().zip(src) {
-                                *zv += kt * s;
-                            }
-                        }
-                    }
-                    for t in 0..taps {
-                        let (kt, ct) = (keff[t], konst[t]);
-                        let start = offsets[t] + base;
-                        let dst = &mut dbuf[start..][..geo.ow];
-                        for (ox, d) in dst.iter_mut().enumerate() {
-                            let mut v = kt * grow[ox] + ct;
-                            for b in 0..nconv {
-                                v -= ck[b][t] * z[b][ox];
-                            }
-                            *d += v;
-                        }
-                        if t == centre && alpha != 0.0 {
-                            for ox in 0..geo.ow {
-                                dbuf[start + ox] -= alpha * buf[start + ox];
-                            }
-                        }
-                    }
-                }
                 // SAFETY: plane (n, c) lies inside `dx` and only this thread owns channel c.
                 let out = unsafe {
                     std::slice::from_raw_parts_mut(writer.0.add((n * cn + c) * plane), plane)
                 };
-                geo.gather(&dbuf, out);
+                let (xp, gp) = (lay.input(x, n, c), lay.output(g, n, c));
+                dx_plane_run(&geo, &offsets, xp, gp, m.mu[c], &scatters[c], &mut buf, &mut dbuf, &mut grow, out);
             }
         }
     });
