@@ -13,7 +13,7 @@ use tch::{Device, Kind, Tensor};
 use crate::block::{check_batch_size, BlockSpec, Branches};
 use crate::error::{config, Result};
 use crate::fusion;
-use crate::patch::{self, BranchScales, Element, Geometry, Kernels, Layout, Moments};
+use crate::patch::{self, Affine, BranchScales, Element, Geometry, Kernels, Layout, Moments};
 use crate::train::{
     add_eps, bn_scale, branch_list, stack_bn, update_running, Branch, TrainForward,
 };
@@ -356,65 +356,63 @@ fn threads(x: &Tensor) -> usize {
     patch::threads_for(x.numel(), tch::get_num_threads().max(1) as usize)
 }
 
-fn patch_moments(lay: &Layout, x: &Tensor) -> Result<Moments> {
-    let threads = threads(x);
-    // SAFETY: `x` is contiguous, on the CPU, and float32 or float64 as matched.
-    Ok(match x.kind() {
-        Kind::Float => patch::moments(lay, unsafe { elements::<f32>(x) }, threads),
-        Kind::Double => patch::moments(lay, unsafe { elements::<f64>(x) }, threads),
-        other => return Err(config(format!("patch kernel on {other:?}"))),
-    })
+fn run_forward<T: Element>(
+    lay: &Layout,
+    x: &Tensor,
+    output: &Tensor,
+    kern: &Kernels,
+    bn: &Affine,
+) -> patch::Forward {
+    // SAFETY: the caller passes a contiguous CPU `x` of `T`'s kind and a fresh `output` of that
+    // kind that nothing else reads or writes while the kernel fills it.
+    unsafe {
+        let out = std::slice::from_raw_parts_mut(output.data_ptr() as *mut T, output.numel());
+        patch::forward(lay, elements::<T>(x), kern, bn, out, threads(x))
+    }
 }
 
 fn patch_forward(spec: &BlockSpec, branches: &Branches, x: &Tensor) -> Result<TrainForward> {
     let x = x.f_contiguous()?;
     let list = branch_list(branches);
     let lay = layout(spec, &x)?;
-    let (geo, channels, nb) = (lay.geo, lay.c, list.len());
+    let (channels, nb) = (lay.c, list.len());
     let kern = kernels(spec, &list)?;
-    let m = patch_moments(&lay, &x)?;
-    let (mean, var) = patch::branch_statistics(&geo, &kern, &m);
+    let bn = Affine {
+        gamma: list
+            .iter()
+            .map(|b| values(&b.bn.weight))
+            .collect::<Result<_>>()?,
+        beta: list
+            .iter()
+            .map(|b| values(&b.bn.bias))
+            .collect::<Result<_>>()?,
+        eps: list.iter().map(|b| b.bn.eps).collect(),
+    };
+    let kind = x.kind();
+    let size = [
+        x.size()[0],
+        x.size()[1],
+        lay.geo.oh as i64,
+        lay.geo.ow as i64,
+    ];
+    let output = Tensor::f_empty(size, (kind, Device::Cpu))?;
+    let f = match kind {
+        Kind::Float => run_forward::<f32>(&lay, &x, &output, &kern, &bn),
+        Kind::Double => run_forward::<f64>(&lay, &x, &output, &kern, &bn),
+        other => return Err(config(format!("patch kernel on {other:?}"))),
+    };
     update_running(
         &list,
-        &matrix(&mean, nb, Kind::Double)?,
-        &matrix(&var, nb, Kind::Double)?,
-        m.count as i64,
+        &matrix(&f.mean, nb, Kind::Double)?,
+        &matrix(&f.var, nb, Kind::Double)?,
+        f.moments.count as i64,
     )?;
-    let (taps, mut a, mut var_eps) = (geo.taps(), vec![0.0; nb * channels], var);
-    let mut kernel = vec![0.0; channels * taps];
-    let mut bias = vec![0.0; channels];
-    for (b, br) in list.iter().enumerate() {
-        let (gamma, beta) = (values(&br.bn.weight)?, values(&br.bn.bias)?);
-        for c in 0..channels {
-            let i = b * channels + c;
-            var_eps[i] += br.bn.eps;
-            a[i] = gamma[c] / var_eps[i].sqrt();
-            bias[c] += beta[c] - a[i] * mean[i];
-        }
-        for c in 0..channels {
-            let k = if b < kern.conv.len() {
-                kern.conv[b][c * taps..][..taps].to_vec()
-            } else {
-                let mut k = vec![0.0; taps];
-                k[geo.centre()] = kern.centre[b - kern.conv.len()][c];
-                k
-            };
-            for t in 0..taps {
-                kernel[c * taps + t] += a[b * channels + c] * k[t];
-            }
-        }
-    }
-    let kind = x.kind();
-    let k = spec.kernel_size;
-    let weight = matrix(&kernel, channels, kind)?.f_reshape([-1, 1, k, k])?;
-    let bias = Tensor::f_from_slice(&bias)?.f_to_kind(kind)?;
-    let (s, p, d) = (spec.stride, spec.padding, spec.dilation);
-    let output = x.f_conv2d(&weight, Some(&bias), [s, s], [p, p], [d, d], spec.groups)?;
+    let m = &f.moments;
     Ok(TrainForward {
         output,
         saved: vec![
-            matrix(&a, nb, Kind::Double)?,
-            matrix(&var_eps, nb, Kind::Double)?,
+            matrix(&f.a, nb, Kind::Double)?,
+            matrix(&f.var_eps, nb, Kind::Double)?,
             Tensor::f_from_slice(&m.mu)?,
             matrix(&m.nu, channels, Kind::Double)?,
             matrix(&m.cov, channels, Kind::Double)?,
@@ -435,7 +433,16 @@ fn run_backward<T: Element>(
     // that nothing else reads or writes while the kernel fills it.
     unsafe {
         let out = std::slice::from_raw_parts_mut(dx.data_ptr() as *mut T, dx.numel());
-        patch::backward(lay, elements::<T>(x), elements::<T>(grad), out, kern, scales, m, threads(x))
+        patch::backward(
+            lay,
+            elements::<T>(x),
+            elements::<T>(grad),
+            out,
+            kern,
+            scales,
+            m,
+            threads(x),
+        )
     }
 }
 
@@ -450,7 +457,10 @@ fn patch_backward(
     let x = x.f_contiguous()?;
     let kind = x.kind();
     if !matches!(kind, Kind::Float | Kind::Double) || x.device() != Device::Cpu {
-        return Err(config(format!("patch kernel backward on {kind:?} {:?}", x.device())));
+        return Err(config(format!(
+            "patch kernel backward on {kind:?} {:?}",
+            x.device()
+        )));
     }
     let grad = grad.f_to_kind(kind)?.f_contiguous()?;
     let list = branch_list(branches);
@@ -482,7 +492,11 @@ fn patch_backward(
         if let Some(w) = br.weight {
             let values = if br.scale { centre.next() } else { conv.next() };
             let values = values.ok_or_else(|| config("patch kernel lost a branch gradient"))?;
-            grads.push(Tensor::f_from_slice(values)?.f_reshape(w.size())?.f_to_kind(w.kind())?);
+            grads.push(
+                Tensor::f_from_slice(values)?
+                    .f_reshape(w.size())?
+                    .f_to_kind(w.kind())?,
+            );
         } else {
             centre.next();
         }

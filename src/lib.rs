@@ -4,9 +4,9 @@
 pub mod block;
 pub mod config;
 mod depthwise;
-mod patch;
 pub mod error;
 pub mod fusion;
+mod patch;
 pub mod se;
 pub mod stage;
 pub mod train;

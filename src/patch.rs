@@ -12,6 +12,7 @@
 //! padded taps read minus that mean), so float32 inputs do not cancel. Channels are split over
 //! `torch.get_num_threads()` threads; each thread owns whole channels.
 
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::thread;
 
 /// A float element the kernel reads and writes (computation is in float64).
@@ -58,7 +59,14 @@ pub struct Geometry {
 
 impl Geometry {
     /// The geometry of a `k x k` conv on `h x w`; `None` when the output would be empty.
-    pub fn new(k: usize, stride: usize, padding: usize, dilation: usize, h: usize, w: usize) -> Option<Self> {
+    pub fn new(
+        k: usize,
+        stride: usize,
+        padding: usize,
+        dilation: usize,
+        h: usize,
+        w: usize,
+    ) -> Option<Self> {
         let span = dilation * (k - 1) + 1;
         if k == 0 || stride == 0 || h + 2 * padding < span || w + 2 * padding < span {
             return None;
@@ -138,8 +146,14 @@ impl Geometry {
                     if lo < hi {
                         let first = lo * s + rx - p;
                         let src = &x[y * self.w + first..][..(hi - lo - 1) * s + 1];
-                        for (v, x) in row[lo..hi].iter_mut().zip(src.iter().step_by(s)) {
-                            *v = x.to_f64() - shift;
+                        if s == 1 {
+                            for (v, x) in row[lo..hi].iter_mut().zip(src) {
+                                *v = x.to_f64() - shift;
+                            }
+                        } else {
+                            for (v, x) in row[lo..hi].iter_mut().zip(src.iter().step_by(s)) {
+                                *v = x.to_f64() - shift;
+                            }
                         }
                     }
                 }
@@ -163,8 +177,14 @@ impl Geometry {
                     }
                     let first = lo * s + rx - p;
                     let dst = &mut dx[y * self.w + first..][..(hi - lo - 1) * s + 1];
-                    for (d, v) in dst.iter_mut().step_by(s).zip(&row[lo..hi]) {
-                        *d = T::from_f64(*v);
+                    if s == 1 {
+                        for (d, v) in dst.iter_mut().zip(&row[lo..hi]) {
+                            *d = T::from_f64(*v);
+                        }
+                    } else {
+                        for (d, v) in dst.iter_mut().step_by(s).zip(&row[lo..hi]) {
+                            *d = T::from_f64(*v);
+                        }
                     }
                 }
             }
@@ -251,36 +271,143 @@ impl Layout {
     }
 }
 
-/// Splits `0..channels` over up to `threads` scoped threads; `work(range, slices)` gets each
-/// thread's channels and its chunks of `outputs` (each output holds `per_channel[i]` values per
-/// channel).
-fn for_channels<F>(channels: usize, threads: usize, outputs: Vec<(&mut [f64], usize)>, work: F)
+/// Runs `work(&mut scratch, c)` for every channel `c`, on up to `threads` threads that each
+/// take the next channel as they finish one (each thread builds its own `scratch` with `init`).
+///
+/// The threads are torch's own OpenMP team when libgomp is loaded (torch's intra-op pool, so no
+/// extra threads compete with its spinning workers), else scoped threads.
+fn for_channels<S, I, W>(channels: usize, threads: usize, init: I, work: W)
 where
-    F: Fn(std::ops::Range<usize>, Vec<&mut [f64]>) + Sync,
+    I: Fn() -> S + Sync,
+    W: Fn(&mut S, usize) + Sync,
 {
-    let threads = threads.clamp(1, channels.max(1));
-    let per_thread = channels.div_ceil(threads);
-    let mut parts: Vec<Vec<&mut [f64]>> = (0..threads).map(|_| Vec::new()).collect();
-    for (out, width) in outputs {
-        for (part, chunk) in parts.iter_mut().zip(out.chunks_mut(per_thread * width)) {
-            part.push(chunk);
-        }
-    }
-    if threads == 1 {
-        work(0..channels, parts.pop().unwrap_or_default());
-        return;
-    }
-    thread::scope(|scope| {
-        for (i, part) in parts.into_iter().enumerate() {
-            let start = i * per_thread;
-            let end = (start + per_thread).min(channels);
-            if start >= end {
-                continue;
+    let next = AtomicUsize::new(0);
+    let run = || {
+        let mut scratch = init();
+        loop {
+            let c = next.fetch_add(1, Ordering::Relaxed);
+            if c >= channels {
+                break;
             }
-            let work = &work;
-            scope.spawn(move || work(start..end, part));
+            work(&mut scratch, c);
         }
-    });
+    };
+    let threads = threads.clamp(1, channels.max(1));
+    if threads == 1 {
+        run();
+    } else if !omp::parallel(threads, &run) {
+        thread::scope(|scope| {
+            for _ in 1..threads {
+                scope.spawn(run);
+            }
+            run();
+        });
+    }
+}
+
+/// torch's OpenMP runtime (libgomp), found among the loaded libraries at run time.
+mod omp {
+    use std::ffi::{c_char, c_int, c_uint, c_void};
+    use std::panic::{catch_unwind, resume_unwind, AssertUnwindSafe};
+    use std::sync::{Mutex, OnceLock};
+
+    type Parallel =
+        unsafe extern "C" fn(unsafe extern "C" fn(*mut c_void), *mut c_void, c_uint, c_uint);
+
+    extern "C" {
+        fn dlopen(filename: *const c_char, flags: c_int) -> *mut c_void;
+        fn dlsym(handle: *mut c_void, symbol: *const c_char) -> *mut c_void;
+    }
+
+    const RTLD_LAZY: c_int = 1;
+    const RTLD_NOLOAD: c_int = 4;
+
+    fn gomp_parallel() -> Option<Parallel> {
+        static FOUND: OnceLock<Option<usize>> = OnceLock::new();
+        let address = *FOUND.get_or_init(|| {
+            // SAFETY: RTLD_NOLOAD only looks up a library already loaded (torch's libgomp);
+            // `GOMP_parallel` has had this signature in libgomp's ABI since GCC 4.9.
+            unsafe {
+                let handle = dlopen(c"libgomp.so.1".as_ptr(), RTLD_LAZY | RTLD_NOLOAD);
+                if handle.is_null() {
+                    return None;
+                }
+                let symbol = dlsym(handle, c"GOMP_parallel".as_ptr());
+                (!symbol.is_null()).then_some(symbol as usize)
+            }
+        });
+        // SAFETY: the address is libgomp's GOMP_parallel (above).
+        address.map(|a| unsafe { std::mem::transmute::<usize, Parallel>(a) })
+    }
+
+    struct Job<'a> {
+        run: &'a (dyn Fn() + Sync),
+        panic: Mutex<Option<Box<dyn std::any::Any + Send>>>,
+    }
+
+    unsafe extern "C" fn trampoline(data: *mut c_void) {
+        // SAFETY: `data` is the `Job` that `parallel` keeps alive until GOMP_parallel returns.
+        let job = unsafe { &*(data as *const Job<'_>) };
+        if let Err(payload) = catch_unwind(AssertUnwindSafe(|| (job.run)())) {
+            if let Ok(mut slot) = job.panic.lock() {
+                slot.get_or_insert(payload);
+            }
+        }
+    }
+
+    /// Runs `run` on every thread of an OpenMP team of up to `threads`; false when libgomp is
+    /// not loaded (nothing ran). A panic in any thread is re-raised here.
+    pub fn parallel(threads: usize, run: &(dyn Fn() + Sync)) -> bool {
+        let Some(gomp) = gomp_parallel() else {
+            return false;
+        };
+        let job = Job {
+            run,
+            panic: Mutex::new(None),
+        };
+        // SAFETY: the trampoline only reads `job`, which outlives the call; GOMP_parallel
+        // returns after every thread of the team has finished.
+        unsafe {
+            gomp(
+                trampoline,
+                &job as *const Job<'_> as *mut c_void,
+                threads as c_uint,
+                0,
+            )
+        };
+        if let Some(payload) = job.panic.into_inner().ok().flatten() {
+            resume_unwind(payload);
+        }
+        true
+    }
+}
+
+/// Per-channel records of `width` values that threads owning disjoint channels write.
+struct Records {
+    ptr: *mut f64,
+    width: usize,
+}
+
+// SAFETY: each channel's record is written by the one thread that took that channel.
+unsafe impl Send for Records {}
+unsafe impl Sync for Records {}
+
+impl Records {
+    fn new(values: &mut [f64], width: usize) -> Self {
+        Records {
+            ptr: values.as_mut_ptr(),
+            width,
+        }
+    }
+
+    /// Channel `c`'s record.
+    ///
+    /// # Safety
+    /// `c` is within the records and only the calling thread holds channel `c`.
+    #[allow(clippy::mut_from_ref)]
+    unsafe fn get(&self, c: usize) -> &mut [f64] {
+        std::slice::from_raw_parts_mut(self.ptr.add(c * self.width), self.width)
+    }
 }
 
 /// How many threads a job of `elements` input elements is worth (one below ~64k).
@@ -372,31 +499,49 @@ fn lane_sum<const FMA: bool>(a: &[f64]) -> f64 {
     (acc[0] + acc[1]) + (acc[2] + acc[3]) + tail
 }
 
-/// `dst[j] += kt g[j] + ct - sum_u quad[u] rows[u][j]` for one tap of the input-gradient pass.
+/// `dst[j] += add - sum_u coefs[u] rows[u][j]`: every row pass of the kernel (folded conv,
+/// input gradient) is one of these.
 #[inline(always)]
-fn scatter_row<const FMA: bool>(dst: &mut [f64], g: &[f64], rows: &[&[f64]], quad: &[f64], kt: f64, ct: f64) {
+fn accumulate_rows<const FMA: bool>(dst: &mut [f64], rows: &[&[f64]], coefs: &[f64], add: f64) {
     let len = dst.len();
-    assert!(g.len() >= len && quad.len() >= rows.len() && rows.iter().all(|r| r.len() >= len));
+    assert!(coefs.len() >= rows.len() && rows.iter().all(|r| r.len() >= len));
     #[cfg(target_arch = "x86_64")]
     if FMA {
-        // SAFETY: FMA is true only inside the AVX2+FMA build (see `dispatched!`); lengths checked.
-        unsafe {
-            if rows.len() == 9 {
-                avx::scatter_row::<9>(dst, g, rows, quad, kt, ct);
-            } else {
-                avx::scatter_row_any(dst, g, rows, quad, kt, ct);
+        if rows.is_empty() {
+            dst.iter_mut().for_each(|d| *d += add);
+        }
+        for (i, (rows, coefs)) in rows.chunks(GROUP).zip(coefs.chunks(GROUP)).enumerate() {
+            let add = if i == 0 { add } else { 0.0 };
+            // SAFETY: FMA is true only inside the AVX2+FMA build (see `dispatched!`); lengths
+            // checked above.
+            unsafe {
+                match rows.len() {
+                    1 => avx::accumulate::<1>(dst, rows, coefs, add),
+                    2 => avx::accumulate::<2>(dst, rows, coefs, add),
+                    3 => avx::accumulate::<3>(dst, rows, coefs, add),
+                    4 => avx::accumulate::<4>(dst, rows, coefs, add),
+                    5 => avx::accumulate::<5>(dst, rows, coefs, add),
+                    6 => avx::accumulate::<6>(dst, rows, coefs, add),
+                    7 => avx::accumulate::<7>(dst, rows, coefs, add),
+                    8 => avx::accumulate::<8>(dst, rows, coefs, add),
+                    9 => avx::accumulate::<9>(dst, rows, coefs, add),
+                    _ => avx::accumulate::<10>(dst, rows, coefs, add),
+                }
             }
         }
         return;
     }
-    for j in 0..len {
-        let mut acc = fmadd::<FMA>(kt, g[j], ct);
-        for (u, row) in rows.iter().enumerate() {
-            acc = fmadd::<FMA>(-quad[u], row[j], acc);
+    for (j, d) in dst.iter_mut().enumerate() {
+        let mut acc = *d + add;
+        for (row, c) in rows.iter().zip(coefs) {
+            acc = fmadd::<FMA>(-c, row[j], acc);
         }
-        dst[j] += acc;
+        *d = acc;
     }
 }
+
+/// Rows per pass of [`accumulate_rows`] (their coefficients and pointers stay in registers).
+const GROUP: usize = 10;
 
 /// AVX2+FMA row kernels. Callers guarantee the CPU features and the slice lengths.
 #[cfg(target_arch = "x86_64")]
@@ -431,8 +576,8 @@ mod avx {
         }
         for n in 0..N {
             let mut sum = horizontal(acc[n]);
-            for i in whole..len {
-                sum = a[i].mul_add(*ptrs[n].add(i), sum);
+            for (i, v) in a.iter().enumerate().skip(whole) {
+                sum = v.mul_add(*ptrs[n].add(i), sum);
             }
             out[n] += sum;
         }
@@ -454,82 +599,52 @@ mod avx {
         horizontal(_mm256_add_pd(s0, s1)) + a[whole..].iter().sum::<f64>()
     }
 
-    /// # Safety
-    /// `rows.len() == T`, `quad.len() >= T`, `g` and every row at least `dst.len()` long.
-    #[inline]
-    #[target_feature(enable = "avx2,fma")]
-    pub unsafe fn scatter_row<const T: usize>(
-        dst: &mut [f64],
-        g: &[f64],
-        rows: &[&[f64]],
-        quad: &[f64],
-        kt: f64,
-        ct: f64,
-    ) {
-        let len = dst.len();
-        let whole = len - len % 4;
-        let q: [__m256d; T] = std::array::from_fn(|u| _mm256_set1_pd(quad[u]));
-        let ptrs: [*const f64; T] = std::array::from_fn(|u| rows[u].as_ptr());
-        let (k, c) = (_mm256_set1_pd(kt), _mm256_set1_pd(ct));
-        let mut j = 0;
-        while j < whole {
-            let mut acc = _mm256_fmadd_pd(k, _mm256_loadu_pd(g.as_ptr().add(j)), c);
-            for u in 0..T {
-                acc = _mm256_fnmadd_pd(q[u], _mm256_loadu_pd(ptrs[u].add(j)), acc);
-            }
-            let d = dst.as_mut_ptr().add(j);
-            _mm256_storeu_pd(d, _mm256_add_pd(_mm256_loadu_pd(d), acc));
-            j += 4;
-        }
-        for j in whole..len {
-            let mut acc = kt.mul_add(g[j], ct);
-            for u in 0..T {
-                acc = (-quad[u]).mul_add(*ptrs[u].add(j), acc);
-            }
-            dst[j] += acc;
-        }
-    }
-
-    /// [`scatter_row`] for any number of taps.
+    /// `dst[j] += add - sum_n coefs[n] rows[n][j]` for `N` rows.
     ///
     /// # Safety
-    /// As [`scatter_row`], with `quad.len() >= rows.len()`.
+    /// `rows` and `coefs` hold at least `N` entries, every row at least `dst.len()` long.
     #[inline]
     #[target_feature(enable = "avx2,fma")]
-    pub unsafe fn scatter_row_any(
+    pub unsafe fn accumulate<const N: usize>(
         dst: &mut [f64],
-        g: &[f64],
         rows: &[&[f64]],
-        quad: &[f64],
-        kt: f64,
-        ct: f64,
+        coefs: &[f64],
+        add: f64,
     ) {
         let len = dst.len();
         let whole = len - len % 4;
-        let (k, c) = (_mm256_set1_pd(kt), _mm256_set1_pd(ct));
+        let c: [__m256d; N] = std::array::from_fn(|n| _mm256_set1_pd(coefs[n]));
+        let ptrs: [*const f64; N] = std::array::from_fn(|n| rows[n].as_ptr());
+        let base = _mm256_set1_pd(add);
+        let d = dst.as_mut_ptr();
         let mut j = 0;
         while j < whole {
-            let mut acc = _mm256_fmadd_pd(k, _mm256_loadu_pd(g.as_ptr().add(j)), c);
-            for (u, row) in rows.iter().enumerate() {
-                acc = _mm256_fnmadd_pd(_mm256_set1_pd(quad[u]), _mm256_loadu_pd(row.as_ptr().add(j)), acc);
+            let mut acc = _mm256_add_pd(_mm256_loadu_pd(d.add(j)), base);
+            for n in 0..N {
+                acc = _mm256_fnmadd_pd(c[n], _mm256_loadu_pd(ptrs[n].add(j)), acc);
             }
-            let d = dst.as_mut_ptr().add(j);
-            _mm256_storeu_pd(d, _mm256_add_pd(_mm256_loadu_pd(d), acc));
+            _mm256_storeu_pd(d.add(j), acc);
             j += 4;
         }
         for j in whole..len {
-            let mut acc = kt.mul_add(g[j], ct);
-            for (u, row) in rows.iter().enumerate() {
-                acc = (-quad[u]).mul_add(*row.as_ptr().add(j), acc);
+            let mut acc = *d.add(j) + add;
+            for n in 0..N {
+                acc = (-coefs[n]).mul_add(*ptrs[n].add(j), acc);
             }
-            dst[j] += acc;
+            *d.add(j) = acc;
         }
     }
 }
 
 /// The tap rows of output row `oy`: one slice of `buf` per tap.
 #[inline(always)]
-fn tap_rows<'a>(geo: &Geometry, offsets: &[usize], buf: &'a [f64], oy: usize, rows: &mut Vec<&'a [f64]>) {
+fn tap_rows<'a>(
+    geo: &Geometry,
+    offsets: &[usize],
+    buf: &'a [f64],
+    oy: usize,
+    rows: &mut Vec<&'a [f64]>,
+) {
     rows.clear();
     rows.extend(offsets.iter().map(|&o| &buf[o + oy * geo.pw..][..geo.ow]));
 }
@@ -552,7 +667,11 @@ fn moments_plane<T: Element, const FMA: bool>(
         tap_rows(geo, offsets, buf, oy, &mut rows);
         for t1 in 0..taps {
             sums[t1] += lane_sum::<FMA>(rows[t1]);
-            dots::<FMA>(rows[t1], &rows[t1..], &mut cross[t1 * taps + t1..(t1 + 1) * taps]);
+            dots::<FMA>(
+                rows[t1],
+                &rows[t1..],
+                &mut cross[t1 * taps + t1..(t1 + 1) * taps],
+            );
         }
     }
 }
@@ -589,6 +708,158 @@ struct Scatter {
     keff: Vec<f64>,
     konst: Vec<f64>,
     quad: Vec<f64>,
+    /// Stride 1 only: `corr[d] = sum_{u - t = d} quad[t][u]` over the `(2k - 1)^2` offsets, and
+    /// `sum_t konst[t]` (see [`dx_plane_dense`]).
+    corr: Vec<f64>,
+    konst_sum: f64,
+    /// Per tap `t`: `[-keff[t], quad[t][..]]`, the coefficients of `[g, patch rows]`.
+    tap_coefs: Vec<f64>,
+}
+
+impl Scatter {
+    fn new(k: usize, keff: Vec<f64>, konst: Vec<f64>, quad: Vec<f64>) -> Self {
+        let (taps, span) = (k * k, 2 * k - 1);
+        let mut corr = vec![0.0; span * span];
+        for t in 0..taps {
+            for u in 0..taps {
+                let dy = u / k + k - 1 - t / k;
+                let dx = u % k + k - 1 - t % k;
+                corr[dy * span + dx] += quad[t * taps + u];
+            }
+        }
+        let konst_sum = konst.iter().sum();
+        let tap_coefs = (0..taps)
+            .flat_map(|t| std::iter::once(-keff[t]).chain(quad[t * taps..][..taps].iter().copied()))
+            .collect();
+        Scatter {
+            keff,
+            konst,
+            quad,
+            corr,
+            konst_sum,
+            tap_coefs,
+        }
+    }
+}
+
+/// Buffers and offsets of the stride-1 input-gradient pass, per thread.
+///
+/// The pass works in an extended frame: the padded frame plus a margin `E = (k - 1) d` on every
+/// side, holding `x - mu` (`-mu` outside the input) and `g` (zero outside the output grid).
+struct Dense {
+    ext: Geometry,
+    margin: usize,
+    /// Per offset `d` of `corr`: where `(x - mu)[q + d]` starts for padded position `q = (0, 0)`.
+    x_offsets: Vec<usize>,
+    /// Per tap `t`: where `g[q - t]` starts for `q = (0, 0)`.
+    g_offsets: Vec<usize>,
+    xbuf: Vec<f64>,
+    gbuf: Vec<f64>,
+    dbuf: Vec<f64>,
+}
+
+impl Dense {
+    fn new(geo: &Geometry) -> Option<Self> {
+        if geo.stride != 1 {
+            return None;
+        }
+        let (k, d) = (geo.k, geo.dilation);
+        let margin = (k - 1) * d;
+        let ext = Geometry::new(k, 1, geo.padding + margin, d, geo.h, geo.w)?;
+        let pw = ext.pw;
+        let span = 2 * k - 1;
+        let x_offsets = (0..span * span)
+            .map(|i| (i / span) * d * pw + (i % span) * d)
+            .collect();
+        let g_offsets = (0..k * k)
+            .map(|t| (margin - (t / k) * d) * pw + margin - (t % k) * d)
+            .collect();
+        let len = ext.buffer_len();
+        Some(Dense {
+            ext,
+            margin,
+            x_offsets,
+            g_offsets,
+            xbuf: vec![0.0; len],
+            gbuf: vec![0.0; len],
+            dbuf: vec![0.0; len],
+        })
+    }
+}
+
+/// One plane's input gradient for stride 1, in gather form. At padded position `q`,
+/// `dx[q] = sum_t keff[t] g[q - t] + sum_t konst[t] - sum_d corr[d] (x - mu)[q + d]` counts
+/// every tap `t` as if `q - t` were an output; the outputs just outside the grid that this
+/// counts (`g` is zero there, so only their `konst` and `quad` terms) are then taken back one
+/// by one. `corr` has `(2k - 1)^2` taps where the scatter form applies `k^4`.
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+fn dx_plane_dense<T: Element, const FMA: bool>(
+    geo: &Geometry,
+    x: &[T],
+    g: &[T],
+    shift: f64,
+    sc: &Scatter,
+    dense: &mut Dense,
+    dx: &mut [T],
+) {
+    let Dense {
+        ext,
+        margin,
+        x_offsets,
+        g_offsets,
+        xbuf,
+        gbuf,
+        dbuf,
+    } = dense;
+    let (e, pwx) = (*margin, ext.pw);
+    ext.fill(x, shift, xbuf);
+    for (oy, src) in g.chunks_exact(geo.ow).enumerate() {
+        let dst = &mut gbuf[(oy + e) * pwx + e..][..geo.ow];
+        for (d, s) in dst.iter_mut().zip(src) {
+            *d = s.to_f64();
+        }
+    }
+    let mut coef: Vec<f64> = sc.corr.clone();
+    coef.extend(sc.keff.iter().map(|v| -v));
+    let mut rows: Vec<&[f64]> = Vec::with_capacity(coef.len());
+    for qy in 0..geo.ph {
+        rows.clear();
+        rows.extend(x_offsets.iter().map(|&o| &xbuf[qy * pwx + o..][..geo.pw]));
+        rows.extend(g_offsets.iter().map(|&o| &gbuf[qy * pwx + o..][..geo.pw]));
+        let dst = &mut dbuf[(qy + e) * pwx + e..][..geo.pw];
+        dst.fill(0.0);
+        accumulate_rows::<FMA>(dst, &rows, &coef, sc.konst_sum);
+    }
+    // Take back the outputs just outside the grid: scatter `-(konst[t] - quad[t] . patch)` from
+    // each, a row segment at a time; targets outside the padded frame land in the margin,
+    // which is never gathered.
+    let (k, d, taps) = (geo.k, geo.dilation, geo.k * geo.k);
+    let tap_offset = |t: usize| (t / k) * d * pwx + (t % k) * d;
+    let (oh, ow) = (geo.oh, geo.ow);
+    let full = ow + 2 * e;
+    // Virtual output rows (ext coordinates `py` = output row + e) and their column segments.
+    let segments = (0..e)
+        .chain(oh + e..oh + 2 * e)
+        .map(|py| (py, 0, full))
+        .chain((e..oh + e).flat_map(|py| [(py, 0, e), (py, ow + e, full)]));
+    let mut patch: Vec<&[f64]> = Vec::with_capacity(taps);
+    let mut negated = vec![0.0; taps];
+    for (py, c0, c1) in segments {
+        if c0 >= c1 {
+            continue;
+        }
+        patch.clear();
+        patch.extend((0..taps).map(|u| &xbuf[py * pwx + c0 + tap_offset(u)..][..c1 - c0]));
+        for t in 0..taps {
+            for (n, q) in negated.iter_mut().zip(&sc.quad[t * taps..][..taps]) {
+                *n = -q;
+            }
+            let dst = &mut dbuf[py * pwx + c0 + tap_offset(t)..][..c1 - c0];
+            accumulate_rows::<FMA>(dst, &patch, &negated, -sc.konst[t]);
+        }
+    }
+    ext.gather(dbuf, dx);
 }
 
 /// One plane's input gradient: scatter into the padded frame `dbuf`, then gather into `dx`.
@@ -610,19 +881,51 @@ fn dx_plane<T: Element, const FMA: bool>(
     dbuf.fill(0.0);
     let taps = offsets.len();
     let ow = geo.ow;
-    let mut rows = Vec::with_capacity(taps);
     for (oy, src) in g.chunks_exact(ow).enumerate() {
         for (d, s) in grow.iter_mut().zip(src) {
             *d = s.to_f64();
         }
-        tap_rows(geo, offsets, buf, oy, &mut rows);
+        let mut rows: Vec<&[f64]> = Vec::with_capacity(taps + 1);
+        rows.push(grow);
+        rows.extend(offsets.iter().map(|&o| &buf[o + oy * geo.pw..][..ow]));
         for t in 0..taps {
-            let quad = &sc.quad[t * taps..][..taps];
             let dst = &mut dbuf[offsets[t] + oy * geo.pw..][..ow];
-            scatter_row::<FMA>(dst, grow, &rows, quad, sc.keff[t], sc.konst[t]);
+            accumulate_rows::<FMA>(
+                dst,
+                &rows,
+                &sc.tap_coefs[t * (taps + 1)..][..taps + 1],
+                sc.konst[t],
+            );
         }
     }
     geo.gather(dbuf, dx);
+}
+
+/// One output plane of the folded conv: `out[p] = base + sum_t kernel[t] (x - shift)[p + t]`
+/// (the padding reads `-shift`, so `base` carries `shift * sum kernel`).
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+fn conv_plane<T: Element, const FMA: bool>(
+    geo: &Geometry,
+    offsets: &[usize],
+    x: &[T],
+    shift: f64,
+    negated: &[f64],
+    base: f64,
+    buf: &mut [f64],
+    acc: &mut [f64],
+    out: &mut [T],
+) {
+    geo.fill(x, shift, buf);
+    let mut rows = Vec::with_capacity(offsets.len());
+    for (oy, dst) in out.chunks_exact_mut(geo.ow).enumerate() {
+        tap_rows(geo, offsets, buf, oy, &mut rows);
+        acc.fill(0.0);
+        accumulate_rows::<FMA>(acc, &rows, negated, base);
+        for (d, v) in dst.iter_mut().zip(acc.iter()) {
+            *d = T::from_f64(*v);
+        }
+    }
 }
 
 /// Whether the CPU runs the AVX2+FMA builds of the row kernels.
@@ -631,7 +934,8 @@ fn simd() -> bool {
     {
         static SIMD: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
         *SIMD.get_or_init(|| {
-            std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma")
+            std::arch::is_x86_feature_detected!("avx2")
+                && std::arch::is_x86_feature_detected!("fma")
         })
     }
     #[cfg(not(target_arch = "x86_64"))]
@@ -676,6 +980,32 @@ dispatched!(dx_plane_run, dx_plane_simd, dx_plane, (
     buf: &mut [f64], dbuf: &mut [f64], grow: &mut [f64], dx: &mut [T]
 ));
 
+dispatched!(dx_plane_dense_run, dx_plane_dense_simd, dx_plane_dense, (
+    geo: &Geometry, x: &[T], g: &[T], shift: f64, sc: &Scatter, dense: &mut Dense, dx: &mut [T]
+));
+dispatched!(conv_plane_run, conv_plane_simd, conv_plane, (
+    geo: &Geometry, offsets: &[usize], x: &[T], shift: f64, negated: &[f64], base: f64,
+    buf: &mut [f64], acc: &mut [f64], out: &mut [T]
+));
+
+/// A raw pointer to an NCHW tensor that threads owning disjoint channels write through.
+struct PlaneWriter<T>(*mut T);
+
+// SAFETY: every thread writes only the planes of its own channels (see `plane`).
+unsafe impl<T: Send> Send for PlaneWriter<T> {}
+unsafe impl<T: Send> Sync for PlaneWriter<T> {}
+
+impl<T> PlaneWriter<T> {
+    /// Plane `index` of `len` elements.
+    ///
+    /// # Safety
+    /// The plane lies inside the tensor and no other thread touches it meanwhile.
+    #[allow(clippy::mut_from_ref)]
+    unsafe fn plane(&self, index: usize, len: usize) -> &mut [T] {
+        std::slice::from_raw_parts_mut(self.0.add(index * len), len)
+    }
+}
+
 /// Mean of channel `c` of a contiguous NCHW tensor, in float64.
 fn channel_mean<T: Element>(lay: &Layout, x: &[T], c: usize) -> f64 {
     let total: f64 = (0..lay.n)
@@ -695,69 +1025,159 @@ fn channel_mean<T: Element>(lay: &Layout, x: &[T], c: usize) -> f64 {
     total / (lay.n * lay.plane()) as f64
 }
 
-/// The patch moments of every channel of `x` (contiguous NCHW, `lay`).
-pub fn moments<T: Element>(lay: &Layout, x: &[T], threads: usize) -> Moments {
+/// The BatchNorm affine parameters of every branch, in float64.
+pub struct Affine {
+    /// Per branch, `channels` weights.
+    pub gamma: Vec<Vec<f64>>,
+    /// Per branch, `channels` biases.
+    pub beta: Vec<Vec<f64>>,
+    /// Per branch.
+    pub eps: Vec<f64>,
+}
+
+/// What the forward measured: the patch moments and, per branch and channel (branch-major),
+/// the batch mean, the biased variance, `var + eps` and the BN scale `a = gamma / sqrt(var + eps)`.
+pub struct Forward {
+    pub moments: Moments,
+    pub mean: Vec<f64>,
+    pub var: Vec<f64>,
+    pub var_eps: Vec<f64>,
+    pub a: Vec<f64>,
+}
+
+/// Per channel: the tap means and covariance (normalized), from the raw sums over `count`.
+fn finish_moments(sums: &[f64], cross: &[f64], count: f64, nu: &mut [f64], cov: &mut [f64]) {
+    let taps = sums.len();
+    for t in 0..taps {
+        nu[t] = sums[t] / count;
+    }
+    for t1 in 0..taps {
+        for t2 in t1..taps {
+            let v = cross[t1 * taps + t2] / count - nu[t1] * nu[t2];
+            cov[t1 * taps + t2] = v;
+            cov[t2 * taps + t1] = v;
+        }
+    }
+}
+
+/// Mean and biased variance of a branch with kernel `k` on a channel's moments: the output is
+/// `k . patch`, so its mean is `k . E[patch]` and its variance `k^T Cov k`.
+fn branch_moments(k: &[f64], mu: f64, nu: &[f64], cov: &[f64]) -> (f64, f64) {
+    let taps = k.len();
+    let mean = (0..taps).map(|t| k[t] * (nu[t] + mu)).sum();
+    let var: f64 = (0..taps)
+        .filter(|&t| k[t] != 0.0)
+        .map(|t| k[t] * (0..taps).map(|u| cov[t * taps + u] * k[u]).sum::<f64>())
+        .sum();
+    (mean, var.max(0.0))
+}
+
+/// The training-step forward of a depthwise block's branch sum: per channel the patch moments,
+/// each branch's batch statistics, then the folded conv (`out`, contiguous NCHW of the output
+/// size), one channel after another so that its planes are still in cache.
+pub fn forward<T: Element>(
+    lay: &Layout,
+    x: &[T],
+    kernels: &Kernels,
+    bn: &Affine,
+    out: &mut [T],
+    threads: usize,
+) -> Forward {
     let geo = lay.geo;
-    let taps = geo.taps();
-    let count = lay.count();
-    let mut mu = vec![0.0; lay.c];
-    let mut nu = vec![0.0; lay.c * taps];
-    let mut cov = vec![0.0; lay.c * taps * taps];
-    let outputs = vec![(&mut mu[..], 1), (&mut nu[..], taps), (&mut cov[..], taps * taps)];
-    for_channels(lay.c, threads, outputs, |channels, mut out| {
-        let (cov_out, rest) = out.split_last_mut().expect("three outputs");
-        let (nu_out, mu_out) = rest.split_last_mut().expect("three outputs");
-        let offsets = geo.tap_offsets();
-        let mut buf = vec![0.0; geo.buffer_len()];
-        let mut sums = vec![0.0; taps];
-        let mut cross = vec![0.0; taps * taps];
-        for (i, c) in channels.enumerate() {
+    let (taps, channels, nb) = (geo.taps(), lay.c, kernels.branches());
+    assert!(out.len() == lay.n * channels * lay.out_plane());
+    let count = lay.count() as f64;
+    // Per channel record: mu, nu, cov, then per branch mean and variance.
+    let width = 1 + taps + taps * taps + 2 * nb;
+    let mut records = vec![0.0; channels * width];
+    let writer = PlaneWriter(out.as_mut_ptr());
+    let writer = &writer;
+    let out_plane = lay.out_plane();
+    let rec_writer = Records::new(&mut records, width);
+    let rec_writer = &rec_writer;
+    let offsets = geo.tap_offsets();
+    let init = || {
+        let buf = vec![0.0; geo.buffer_len()];
+        (
+            buf,
+            vec![0.0; taps],
+            vec![0.0; taps * taps],
+            vec![0.0; geo.ow],
+        )
+    };
+    for_channels(channels, threads, init, |(buf, sums, cross, acc), c| {
+        {
+            // SAFETY: only this thread holds channel c.
+            let rec = unsafe { rec_writer.get(c) };
             let shift = channel_mean(lay, x, c);
             sums.fill(0.0);
             cross.fill(0.0);
             for n in 0..lay.n {
                 let plane = lay.input(x, n, c);
-                moments_plane_run(&geo, &offsets, plane, shift, &mut buf, &mut sums, &mut cross);
+                moments_plane_run(&geo, &offsets, plane, shift, buf, sums, cross);
             }
-            mu_out[0][i] = shift;
-            let nu_c = &mut nu_out[i * taps..][..taps];
-            for t in 0..taps {
-                nu_c[t] = sums[t] / count as f64;
-            }
-            let cov_c = &mut cov_out[i * taps * taps..][..taps * taps];
-            for t1 in 0..taps {
-                for t2 in t1..taps {
-                    let v = cross[t1 * taps + t2] / count as f64 - nu_c[t1] * nu_c[t2];
-                    cov_c[t1 * taps + t2] = v;
-                    cov_c[t2 * taps + t1] = v;
+            let (head, stats) = rec.split_at_mut(1 + taps + taps * taps);
+            head[0] = shift;
+            let (nu, cov) = head[1..].split_at_mut(taps);
+            finish_moments(sums, cross, count, nu, cov);
+            // Each branch's statistics, and the folded kernel and bias of this channel.
+            let mut negated = vec![0.0; taps];
+            let mut base = 0.0;
+            for b in 0..nb {
+                let k = kernels.full(&geo, b, c);
+                let (mean, var) = branch_moments(&k, shift, nu, cov);
+                stats[2 * b] = mean;
+                stats[2 * b + 1] = var;
+                let a = bn.gamma[b][c] / (var + bn.eps[b]).sqrt();
+                base += bn.beta[b][c] - a * mean;
+                for t in 0..taps {
+                    negated[t] -= a * k[t];
                 }
+            }
+            // out = bias + sum_t kernel[t] x[p + t] = bias + shift sum(kernel) + kernel . (x - shift)
+            base -= shift * negated.iter().sum::<f64>();
+            for n in 0..lay.n {
+                // SAFETY: plane (n, c) lies inside `out` and only this thread owns channel c.
+                let dst = unsafe { writer.plane(n * channels + c, out_plane) };
+                let plane = lay.input(x, n, c);
+                conv_plane_run(&geo, &offsets, plane, shift, &negated, base, buf, acc, dst);
             }
         }
     });
-    Moments { count, mu, nu, cov }
-}
-
-/// Mean and biased variance of every branch (`branches * channels`, branch-major): a branch's
-/// output is `K . patch`, so its mean is `K . E[patch]` and its variance `K^T Cov K`.
-pub fn branch_statistics(geo: &Geometry, kernels: &Kernels, m: &Moments) -> (Vec<f64>, Vec<f64>) {
-    let taps = geo.taps();
-    let channels = m.mu.len();
-    let nb = kernels.branches();
-    let mut mean = vec![0.0; nb * channels];
-    let mut var = vec![0.0; nb * channels];
-    for c in 0..channels {
-        let nu = &m.nu[c * taps..][..taps];
-        let cov = &m.cov[c * taps * taps..][..taps * taps];
+    let mut moments = Moments {
+        count: lay.count(),
+        mu: vec![0.0; channels],
+        nu: vec![0.0; channels * taps],
+        cov: vec![0.0; channels * taps * taps],
+    };
+    let mut stats = Forward {
+        moments: Moments {
+            count: 0,
+            mu: Vec::new(),
+            nu: Vec::new(),
+            cov: Vec::new(),
+        },
+        mean: vec![0.0; nb * channels],
+        var: vec![0.0; nb * channels],
+        var_eps: vec![0.0; nb * channels],
+        a: vec![0.0; nb * channels],
+    };
+    for (c, rec) in records.chunks_exact(width).enumerate() {
+        moments.mu[c] = rec[0];
+        moments.nu[c * taps..][..taps].copy_from_slice(&rec[1..1 + taps]);
+        moments.cov[c * taps * taps..][..taps * taps]
+            .copy_from_slice(&rec[1 + taps..][..taps * taps]);
+        let branch = &rec[1 + taps + taps * taps..];
         for b in 0..nb {
-            let k = kernels.full(geo, b, c);
-            mean[b * channels + c] = (0..taps).map(|t| k[t] * (nu[t] + m.mu[c])).sum();
-            let quad: f64 = (0..taps)
-                .map(|t1| k[t1] * (0..taps).map(|t2| cov[t1 * taps + t2] * k[t2]).sum::<f64>())
-                .sum();
-            var[b * channels + c] = quad.max(0.0);
+            let i = b * channels + c;
+            stats.mean[i] = branch[2 * b];
+            stats.var[i] = branch[2 * b + 1];
+            stats.var_eps[i] = stats.var[i] + bn.eps[b];
+            stats.a[i] = bn.gamma[b][c] / stats.var_eps[i].sqrt();
         }
     }
-    (mean, var)
+    stats.moments = moments;
+    stats
 }
 
 /// What the backward needs per branch and channel (`branches * channels`, branch-major): the
@@ -781,45 +1201,76 @@ pub struct Gradients {
     pub beta: Vec<f64>,
 }
 
-/// Per channel: `sum g` and `sum_p g[p] * (x - mu)[p + t]` for every tap.
-fn grad_patch_sums<T: Element>(lay: &Layout, x: &[T], g: &[T], m: &Moments, threads: usize) -> (Vec<f64>, Vec<f64>) {
-    let geo = lay.geo;
-    let taps = geo.taps();
-    let mut gsum = vec![0.0; lay.c];
-    let mut h = vec![0.0; lay.c * taps];
-    let outputs = vec![(&mut gsum[..], 1), (&mut h[..], taps)];
-    for_channels(lay.c, threads, outputs, |channels, mut out| {
-        let (h_out, rest) = out.split_last_mut().expect("two outputs");
-        let gsum_out = &mut rest[0];
-        let offsets = geo.tap_offsets();
-        let mut buf = vec![0.0; geo.buffer_len()];
-        let mut grow = vec![0.0; geo.ow];
-        for (i, c) in channels.enumerate() {
-            let h_c = &mut h_out[i * taps..][..taps];
-            for n in 0..lay.n {
-                let (xp, gp) = (lay.input(x, n, c), lay.output(g, n, c));
-                grad_sums_plane_run(&geo, &offsets, xp, gp, m.mu[c], &mut buf, &mut grow, &mut gsum_out[i], h_c);
-            }
-        }
-    });
-    (gsum, h)
-}
-
-/// A raw pointer to the input gradient that threads owning disjoint channels write through.
-struct PlaneWriter<T>(*mut T);
-
-// SAFETY: every thread writes only the planes of its own channels (see `backward`).
-unsafe impl<T: Send> Send for PlaneWriter<T> {}
-unsafe impl<T: Send> Sync for PlaneWriter<T> {}
-
-/// The backward of the depthwise branch sum: writes the input gradient into `dx` (contiguous
-/// NCHW like `x`) and returns the parameter gradients.
+/// One channel's parameter gradients and the scatter its input gradient applies, from `sum g`
+/// and `h[t] = sum_p g[p] (x - mu)[p + t]`. Writes `[gamma grads (nb), kernel grads (nb * taps)]`
+/// into `rec`.
 ///
-/// Per branch `b` and channel: `dL/dy_b = a_b (g - mean g) - coef_b (y_b - m_b)` with
+/// Per branch `b`: `dL/dy_b = a_b (g - mean g) - coef_b (y_b - m_b)` with
 /// `coef_b = a_b S_b / (M (var_b + eps))` and `S_b = sum g (y_b - m_b) = K_b . h'`, where
-/// `h'[t] = sum_p (g - mean g)[p] x[p + t]`. Hence the kernel gradient
+/// `h'[t] = sum_p (g - mean g)[p] x[p + t] = h[t] - sum g * nu[t]`. Hence the kernel gradient
 /// `a_b h' - coef_b M Cov K_b`, and the input gradient scatters, per output position,
 /// `sum_b dL/dy_b[p] K_b` over the patch.
+#[allow(clippy::too_many_arguments)]
+fn channel_gradients(
+    geo: &Geometry,
+    kernels: &Kernels,
+    scales: &BranchScales<'_>,
+    m: &Moments,
+    c: usize,
+    gsum: f64,
+    h: &[f64],
+    rec: &mut [f64],
+) -> Scatter {
+    let (taps, channels, count) = (geo.taps(), m.mu.len(), m.count as f64);
+    let nb = kernels.branches();
+    let nu = &m.nu[c * taps..][..taps];
+    let cov = &m.cov[c * taps * taps..][..taps * taps];
+    let hc: Vec<f64> = (0..taps).map(|t| h[t] - gsum * nu[t]).collect();
+    let gbar = gsum / count;
+    let (mut keff, mut konst, mut quad) =
+        (vec![0.0; taps], vec![0.0; taps], vec![0.0; taps * taps]);
+    let (gamma, dk) = rec.split_at_mut(nb);
+    for b in 0..nb {
+        let k = kernels.full(geo, b, c);
+        let (a, ve) = (scales.a[b * channels + c], scales.var_eps[b * channels + c]);
+        let s: f64 = (0..taps).map(|t| k[t] * hc[t]).sum();
+        let cf = a * s / (count * ve);
+        gamma[b] = s / ve.sqrt();
+        // dK = a h' - coef M Cov K = (a / ve) (h' ve - (K . h') Cov K); with ve = K.u + eps and
+        // u = Cov K the bracket is h' eps + sum_s K[s] (h'[t] u[s] - u[t] h'[s]), whose s = t
+        // term is exactly zero: BN makes a branch's gradient along its own kernel O(eps), and
+        // this form keeps it from cancelling (the scale's is all of that kind).
+        let u: Vec<f64> = (0..taps)
+            .map(|t| (0..taps).map(|v| cov[t * taps + v] * k[v]).sum())
+            .collect();
+        let eps = scales.eps[b];
+        for t in 0..taps {
+            let turn: f64 = (0..taps)
+                .filter(|&s| s != t && k[s] != 0.0)
+                .map(|s| k[s] * (hc[t] * u[s] - u[t] * hc[s]))
+                .sum();
+            dk[b * taps + t] = a / ve * (hc[t] * eps + turn);
+        }
+        let k_nu: f64 = (0..taps).map(|t| k[t] * nu[t]).sum();
+        for t in 0..taps {
+            keff[t] += a * k[t];
+            konst[t] += cf * k[t] * k_nu;
+            if k[t] != 0.0 {
+                for u in 0..taps {
+                    quad[t * taps + u] += cf * k[t] * k[u];
+                }
+            }
+        }
+    }
+    for t in 0..taps {
+        konst[t] -= keff[t] * gbar;
+    }
+    Scatter::new(geo.k, keff, konst, quad)
+}
+
+/// The backward of the depthwise branch sum: writes the input gradient into `dx` (contiguous
+/// NCHW like `x`) and returns the parameter gradients. Channel by channel: `sum g` and
+/// `sum g * patch` (one pass), the parameter gradients, then the input gradient (one pass).
 #[allow(clippy::too_many_arguments)]
 pub fn backward<T: Element>(
     lay: &Layout,
@@ -832,103 +1283,71 @@ pub fn backward<T: Element>(
     threads: usize,
 ) -> Gradients {
     let geo = lay.geo;
-    let (taps, channels, count) = (geo.taps(), lay.c, m.count as f64);
+    let (taps, channels) = (geo.taps(), lay.c);
     let (nconv, nb) = (kernels.conv.len(), kernels.branches());
-    let (gsum, h) = grad_patch_sums(lay, x, g, m, threads);
-
-    // Per channel and branch: h', S_b, coef_b and the parameter gradients.
+    assert!(dx.len() == x.len() && g.len() == lay.n * channels * lay.out_plane());
+    // Per channel record: sum g, per branch the BN weight's gradient, then its full kernel's.
+    let width = 1 + nb + nb * taps;
+    let mut records = vec![0.0; channels * width];
+    let writer = PlaneWriter(dx.as_mut_ptr());
+    let writer = &writer;
+    let plane = lay.plane();
+    let rec_writer = Records::new(&mut records, width);
+    let rec_writer = &rec_writer;
+    let offsets = geo.tap_offsets();
+    let init = || {
+        let buf = vec![0.0; geo.buffer_len()];
+        (
+            buf,
+            vec![0.0; geo.buffer_len()],
+            vec![0.0; geo.ow],
+            Dense::new(&geo),
+            vec![0.0; taps],
+        )
+    };
+    for_channels(channels, threads, init, |(buf, dbuf, grow, dense, h), c| {
+        {
+            // SAFETY: only this thread holds channel c.
+            let rec = unsafe { rec_writer.get(c) };
+            let mut gsum = 0.0;
+            h.fill(0.0);
+            for n in 0..lay.n {
+                let (xp, gp) = (lay.input(x, n, c), lay.output(g, n, c));
+                grad_sums_plane_run(&geo, &offsets, xp, gp, m.mu[c], buf, grow, &mut gsum, h);
+            }
+            rec[0] = gsum;
+            let sc = channel_gradients(&geo, kernels, scales, m, c, gsum, h, &mut rec[1..]);
+            for n in 0..lay.n {
+                // SAFETY: plane (n, c) lies inside `dx` and only this thread owns channel c.
+                let out = unsafe { writer.plane(n * channels + c, plane) };
+                let (xp, gp) = (lay.input(x, n, c), lay.output(g, n, c));
+                match dense.as_mut() {
+                    Some(dense) => dx_plane_dense_run(&geo, xp, gp, m.mu[c], &sc, dense, out),
+                    None => {
+                        dx_plane_run(&geo, &offsets, xp, gp, m.mu[c], &sc, buf, dbuf, grow, out)
+                    }
+                }
+            }
+        }
+    });
     let mut grads = Gradients {
         conv: vec![vec![0.0; channels * taps]; nconv],
         centre: vec![vec![0.0; channels]; nb - nconv],
         gamma: vec![0.0; nb * channels],
-        beta: gsum.clone(),
+        beta: vec![0.0; channels],
     };
-    let mut coef = vec![0.0; nb * channels];
-    for c in 0..channels {
-        let nu = &m.nu[c * taps..][..taps];
-        let cov = &m.cov[c * taps * taps..][..taps * taps];
-        let hc: Vec<f64> = (0..taps).map(|t| h[c * taps + t] - gsum[c] * nu[t]).collect();
+    for (c, rec) in records.chunks_exact(width).enumerate() {
+        grads.beta[c] = rec[0];
         for b in 0..nb {
-            let k = kernels.full(&geo, b, c);
-            let (a, ve) = (scales.a[b * channels + c], scales.var_eps[b * channels + c]);
-            let s: f64 = (0..taps).map(|t| k[t] * hc[t]).sum();
-            let cf = a * s / (count * ve);
-            coef[b * channels + c] = cf;
-            grads.gamma[b * channels + c] = s / ve.sqrt();
-            // dK = a h' - coef M Cov K = (a / ve) (h' ve - (K . h') Cov K); with ve = K.u + eps
-            // and u = Cov K the bracket is h' eps + sum_s K[s] (h'[t] u[s] - u[t] h'[s]), whose
-            // s = t term is exactly zero: BN makes a branch's gradient along its own kernel
-            // O(eps), and this form keeps it from cancelling (the scale's is all of that kind).
-            let u: Vec<f64> = (0..taps)
-                .map(|t| (0..taps).map(|v| cov[t * taps + v] * k[v]).sum())
-                .collect();
-            let eps = scales.eps[b];
-            let dk = |t: usize| {
-                let turn: f64 = (0..taps)
-                    .filter(|&s| s != t && k[s] != 0.0)
-                    .map(|s| k[s] * (hc[t] * u[s] - u[t] * hc[s]))
-                    .sum();
-                a / ve * (hc[t] * eps + turn)
-            };
+            grads.gamma[b * channels + c] = rec[1 + b];
+            let dk = &rec[1 + nb + b * taps..][..taps];
             if b < nconv {
-                for t in 0..taps {
-                    grads.conv[b][c * taps + t] = dk(t);
-                }
+                grads.conv[b][c * taps..][..taps].copy_from_slice(dk);
             } else {
-                grads.centre[b - nconv][c] = dk(geo.centre());
+                grads.centre[b - nconv][c] = dk[geo.centre()];
             }
         }
     }
-
-    let scatters: Vec<Scatter> = (0..channels)
-        .map(|c| {
-            let nu = &m.nu[c * taps..][..taps];
-            let gbar = gsum[c] / count;
-            let mut sc = Scatter {
-                keff: vec![0.0; taps],
-                konst: vec![0.0; taps],
-                quad: vec![0.0; taps * taps],
-            };
-            for b in 0..nb {
-                let k = kernels.full(&geo, b, c);
-                let (a, cf) = (scales.a[b * channels + c], coef[b * channels + c]);
-                let k_nu: f64 = (0..taps).map(|t| k[t] * nu[t]).sum();
-                for t in 0..taps {
-                    sc.keff[t] += a * k[t];
-                    sc.konst[t] += cf * k[t] * k_nu;
-                    if k[t] != 0.0 {
-                        for u in 0..taps {
-                            sc.quad[t * taps + u] += cf * k[t] * k[u];
-                        }
-                    }
-                }
-            }
-            for t in 0..taps {
-                sc.konst[t] -= sc.keff[t] * gbar;
-            }
-            sc
-        })
-        .collect();
-    let writer = PlaneWriter(dx.as_mut_ptr());
-    let writer = &writer;
-    let (plane, cn) = (lay.plane(), lay.c);
-    let scatters = &scatters;
-    for_channels(channels, threads, Vec::new(), |range, _| {
-        let offsets = geo.tap_offsets();
-        let mut buf = vec![0.0; geo.buffer_len()];
-        let mut dbuf = vec![0.0; geo.buffer_len()];
-        let mut grow = vec![0.0; geo.ow];
-        for c in range {
-            for n in 0..lay.n {
-                // SAFETY: plane (n, c) lies inside `dx` and only this thread owns channel c.
-                let out = unsafe {
-                    std::slice::from_raw_parts_mut(writer.0.add((n * cn + c) * plane), plane)
-                };
-                let (xp, gp) = (lay.input(x, n, c), lay.output(g, n, c));
-                dx_plane_run(&geo, &offsets, xp, gp, m.mu[c], &scatters[c], &mut buf, &mut dbuf, &mut grow, out);
-            }
-        }
-    });
     grads
 }
 

@@ -254,6 +254,21 @@ def test_train_step_storing_branch_outputs_matches_oracle(case, dtype):
     _assert_train_step_matches(ours, reference, case.input(dtype), dtype, steps=2)
 
 
+@pytest.fixture
+def branch_path_on_cpu():
+    """Depthwise training steps run the branch-recomputing path CUDA tensors take, instead of
+    the CPU patch-moment kernel."""
+    previous = mobileone_rs._native.set_patch_kernel(False)
+    yield
+    mobileone_rs._native.set_patch_kernel(previous)
+
+
+@pytest.mark.parametrize("case", BN_CASES, ids=str)
+def test_train_step_on_the_cuda_path_matches_oracle(case, dtype, branch_path_on_cpu):
+    ours, reference = _pair(case, dtype)
+    _assert_train_step_matches(ours, reference, case.input(dtype), dtype, steps=2)
+
+
 class _CustomNorm(nn.BatchNorm2d):
     """A BatchNorm2d subclass: not the plain class, so the block must call it as a module."""
 

@@ -61,7 +61,7 @@ def _gil_case(case: str):
         model = mobileone_rs.reparameterize_model(dense) if case == "fused" else dense
         return _no_grad(model, random_input((4, 32, 96, 96)))
     depthwise = mobileone_rs.MobileOneBlock(32, 32, 3, padding=1, groups=32, num_conv_branches=4).double()
-    x = random_input((2, 32, 96, 96)).requires_grad_(True)
+    x = random_input((8, 32, 160, 160)).requires_grad_(True)
 
     def train():
         out = depthwise.train()(x)
@@ -163,3 +163,29 @@ def test_concurrent_reparameterize_model_of_a_shared_model():
         assert_close(eval_output(fused, x), expected, F64, "fused copy vs oracle")
     after = ours.state_dict()
     assert all(torch.equal(before[k], after[k]) for k in before), "the shared source model changed"
+
+
+# ------------------------------------------------------------------------------------------------
+# The depthwise training kernel splits channels over torch's intra-op threads: any thread count
+# gives exactly the same numbers (each channel is computed whole by one thread).
+
+
+@pytest.mark.parametrize("stride", [1, 2])
+def test_depthwise_training_step_is_the_same_on_torch_threads(stride):
+    ours, reference = build_pair("MobileOneBlock", 24, 24, 3, stride=stride, padding=1, groups=24,
+                                 num_conv_branches=3)
+    x = random_input((2, 24, 48, 48))  # above the size the kernel parallelizes from
+    expected = train_step(reference, x)
+    previous = torch.get_num_threads()
+    try:
+        results = {}
+        for threads in (1, 2, 3):
+            torch.set_num_threads(threads)
+            results[threads] = train_step(copy.deepcopy(ours), x)
+    finally:
+        torch.set_num_threads(previous)
+    for threads in (2, 3):
+        for key, value in results[1].items():
+            assert torch.equal(results[threads][key], value), f"{key} with {threads} threads"
+    for key, value in expected.items():
+        assert_close(results[1][key], value, F64, key)
