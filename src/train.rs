@@ -121,17 +121,19 @@ pub struct TrainForward {
 }
 
 /// The train-time branch sum (before SE and ReLU): BN on batch statistics, running statistics
-/// updated. `path` must not be [`TrainPath::Branches`].
+/// updated. `path` must not be [`TrainPath::Branches`]. `raw` allows the CPU kernel that reads
+/// tensor memory directly (see [`crate::depthwise::forward`]).
 pub fn forward(
     spec: &BlockSpec,
     branches: &Branches,
     x: &Tensor,
     path: TrainPath,
+    raw: bool,
 ) -> Result<TrainForward> {
     let _guard = tch::no_grad_guard();
     match path {
         TrainPath::Gram => gram_forward(spec, branches, x),
-        _ => crate::depthwise::forward(spec, branches, x),
+        _ => crate::depthwise::forward(spec, branches, x, raw),
     }
 }
 

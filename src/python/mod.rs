@@ -61,7 +61,7 @@ fn stage_plan(
 /// conv folded from the running statistics.
 #[pyfunction]
 #[allow(clippy::too_many_arguments)]
-#[pyo3(signature = (x, spec, conv, scale, skip, se, training, autocast))]
+#[pyo3(signature = (x, spec, conv, scale, skip, se, training, autocast, raw=false))]
 fn block_forward(
     py: Python<'_>,
     x: &Bound<'_, PyAny>,
@@ -72,6 +72,7 @@ fn block_forward(
     se: Option<PySqueezeExcite>,
     training: bool,
     autocast: bool,
+    raw: bool,
 ) -> PyResult<PyTensor> {
     let x = convert::input_tensor(x)?;
     let spec = BlockSpec::from(spec);
@@ -89,7 +90,7 @@ fn block_forward(
         if training || autocast {
             block::forward_branches(&spec, &branches, se.as_ref(), &x, training)
         } else {
-            block::forward_folded(&spec, &branches, se.as_ref(), &x)
+            block::forward_folded(&spec, &branches, se.as_ref(), &x, raw)
         }
     })?;
     Ok(PyTensor(out))
@@ -138,7 +139,7 @@ fn set_patch_kernel(enabled: bool) -> bool {
 /// The exact train-time branch sum (before SE and ReLU) of a gram or depthwise block, updating the
 /// running statistics; returns the sum and the tensors its backward needs.
 #[pyfunction]
-#[pyo3(signature = (x, spec, conv, scale, skip))]
+#[pyo3(signature = (x, spec, conv, scale, skip, raw=false))]
 fn train_forward(
     py: Python<'_>,
     x: &Bound<'_, PyAny>,
@@ -146,6 +147,7 @@ fn train_forward(
     conv: Vec<PyConvBn>,
     scale: Option<PyConvBn>,
     skip: Option<PyBatchNorm>,
+    raw: bool,
 ) -> PyResult<(PyTensor, Vec<PyTensor>)> {
     let x = convert::input_tensor(x)?;
     let spec = BlockSpec::from(spec);
@@ -153,7 +155,7 @@ fn train_forward(
     let branches = convert::branches(conv, scale, skip);
     let out = py.allow_threads(move || {
         spec.check_input(&x, &branches.conv[0].weight, false)?;
-        train::forward(&spec, &branches, &x, path)
+        train::forward(&spec, &branches, &x, path, raw)
     })?;
     Ok((
         PyTensor(out.output),
@@ -187,7 +189,7 @@ fn train_backward(
 
 /// Forward of a re-parameterized block: one conv, SE, ReLU.
 #[pyfunction]
-#[pyo3(signature = (x, spec, weight, bias, se, autocast))]
+#[pyo3(signature = (x, spec, weight, bias, se, autocast, raw=false))]
 fn fused_forward(
     py: Python<'_>,
     x: &Bound<'_, PyAny>,
@@ -196,13 +198,14 @@ fn fused_forward(
     bias: PyTensor,
     se: Option<PySqueezeExcite>,
     autocast: bool,
+    raw: bool,
 ) -> PyResult<PyTensor> {
     let x = convert::input_tensor(x)?;
     let spec = BlockSpec::from(spec);
     let se = se.map(SqueezeExcite::from);
     let out = py.allow_threads(move || {
         spec.check_input(&x, &weight, autocast)?;
-        block::forward_fused(&spec, &weight, &bias, se.as_ref(), &x)
+        block::forward_fused(&spec, &weight, &bias, se.as_ref(), &x, raw)
     })?;
     Ok(PyTensor(out))
 }
