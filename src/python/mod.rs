@@ -190,6 +190,7 @@ fn train_backward(
 /// Forward of a re-parameterized block: one conv, SE, ReLU.
 #[pyfunction]
 #[pyo3(signature = (x, spec, weight, bias, se, autocast, raw=false))]
+#[allow(clippy::too_many_arguments)]
 fn fused_forward(
     py: Python<'_>,
     x: &Bound<'_, PyAny>,
