@@ -661,6 +661,9 @@ fn moments_plane<T: Element, const FMA: bool>(
     cross: &mut [f64],
 ) {
     geo.fill(x, shift, buf);
+    if shifted_moments::<FMA>(geo, buf, sums, cross) {
+        return;
+    }
     let taps = offsets.len();
     let mut rows = Vec::with_capacity(taps);
     for oy in 0..geo.oh {
@@ -674,6 +677,90 @@ fn moments_plane<T: Element, const FMA: bool>(
             );
         }
     }
+}
+
+/// The stride-1 moments of one filled plane from products of the plane with shifted copies of
+/// itself: taps `t1 <= t2` differ by an offset `delta = t2 - t1`, and their cross sum is the sum
+/// of `x[r][c] x[r + dy][c + dx]` over the window of `t1`. There are `(k^2 + 1) / 2 + k (k - 1) / 2`
+/// offsets (13 for k = 3, against 45 pairs), each one long dot per row over the columns every
+/// window shares, plus the few columns at the window edges. False (nothing added) when the
+/// stride is not 1 or the output is narrower than the kernel's reach.
+#[inline(always)]
+fn shifted_moments<const FMA: bool>(
+    geo: &Geometry,
+    buf: &[f64],
+    sums: &mut [f64],
+    cross: &mut [f64],
+) -> bool {
+    let (k, d, pw, ph, ow, oh) = (geo.k, geo.dilation, geo.pw, geo.ph, geo.ow, geo.oh);
+    let reach = (k - 1) * d;
+    if geo.stride != 1 || ow <= reach || k == 1 {
+        return false;
+    }
+    let taps = k * k;
+    // Offsets (dy, dx) in taps: dy = 0 with dx >= 0, or dy > 0 with any dx.
+    let deltas: Vec<(usize, isize)> = (0..k)
+        .flat_map(|dy| {
+            let from = if dy == 0 { 0 } else { -(k as isize - 1) };
+            (from..k as isize).map(move |dx| (dy, dx))
+        })
+        .collect();
+    let core = reach..ow;
+    // Per offset, row and window column t1x: the window's row sum of the products.
+    let mut window = vec![0.0; deltas.len() * ph * k];
+    let mut plain = vec![0.0; ph * k];
+    let mut partners: Vec<&[f64]> = Vec::with_capacity(deltas.len());
+    let mut live: Vec<usize> = Vec::with_capacity(deltas.len());
+    let mut core_dots = vec![0.0; deltas.len()];
+    for r in 0..ph {
+        let row = &buf[r * pw..][..pw];
+        partners.clear();
+        live.clear();
+        for (i, &(dy, dx)) in deltas.iter().enumerate() {
+            if r + dy * d >= ph {
+                continue;
+            }
+            let start = ((r + dy * d) * pw + core.start) as isize + dx * d as isize;
+            partners.push(&buf[start as usize..][..core.len()]);
+            live.push(i);
+        }
+        core_dots[..live.len()].fill(0.0);
+        dots::<FMA>(&row[core.clone()], &partners, &mut core_dots[..live.len()]);
+        let core_sum = lane_sum::<FMA>(&row[core.clone()]);
+        for t1x in 0..k {
+            let edges = (t1x * d..reach).chain(ow..t1x * d + ow);
+            plain[r * k + t1x] = core_sum + edges.map(|c| row[c]).sum::<f64>();
+        }
+        for (&i, &core_dot) in live.iter().zip(&core_dots) {
+            let (dy, dx) = deltas[i];
+            let other = &buf[(r + dy * d) * pw..][..pw];
+            for t1x in 0..k {
+                let t2x = t1x as isize + dx;
+                if !(0..k as isize).contains(&t2x) {
+                    continue;
+                }
+                let shift = |c: usize| (c as isize + dx * d as isize) as usize;
+                let edges = (t1x * d..reach).chain(ow..t1x * d + ow);
+                let edge: f64 = edges.map(|c| row[c] * other[shift(c)]).sum();
+                window[(i * ph + r) * k + t1x] = core_dot + edge;
+            }
+        }
+    }
+    for t1 in 0..taps {
+        let (t1y, t1x) = (t1 / k, t1 % k);
+        let rows = t1y * d..t1y * d + oh;
+        sums[t1] += rows.clone().map(|r| plain[r * k + t1x]).sum::<f64>();
+        for (i, &(dy, dx)) in deltas.iter().enumerate() {
+            let (t2y, t2x) = (t1y + dy, t1x as isize + dx);
+            if t2y >= k || !(0..k as isize).contains(&t2x) {
+                continue;
+            }
+            let t2 = t2y * k + t2x as usize;
+            let total: f64 = rows.clone().map(|r| window[(i * ph + r) * k + t1x]).sum();
+            cross[t1 * taps + t2] += total;
+        }
+    }
+    true
 }
 
 /// One plane's `sum g` and `sum_p g[p] * (x - mu)[p + t]`.
@@ -838,25 +925,34 @@ fn dx_plane_dense<T: Element, const FMA: bool>(
     let tap_offset = |t: usize| (t / k) * d * pwx + (t % k) * d;
     let (oh, ow) = (geo.oh, geo.ow);
     let full = ow + 2 * e;
-    // Virtual output rows (ext coordinates `py` = output row + e) and their column segments.
-    let segments = (0..e)
-        .chain(oh + e..oh + 2 * e)
-        .map(|py| (py, 0, full))
-        .chain((e..oh + e).flat_map(|py| [(py, 0, e), (py, ow + e, full)]));
+    // Virtual output rows above and below the grid (ext row `py` = output row + e), whole.
     let mut patch: Vec<&[f64]> = Vec::with_capacity(taps);
-    let mut negated = vec![0.0; taps];
-    for (py, c0, c1) in segments {
-        if c0 >= c1 {
-            continue;
-        }
+    let negated: Vec<f64> = sc.quad.iter().map(|q| -q).collect();
+    for py in (0..e).chain(oh + e..oh + 2 * e) {
         patch.clear();
-        patch.extend((0..taps).map(|u| &xbuf[py * pwx + c0 + tap_offset(u)..][..c1 - c0]));
+        patch.extend((0..taps).map(|u| &xbuf[py * pwx + tap_offset(u)..][..full]));
         for t in 0..taps {
-            for (n, q) in negated.iter_mut().zip(&sc.quad[t * taps..][..taps]) {
-                *n = -q;
+            let dst = &mut dbuf[py * pwx + tap_offset(t)..][..full];
+            accumulate_rows::<FMA>(dst, &patch, &negated[t * taps..][..taps], -sc.konst[t]);
+        }
+    }
+    // The `e` virtual columns left and right of every grid row: too short for row passes.
+    let offsets: Vec<usize> = (0..taps).map(tap_offset).collect();
+    let mut values = vec![0.0; taps];
+    for py in e..oh + e {
+        for px in (0..e).chain(ow + e..full) {
+            let at = py * pwx + px;
+            for (v, o) in values.iter_mut().zip(&offsets) {
+                *v = xbuf[at + o];
             }
-            let dst = &mut dbuf[py * pwx + c0 + tap_offset(t)..][..c1 - c0];
-            accumulate_rows::<FMA>(dst, &patch, &negated, -sc.konst[t]);
+            for t in 0..taps {
+                let quad = &sc.quad[t * taps..][..taps];
+                let w = quad
+                    .iter()
+                    .zip(&values)
+                    .fold(sc.konst[t], |w, (q, v)| fmadd::<FMA>(-q, *v, w));
+                dbuf[at + offsets[t]] -= w;
+            }
         }
     }
     ext.gather(dbuf, dx);
