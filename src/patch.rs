@@ -1480,6 +1480,72 @@ pub fn backward<T: Element>(
 mod tests {
     use super::*;
 
+    /// Cross and tap sums of a filled plane, pair by pair over the output grid (the definition).
+    fn direct_moments(geo: &Geometry, buf: &[f64]) -> (Vec<f64>, Vec<f64>) {
+        let offsets = geo.tap_offsets();
+        let taps = offsets.len();
+        let (mut sums, mut cross) = (vec![0.0; taps], vec![0.0; taps * taps]);
+        for oy in 0..geo.oh {
+            for ox in 0..geo.ow {
+                let at = |t: usize| buf[offsets[t] + oy * geo.pw + ox];
+                for t1 in 0..taps {
+                    sums[t1] += at(t1);
+                    for t2 in t1..taps {
+                        cross[t1 * taps + t2] += at(t1) * at(t2);
+                    }
+                }
+            }
+        }
+        (sums, cross)
+    }
+
+    #[test]
+    fn shifted_moments_equal_the_pairwise_definition() {
+        let mut seed = 0x2545f4914f6cdd1du64;
+        let mut next = || {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            (seed >> 11) as f64 / (1u64 << 53) as f64 - 0.5
+        };
+        for (k, d, p, h, w) in [
+            (3, 1, 1, 9, 7),
+            (3, 2, 2, 8, 11),
+            (5, 1, 2, 12, 9),
+            (3, 1, 0, 6, 10),
+            (7, 1, 3, 9, 9),
+        ] {
+            let geo = Geometry::new(k, 1, p, d, h, w).unwrap();
+            let buf: Vec<f64> = (0..geo.buffer_len()).map(|_| next()).collect();
+            let (sums, cross) = direct_moments(&geo, &buf);
+            let taps = geo.taps();
+            let (mut got_sums, mut got_cross) = (vec![0.0; taps], vec![0.0; taps * taps]);
+            assert!(
+                shifted_moments::<false>(&geo, &buf, &mut got_sums, &mut got_cross),
+                "{k} {d} {w}"
+            );
+            for (a, b) in got_sums
+                .iter()
+                .zip(&sums)
+                .chain(got_cross.iter().zip(&cross))
+            {
+                assert!(
+                    (a - b).abs() <= 1e-12 * (1.0 + b.abs()),
+                    "k={k} d={d}: {a} != {b}"
+                );
+            }
+        }
+        // Too narrow for a shared core: the caller's pairwise path runs instead.
+        let geo = Geometry::new(3, 1, 0, 1, 5, 4).unwrap();
+        let buf = vec![1.0; geo.buffer_len()];
+        assert!(!shifted_moments::<false>(
+            &geo,
+            &buf,
+            &mut [0.0; 9],
+            &mut [0.0; 81]
+        ));
+    }
+
     #[test]
     fn tap_offsets_follow_stride_and_dilation() {
         let geo = Geometry::new(3, 2, 1, 1, 6, 6).unwrap();
