@@ -312,13 +312,8 @@ fn to_usize(v: i64) -> Result<usize> {
 }
 
 fn layout(spec: &BlockSpec, x: &Tensor) -> Result<Layout> {
-    check_batch_size(&x.size())?;
-    layout_any(spec, x)
-}
-
-/// The layout of any input (eval needs no batch statistics, so one value per channel is fine).
-fn layout_any(spec: &BlockSpec, x: &Tensor) -> Result<Layout> {
     let size = x.size();
+    check_batch_size(&size)?;
     let geo = Geometry::new(
         to_usize(spec.kernel_size)?,
         to_usize(spec.stride)?,
@@ -367,55 +362,6 @@ fn matrix(v: &[f64], rows: usize, kind: Kind) -> Result<Tensor> {
 
 fn threads(x: &Tensor) -> usize {
     patch::threads_for(x.numel(), tch::get_num_threads().max(1) as usize)
-}
-
-/// The inference conv of a depthwise block with a folded kernel `(C, 1, k, k)` and bias, on the
-/// CPU kernel when `raw` allows it and the tensors suit it (else `None`: run libtorch's conv).
-pub fn folded_conv(
-    spec: &BlockSpec,
-    x: &Tensor,
-    weight: &Tensor,
-    bias: &Tensor,
-    raw: bool,
-) -> Result<Option<Tensor>> {
-    let depthwise = spec.groups == spec.in_channels && spec.in_channels == spec.out_channels;
-    let kind = x.kind();
-    if !(raw && depthwise && patch_kernel_applies(x))
-        || weight.kind() != kind
-        || bias.kind() != kind
-        || weight.device() != Device::Cpu
-        || bias.device() != Device::Cpu
-    {
-        return Ok(None);
-    }
-    let x = x.f_contiguous()?;
-    let lay = layout_any(spec, &x)?;
-    let (kernel, bias) = (values(weight)?, values(bias)?);
-    let size = [
-        x.size()[0],
-        x.size()[1],
-        lay.geo.oh as i64,
-        lay.geo.ow as i64,
-    ];
-    let output = Tensor::f_empty(size, (kind, Device::Cpu))?;
-    let threads = threads(&x);
-    // SAFETY: `x` is contiguous, on the CPU, of the matched kind; `output` is a fresh tensor of
-    // that kind that nothing else touches while the kernel fills it.
-    unsafe {
-        match kind {
-            Kind::Float => {
-                let out =
-                    std::slice::from_raw_parts_mut(output.data_ptr() as *mut f32, output.numel());
-                patch::folded_conv(&lay, elements::<f32>(&x), &kernel, &bias, out, threads);
-            }
-            _ => {
-                let out =
-                    std::slice::from_raw_parts_mut(output.data_ptr() as *mut f64, output.numel());
-                patch::folded_conv(&lay, elements::<f64>(&x), &kernel, &bias, out, threads);
-            }
-        }
-    }
-    Ok(Some(output))
 }
 
 fn run_forward<T: Element>(

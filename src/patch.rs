@@ -1276,35 +1276,6 @@ pub fn forward<T: Element>(
     stats
 }
 
-/// A depthwise conv with one `k^2` kernel and one bias per channel (inference: nothing here
-/// is differentiable), written into `out` (contiguous NCHW of the output size).
-pub fn folded_conv<T: Element>(
-    lay: &Layout,
-    x: &[T],
-    kernel: &[f64],
-    bias: &[f64],
-    out: &mut [T],
-    threads: usize,
-) {
-    let geo = lay.geo;
-    let (taps, channels) = (geo.taps(), lay.c);
-    assert!(out.len() == lay.n * channels * lay.out_plane() && kernel.len() == channels * taps);
-    let writer = PlaneWriter(out.as_mut_ptr());
-    let writer = &writer;
-    let out_plane = lay.out_plane();
-    let offsets = geo.tap_offsets();
-    let init = || (vec![0.0; geo.buffer_len()], vec![0.0; geo.ow]);
-    for_channels(channels, threads, init, |(buf, acc), c| {
-        let negated: Vec<f64> = kernel[c * taps..][..taps].iter().map(|v| -v).collect();
-        for n in 0..lay.n {
-            // SAFETY: plane (n, c) lies inside `out` and only this thread holds channel c.
-            let dst = unsafe { writer.plane(n * channels + c, out_plane) };
-            let plane = lay.input(x, n, c);
-            conv_plane_run(&geo, &offsets, plane, 0.0, &negated, bias[c], buf, acc, dst);
-        }
-    });
-}
-
 /// What the backward needs per branch and channel (`branches * channels`, branch-major): the
 /// BN scale `a = gamma / sqrt(var + eps)` and `var + eps`; and each branch's BN eps.
 pub struct BranchScales<'a> {

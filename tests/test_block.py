@@ -269,6 +269,25 @@ def test_train_step_on_the_cuda_path_matches_oracle(case, dtype, branch_path_on_
     _assert_train_step_matches(ours, reference, case.input(dtype), dtype, steps=2)
 
 
+class _Subclass(torch.Tensor):
+    """A tensor subclass: the CPU kernel, which reads tensor memory directly, must leave it to
+    the path made of aten ops (as it does FakeTensors and tensors under jit tracing)."""
+
+
+def test_train_step_on_a_tensor_subclass_matches_oracle(monkeypatch):
+    case = next(c for c in BN_CASES if c.groups == c.in_channels and c.kernel_size > 1)
+    ours, reference = _pair(case, torch.float64)
+    called = []
+    original = mobileone_rs._native.train_forward
+    monkeypatch.setattr(mobileone_rs._native, "train_forward",
+                        lambda *args: called.append(args[-1]) or original(*args))
+    x = case.input(torch.float64)
+    got, expected = train_step(ours, x.as_subclass(_Subclass)), train_step(reference, x)
+    assert called == [False]
+    for key, value in expected.items():
+        assert_close(got[key], value, TOLERANCE[torch.float64], key)
+
+
 class _CustomNorm(nn.BatchNorm2d):
     """A BatchNorm2d subclass: not the plain class, so the block must call it as a module."""
 
