@@ -281,6 +281,15 @@ where
     I: Fn() -> S + Sync,
     W: Fn(&mut S, usize) + Sync,
 {
+    for_channels_on(channels, threads, true, init, work)
+}
+
+/// [`for_channels`], with torch's OpenMP team only when `openmp` (tests run both).
+fn for_channels_on<S, I, W>(channels: usize, threads: usize, openmp: bool, init: I, work: W)
+where
+    I: Fn() -> S + Sync,
+    W: Fn(&mut S, usize) + Sync,
+{
     let next = AtomicUsize::new(0);
     let run = || {
         let mut scratch = init();
@@ -295,7 +304,7 @@ where
     let threads = threads.clamp(1, channels.max(1));
     if threads == 1 {
         run();
-    } else if !omp::parallel(threads, &run) {
+    } else if !(openmp && omp::parallel(threads, &run)) {
         thread::scope(|scope| {
             for _ in 1..threads {
                 scope.spawn(run);
@@ -1515,6 +1524,25 @@ mod tests {
             &mut [0.0; 9],
             &mut [0.0; 81]
         ));
+    }
+
+    #[test]
+    fn every_channel_runs_once_on_any_thread_count() {
+        for openmp in [true, false] {
+            for threads in [1, 2, 3, 8] {
+                let seen: Vec<AtomicUsize> = (0..37).map(|_| AtomicUsize::new(0)).collect();
+                let inits = AtomicUsize::new(0);
+                let init = || inits.fetch_add(1, Ordering::Relaxed);
+                for_channels_on(seen.len(), threads, openmp, init, |_, c| {
+                    seen[c].fetch_add(1, Ordering::Relaxed);
+                });
+                assert!(
+                    seen.iter().all(|n| n.load(Ordering::Relaxed) == 1),
+                    "{openmp} {threads}"
+                );
+                assert!(inits.load(Ordering::Relaxed) <= threads);
+            }
+        }
     }
 
     #[test]

@@ -118,8 +118,9 @@ def _flat_params(conv, scale, skip) -> list:
 
 class _TrainBranchSum(torch.autograd.Function):
     """The exact train-time branch sum of a block, computed in Rust without storing any branch
-    output: the forward runs one conv folded from the batch statistics, the backward is analytic
-    (pointwise blocks) or recomputes the branches as one stacked conv (depthwise blocks)."""
+    output: the forward runs one conv folded from the batch statistics, the backward is analytic.
+    Pointwise blocks work from the input's Gram matrix; depthwise blocks on the CPU from each
+    channel's patch moments (a dedicated kernel), elsewhere (CUDA) by recomputing each branch."""
 
     @staticmethod
     def forward(ctx, x, block_args, *params):
@@ -181,9 +182,10 @@ class MobileOneBlock(nn.Module):
     time), so the fused block always equals the unfused one.
     """
 
-    #: Train depthwise blocks without storing any branch output (their branches are recomputed in
-    #: the backward). On a 2-core CPU this costs no time and saves ~40% of the training memory;
-    #: set it to False (on the class, or on one block) to store branch outputs instead.
+    #: Train depthwise blocks without storing any branch output: on the CPU (float32/64) through
+    #: the patch-moment kernel, which is also the fastest path there; on other devices by
+    #: recomputing each branch in the backward. Set it to False (on the class, or on one block)
+    #: to run and store the branches as the seed does.
     low_memory: bool = True
 
     def __init__(
@@ -290,7 +292,7 @@ class MobileOneBlock(nn.Module):
         """Whether the exact no-branch-storage training path applies (float32/64, no autocast).
 
         Pointwise blocks always take it (it is faster and leaner); depthwise blocks when
-        ``low_memory`` is set (the default), since they recompute their branches in the backward.
+        ``low_memory`` is set (the default).
         """
         path = self._train_path
         wanted = path == "gram" or (path == "depthwise" and self.low_memory)
