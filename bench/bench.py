@@ -35,6 +35,9 @@ TARGETS = {
     "training-step peak memory": 0.6,
 }
 BLOCK_BATCH = 2
+# The chain's forward-only metrics take a fraction of a second per sample, so they get more
+# samples than --repeats: their medians are then as steady as the training step's.
+FORWARD_REPEATS = 15
 # float32 outputs of both sides should agree far below this; above it the comparison is suspect.
 EQUIVALENCE_WARN = 1e-3
 
@@ -76,9 +79,9 @@ def rel_err(ours: torch.Tensor, ref: torch.Tensor) -> float:
     return ((ours - ref).abs().max() / ref.abs().max().clamp_min(1e-30)).item()
 
 
-def compare(workload: str, metric: str, ref_fn, ours_fn, args, target=None) -> Row:
+def compare(workload: str, metric: str, ref_fn, ours_fn, args, target=None, repeats=None) -> Row:
     """Times the two callables alternately and checks that their warm-up outputs agree."""
-    samples = timing.alternate(ref_fn, ours_fn, args.repeats, args.device)
+    samples = timing.alternate(ref_fn, ours_fn, repeats or args.repeats, args.device)
     notes = {"ref_cpu_s": samples.ref_cpu, "ours_cpu_s": samples.ours_cpu,
              "cpu_time_ratio": statistics.median(samples.ours_cpu) / statistics.median(samples.ref_cpu)}
     warm_ref, warm_ours = samples.warm
@@ -101,15 +104,16 @@ def chain_timings(args, name: str, start: float) -> list[Row]:
     # the 42 chained blocks amplify; the eval metrics start again from identical state.
     ours.load_state_dict(ref.state_dict())
     log("(a) unfused eval forward", start)
+    forward_repeats = args.repeats if args.quick else max(args.repeats, FORWARD_REPEATS)
     rows.append(compare(name, "unfused eval forward", timing.eval_forward(ref, x), timing.eval_forward(ours, x),
-                        args, TARGETS["unfused eval forward"]))
+                        args, TARGETS["unfused eval forward"], forward_repeats))
     ref.eval()
     ours.eval()
     log("(a) fused forward", start)
     ref_fused = workloads.ORACLE.reparameterize_model(ref)
     ours_fused = mobileone_rs.reparameterize_model(ours)
     rows.append(compare(name, "fused forward", timing.eval_forward(ref_fused, x),
-                        timing.eval_forward(ours_fused, x), args, TARGETS["fused forward"]))
+                        timing.eval_forward(ours_fused, x), args, TARGETS["fused forward"], forward_repeats))
     log("(a) reparameterize_model", start)
     rows.append(compare(name, "reparameterize_model", timing.reparameterize(workloads.ORACLE, ref),
                         timing.reparameterize(mobileone_rs, ours), args, TARGETS["reparameterize_model"]))
@@ -212,7 +216,8 @@ def publish(meta: dict, rows: list[Row], out: Path) -> None:
     blocks = [row for row in rows if not row.workload.startswith("chain ")]
     title = f"mobileone_rs {meta['git']} vs reference, {meta['device_name']}, {meta['torch_threads']} threads"
     report.write_plot(out / "bench.png", chain, blocks, title)
-    print(f"# {title}; torch {meta['torch']}; median of {meta['repeats']} runs each, alternated\n")
+    print(f"# {title}; torch {meta['torch']}; median of {meta['repeats']} runs each (chain forwards: "
+          f"{max(meta['repeats'], FORWARD_REPEATS) if not meta['quick'] else meta['repeats']}), alternated\n")
     print(report.markdown_table(rows))
     print(f"\n{report.load_note(meta['load_before'], meta['load_after'])}")
     print(report.cpu_time_note(chain))
