@@ -281,14 +281,22 @@ pub fn forward_branches(
 }
 
 /// The single-conv forward of a re-parameterized block: conv, SE, ReLU.
+///
+/// `raw` allows depthwise float32 blocks the CPU kernel, which reads and writes tensor memory
+/// directly and is not differentiable: callers pass it only for plain tensors, outside
+/// tracing, when no gradient is wanted.
 pub fn forward_fused(
     spec: &BlockSpec,
     weight: &Tensor,
     bias: &Tensor,
     se: Option<&SqueezeExcite>,
     x: &Tensor,
+    raw: bool,
 ) -> Result<Tensor> {
-    let y = spec.conv(x, weight, Some(bias))?;
+    let y = match crate::depthwise::inference_conv(spec, x, weight, bias, raw)? {
+        Some(y) => y,
+        None => spec.conv(x, weight, Some(bias))?,
+    };
     activate(y, se)
 }
 
@@ -299,9 +307,10 @@ pub fn forward_folded(
     branches: &Branches,
     se: Option<&SqueezeExcite>,
     x: &Tensor,
+    raw: bool,
 ) -> Result<Tensor> {
     let (kernel, bias) = fused_kernel_bias(spec, branches)?;
-    forward_fused(spec, &kernel, &bias, se, x)
+    forward_fused(spec, &kernel, &bias, se, x, raw)
 }
 
 /// SE (when given) then ReLU, in place where autograd allows.

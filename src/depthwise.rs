@@ -364,6 +364,57 @@ fn threads(x: &Tensor) -> usize {
     patch::threads_for(x.numel(), tch::get_num_threads().max(1) as usize)
 }
 
+/// The inference conv of a depthwise block with a folded kernel `(C, 1, k, k)` and bias, on the
+/// float32 CPU kernel when `raw` allows it (see [`forward`]; callers also require that no
+/// gradient is wanted) and the tensors suit it; `None` means: run libtorch's conv.
+pub fn inference_conv(
+    spec: &BlockSpec,
+    x: &Tensor,
+    weight: &Tensor,
+    bias: &Tensor,
+    raw: bool,
+) -> Result<Option<Tensor>> {
+    let depthwise = spec.groups == spec.in_channels && spec.in_channels == spec.out_channels;
+    let suits = |t: &Tensor| t.kind() == Kind::Float && t.device() == Device::Cpu;
+    let wanted = raw && depthwise && PATCH_KERNEL.load(Ordering::SeqCst);
+    if !(wanted && suits(x) && suits(weight) && suits(bias)) {
+        return Ok(None);
+    }
+    let x = x.f_contiguous()?;
+    let size = x.size();
+    let geo = Geometry::new(
+        to_usize(spec.kernel_size)?,
+        to_usize(spec.stride)?,
+        to_usize(spec.padding)?,
+        to_usize(spec.dilation)?,
+        to_usize(size[2])?,
+        to_usize(size[3])?,
+    )
+    .ok_or_else(|| config(format!("input {size:?} too small for the kernel")))?;
+    let lay = Layout {
+        n: to_usize(size[0])?,
+        c: to_usize(size[1])?,
+        geo,
+    };
+    let flat = |t: &Tensor| -> Result<Vec<f32>> {
+        Ok(Vec::<f32>::try_from(
+            &t.f_detach()?.f_contiguous()?.f_reshape([-1])?,
+        )?)
+    };
+    let (kernel, bias) = (flat(weight)?, flat(bias)?);
+    let output = Tensor::f_empty(
+        [size[0], size[1], geo.oh as i64, geo.ow as i64],
+        (Kind::Float, Device::Cpu),
+    )?;
+    // SAFETY: `x` is contiguous float32 on the CPU; `output` is a fresh float32 tensor that
+    // nothing else touches while the kernel fills it.
+    unsafe {
+        let out = std::slice::from_raw_parts_mut(output.data_ptr() as *mut f32, output.numel());
+        patch::depthwise_conv_f32(&lay, elements::<f32>(&x), &kernel, &bias, out, threads(&x));
+    }
+    Ok(Some(output))
+}
+
 fn run_forward<T: Element>(
     lay: &Layout,
     x: &Tensor,

@@ -127,9 +127,63 @@ impl Geometry {
         (lo.min(self.pw), hi.clamp(lo.min(self.pw), self.pw))
     }
 
+    /// The strided fill (stride >= 2): each input row is padded once into `row` (length
+    /// `pw * stride`, `pad` outside the input, `value(x)` inside), then split into the phase rows.
+    #[inline(always)]
+    fn fill_strided<T: Copy, B: Copy>(
+        &self,
+        x: &[T],
+        pad: B,
+        value: impl Fn(T) -> B,
+        row: &mut [B],
+        buf: &mut [B],
+    ) {
+        let (s, p, w, pw) = (self.stride, self.padding, self.w, self.pw);
+        let (lo, hi) = (p.min(pw * s), (p + w).min(pw * s));
+        for ry in 0..s {
+            for i in 0..self.ph {
+                let y = (i * s + ry).wrapping_sub(p);
+                let phase_row = |rx: usize| ((ry * s + rx) * self.ph + i) * pw;
+                if y >= self.h {
+                    for rx in 0..s {
+                        buf[phase_row(rx)..][..pw].fill(pad);
+                    }
+                    continue;
+                }
+                row[..lo].fill(pad);
+                row[hi..].fill(pad);
+                for (d, v) in row[lo..hi].iter_mut().zip(&x[y * w..][..hi - lo]) {
+                    *d = value(*v);
+                }
+                if s == 2 {
+                    let (even, rest) = buf[phase_row(0)..].split_at_mut(pw);
+                    let odd = &mut rest[phase_row(1) - phase_row(0) - pw..][..pw];
+                    for ((e, o), pair) in
+                        even.iter_mut().zip(odd.iter_mut()).zip(row.chunks_exact(2))
+                    {
+                        *e = pair[0];
+                        *o = pair[1];
+                    }
+                } else {
+                    for rx in 0..s {
+                        let dst = &mut buf[phase_row(rx)..][..pw];
+                        for (d, v) in dst.iter_mut().zip(row[rx..].iter().step_by(s)) {
+                            *d = *v;
+                        }
+                    }
+                }
+            }
+        }
+    }
+
     /// Fills `buf` with the padded plane `x` minus `shift` (so padding reads `-shift`).
     #[inline(always)]
     fn fill<T: Element>(&self, x: &[T], shift: f64, buf: &mut [f64]) {
+        if self.stride > 1 {
+            let mut row = vec![0.0; self.pw * self.stride];
+            self.fill_strided(x, -shift, |v: T| v.to_f64() - shift, &mut row, buf);
+            return;
+        }
         let (s, p) = (self.stride, self.padding);
         for ry in 0..s {
             for rx in 0..s {
@@ -153,6 +207,43 @@ impl Geometry {
                         } else {
                             for (v, x) in row[lo..hi].iter_mut().zip(src.iter().step_by(s)) {
                                 *v = x.to_f64() - shift;
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    /// Fills `buf` with the padded float32 plane `x` (zeros in the padding), for inference.
+    #[inline(always)]
+    fn fill_f32(&self, x: &[f32], buf: &mut [f32]) {
+        if self.stride > 1 {
+            let mut row = vec![0.0f32; self.pw * self.stride];
+            self.fill_strided(x, 0.0, |v: f32| v, &mut row, buf);
+            return;
+        }
+        let (s, p) = (self.stride, self.padding);
+        for ry in 0..s {
+            for rx in 0..s {
+                let (lo, hi) = self.valid_columns(rx);
+                let phase = &mut buf[(ry * s + rx) * self.phase_len()..][..self.phase_len()];
+                for (i, row) in phase.chunks_exact_mut(self.pw).enumerate() {
+                    let y = (i * s + ry).wrapping_sub(p);
+                    if y >= self.h {
+                        row.fill(0.0);
+                        continue;
+                    }
+                    row[..lo].fill(0.0);
+                    row[hi..].fill(0.0);
+                    if lo < hi {
+                        let first = lo * s + rx - p;
+                        let src = &x[y * self.w + first..][..(hi - lo - 1) * s + 1];
+                        if s == 1 {
+                            row[lo..hi].copy_from_slice(src);
+                        } else {
+                            for (v, x) in row[lo..hi].iter_mut().zip(src.iter().step_by(s)) {
+                                *v = *x;
                             }
                         }
                     }
@@ -552,6 +643,42 @@ fn accumulate_rows<const FMA: bool>(dst: &mut [f64], rows: &[&[f64]], coefs: &[f
 /// Rows per pass of [`accumulate_rows`] (their coefficients and pointers stay in registers).
 const GROUP: usize = 10;
 
+/// `dst[j] = add + sum_u coefs[u] rows[u][j]` in float32 (the inference conv's rows).
+#[inline(always)]
+fn conv_row_f32<const FMA: bool>(dst: &mut [f32], rows: &[&[f32]], coefs: &[f32], add: f32) {
+    let len = dst.len();
+    assert!(coefs.len() >= rows.len() && rows.iter().all(|r| r.len() >= len));
+    #[cfg(target_arch = "x86_64")]
+    if FMA && !rows.is_empty() {
+        for (i, (rows, coefs)) in rows.chunks(GROUP).zip(coefs.chunks(GROUP)).enumerate() {
+            let first = i == 0;
+            // SAFETY: FMA is true only inside the AVX2+FMA build (see `dispatched!`); lengths
+            // checked above.
+            unsafe {
+                match rows.len() {
+                    1 => avx::conv_f32::<1>(dst, rows, coefs, first, add),
+                    2 => avx::conv_f32::<2>(dst, rows, coefs, first, add),
+                    3 => avx::conv_f32::<3>(dst, rows, coefs, first, add),
+                    4 => avx::conv_f32::<4>(dst, rows, coefs, first, add),
+                    5 => avx::conv_f32::<5>(dst, rows, coefs, first, add),
+                    6 => avx::conv_f32::<6>(dst, rows, coefs, first, add),
+                    7 => avx::conv_f32::<7>(dst, rows, coefs, first, add),
+                    8 => avx::conv_f32::<8>(dst, rows, coefs, first, add),
+                    9 => avx::conv_f32::<9>(dst, rows, coefs, first, add),
+                    _ => avx::conv_f32::<10>(dst, rows, coefs, first, add),
+                }
+            }
+        }
+        return;
+    }
+    for (j, d) in dst.iter_mut().enumerate() {
+        *d = rows
+            .iter()
+            .zip(coefs)
+            .fold(add, |acc, (row, c)| c.mul_add(row[j], acc));
+    }
+}
+
 /// AVX2+FMA row kernels. Callers guarantee the CPU features and the slice lengths.
 #[cfg(target_arch = "x86_64")]
 mod avx {
@@ -606,6 +733,47 @@ mod avx {
             j += 8;
         }
         horizontal(_mm256_add_pd(s0, s1)) + a[whole..].iter().sum::<f64>()
+    }
+
+    /// `dst[j] = (first ? add : dst[j]) + sum_n coefs[n] rows[n][j]` for `N` float32 rows.
+    ///
+    /// # Safety
+    /// `rows` and `coefs` hold at least `N` entries, every row at least `dst.len()` long.
+    #[inline]
+    #[target_feature(enable = "avx2,fma")]
+    pub unsafe fn conv_f32<const N: usize>(
+        dst: &mut [f32],
+        rows: &[&[f32]],
+        coefs: &[f32],
+        first: bool,
+        add: f32,
+    ) {
+        let len = dst.len();
+        let whole = len - len % 8;
+        let c: [__m256; N] = std::array::from_fn(|n| _mm256_set1_ps(coefs[n]));
+        let ptrs: [*const f32; N] = std::array::from_fn(|n| rows[n].as_ptr());
+        let base = _mm256_set1_ps(add);
+        let d = dst.as_mut_ptr();
+        let mut j = 0;
+        while j < whole {
+            let mut acc = if first {
+                base
+            } else {
+                _mm256_loadu_ps(d.add(j))
+            };
+            for n in 0..N {
+                acc = _mm256_fmadd_ps(c[n], _mm256_loadu_ps(ptrs[n].add(j)), acc);
+            }
+            _mm256_storeu_ps(d.add(j), acc);
+            j += 8;
+        }
+        for j in whole..len {
+            let mut acc = if first { add } else { *d.add(j) };
+            for n in 0..N {
+                acc = coefs[n].mul_add(*ptrs[n].add(j), acc);
+            }
+            *d.add(j) = acc;
+        }
     }
 
     /// `dst[j] += add - sum_n coefs[n] rows[n][j]` for `N` rows.
@@ -1033,6 +1201,28 @@ fn conv_plane<T: Element, const FMA: bool>(
     }
 }
 
+/// One output plane of a float32 inference conv: `out = bias + sum_t kernel[t] x[p + t]`.
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+fn infer_plane<T: Element, const FMA: bool>(
+    geo: &Geometry,
+    offsets: &[usize],
+    x: &[f32],
+    kernel: &[f32],
+    bias: f32,
+    buf: &mut [f32],
+    out: &mut [f32],
+    _element: Option<T>,
+) {
+    geo.fill_f32(x, buf);
+    let mut rows: Vec<&[f32]> = Vec::with_capacity(offsets.len());
+    for (oy, dst) in out.chunks_exact_mut(geo.ow).enumerate() {
+        rows.clear();
+        rows.extend(offsets.iter().map(|&o| &buf[o + oy * geo.pw..][..geo.ow]));
+        conv_row_f32::<FMA>(dst, &rows, kernel, bias);
+    }
+}
+
 /// Whether the CPU runs the AVX2+FMA builds of the row kernels.
 fn simd() -> bool {
     #[cfg(target_arch = "x86_64")]
@@ -1087,6 +1277,10 @@ dispatched!(dx_plane_run, dx_plane_simd, dx_plane, (
 
 dispatched!(dx_plane_dense_run, dx_plane_dense_simd, dx_plane_dense, (
     geo: &Geometry, x: &[T], g: &[T], shift: f64, sc: &Scatter, dense: &mut Dense, dx: &mut [T]
+));
+dispatched!(infer_plane_run, infer_plane_simd, infer_plane, (
+    geo: &Geometry, offsets: &[usize], x: &[f32], kernel: &[f32], bias: f32, buf: &mut [f32],
+    out: &mut [f32], _element: Option<T>
 ));
 dispatched!(conv_plane_run, conv_plane_simd, conv_plane, (
     geo: &Geometry, offsets: &[usize], x: &[T], shift: f64, negated: &[f64], base: f64,
@@ -1283,6 +1477,44 @@ pub fn forward<T: Element>(
     }
     stats.moments = moments;
     stats
+}
+
+/// A float32 depthwise conv with one `k^2` kernel and one bias per channel, for inference
+/// (not differentiable), written into `out` (contiguous NCHW of the output size).
+pub fn depthwise_conv_f32(
+    lay: &Layout,
+    x: &[f32],
+    kernel: &[f32],
+    bias: &[f32],
+    out: &mut [f32],
+    threads: usize,
+) {
+    let geo = lay.geo;
+    let (taps, channels) = (geo.taps(), lay.c);
+    assert!(out.len() == lay.n * channels * lay.out_plane() && kernel.len() == channels * taps);
+    assert!(x.len() == lay.n * channels * lay.plane() && bias.len() == channels);
+    let writer = PlaneWriter(out.as_mut_ptr());
+    let writer = &writer;
+    let out_plane = lay.out_plane();
+    let offsets = geo.tap_offsets();
+    let init = || vec![0.0f32; geo.buffer_len()];
+    for_channels(channels, threads, init, |buf, c| {
+        let k = &kernel[c * taps..][..taps];
+        for n in 0..lay.n {
+            // SAFETY: plane (n, c) lies inside `out` and only this thread holds channel c.
+            let dst = unsafe { writer.plane(n * channels + c, out_plane) };
+            infer_plane_run::<f32>(
+                &geo,
+                &offsets,
+                lay.input(x, n, c),
+                k,
+                bias[c],
+                buf,
+                dst,
+                None,
+            );
+        }
+    });
 }
 
 /// What the backward needs per branch and channel (`branches * channels`, branch-major): the

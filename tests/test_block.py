@@ -288,6 +288,35 @@ def test_train_step_on_a_tensor_subclass_matches_oracle(monkeypatch):
         assert_close(got[key], value, TOLERANCE[torch.float64], key)
 
 
+@pytest.mark.parametrize("fused", [False, True], ids=["unfused", "fused"])
+def test_eval_forward_with_gradients_matches_oracle(fused):
+    # Without no_grad, eval-mode depthwise blocks must stay differentiable (the CPU inference
+    # kernel is not, so libtorch's conv runs): input and weight gradients match the oracle's.
+    case = next(c for c in GRID if c.groups == c.in_channels == c.out_channels and c.kernel_size == 3)
+    ours, reference = _pair(case, torch.float32)
+    if fused:
+        ours, reference = mobileone_rs.reparameterize_model(ours), oracle.reparameterize_model(reference)
+
+    def eval_grads(model):
+        model.eval()
+        x = case.input(torch.float32).requires_grad_(True)
+        out = model(x)
+        (out * random_input(out.shape, out.dtype, seed=2)).sum().backward()
+        return {"output": out.detach(), "input.grad": x.grad,
+                **{f"{name}.grad": p.grad for name, p in model.named_parameters()}}
+
+    got, expected = eval_grads(ours), eval_grads(reference)
+    assert got.keys() == expected.keys()
+    # The seed's re-parameterization detaches its weights (ours stay trainable): for fused blocks
+    # the output and the input gradient are compared.
+    compared = [key for key, value in expected.items() if value is not None]
+    assert {"output", "input.grad"} <= set(compared) and (fused or len(compared) > 3)
+    assert all(value is not None for value in got.values())
+    for key in compared:
+        assert got[key] is not None, key
+        assert_close(got[key], expected[key], GRAD_TOLERANCE[torch.float32], key)
+
+
 class _CustomNorm(nn.BatchNorm2d):
     """A BatchNorm2d subclass: not the plain class, so the block must call it as a module."""
 

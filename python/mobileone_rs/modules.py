@@ -55,11 +55,16 @@ def _hooked(module: nn.Module) -> bool:
     return any(d[name] for name in _HOOK_DICTS)
 
 
-def _raw_ok(x) -> bool:
-    """Whether the native CPU training kernel may read and write ``x``'s memory directly: a plain
-    tensor (not a subclass such as a FakeTensor), outside ``torch.jit.trace`` (which records
-    only aten ops)."""
-    return type(x) is torch.Tensor and not torch.jit.is_tracing()
+def _raw_ok(x, parameters=None) -> bool:
+    """Whether the native CPU kernels may read and write ``x``'s memory directly: a plain tensor
+    (not a subclass such as a FakeTensor), outside ``torch.jit.trace`` (which records only
+    aten ops). With ``parameters`` (a callable; inference kernels are not differentiable) also
+    only when no gradient is wanted."""
+    if type(x) is not torch.Tensor or torch.jit.is_tracing():
+        return False
+    if parameters is None or not torch.is_grad_enabled():
+        return True
+    return not x.requires_grad and not any(p.requires_grad for p in parameters())
 
 
 def _autocast(x) -> bool:
@@ -286,7 +291,8 @@ class MobileOneBlock(nn.Module):
         if self.training and self._fast_train(x, autocast):
             out = _TrainBranchSum.apply(x, (self._spec, conv, scale, skip), *_flat_params(conv, scale, skip))
             return _native.se_relu(out, se)
-        return _native.block_forward(x, self._spec, conv, scale, skip, se, self.training, autocast)
+        raw = not self.training and _raw_ok(x, self.parameters)
+        return _native.block_forward(x, self._spec, conv, scale, skip, se, self.training, autocast, raw)
 
     def _fast_train(self, x, autocast: bool) -> bool:
         """Whether the exact no-branch-storage training path applies (float32/64, no autocast).
@@ -303,7 +309,8 @@ class MobileOneBlock(nn.Module):
         conv = self.reparam_conv
         se_ok, se = self._se_args()
         if se_ok and self._native_ready() and type(conv) is nn.Conv2d and not _hooked(conv):
-            return _native.fused_forward(x, self._spec, conv.weight, conv.bias, se, _autocast(x))
+            raw = _raw_ok(x, self.parameters)
+            return _native.fused_forward(x, self._spec, conv.weight, conv.bias, se, _autocast(x), raw)
         _native.check_input(x, self._spec, conv.weight, _autocast(x))
         return self._forward_torch(x)
 

@@ -61,7 +61,7 @@ fn stage_plan(
 /// conv folded from the running statistics.
 #[pyfunction]
 #[allow(clippy::too_many_arguments)]
-#[pyo3(signature = (x, spec, conv, scale, skip, se, training, autocast))]
+#[pyo3(signature = (x, spec, conv, scale, skip, se, training, autocast, raw=false))]
 fn block_forward(
     py: Python<'_>,
     x: &Bound<'_, PyAny>,
@@ -72,6 +72,7 @@ fn block_forward(
     se: Option<PySqueezeExcite>,
     training: bool,
     autocast: bool,
+    raw: bool,
 ) -> PyResult<PyTensor> {
     let x = convert::input_tensor(x)?;
     let spec = BlockSpec::from(spec);
@@ -89,7 +90,7 @@ fn block_forward(
         if training || autocast {
             block::forward_branches(&spec, &branches, se.as_ref(), &x, training)
         } else {
-            block::forward_folded(&spec, &branches, se.as_ref(), &x)
+            block::forward_folded(&spec, &branches, se.as_ref(), &x, raw)
         }
     })?;
     Ok(PyTensor(out))
@@ -188,7 +189,8 @@ fn train_backward(
 
 /// Forward of a re-parameterized block: one conv, SE, ReLU.
 #[pyfunction]
-#[pyo3(signature = (x, spec, weight, bias, se, autocast))]
+#[pyo3(signature = (x, spec, weight, bias, se, autocast, raw=false))]
+#[allow(clippy::too_many_arguments)]
 fn fused_forward(
     py: Python<'_>,
     x: &Bound<'_, PyAny>,
@@ -197,13 +199,14 @@ fn fused_forward(
     bias: PyTensor,
     se: Option<PySqueezeExcite>,
     autocast: bool,
+    raw: bool,
 ) -> PyResult<PyTensor> {
     let x = convert::input_tensor(x)?;
     let spec = BlockSpec::from(spec);
     let se = se.map(SqueezeExcite::from);
     let out = py.allow_threads(move || {
         spec.check_input(&x, &weight, autocast)?;
-        block::forward_fused(&spec, &weight, &bias, se.as_ref(), &x)
+        block::forward_fused(&spec, &weight, &bias, se.as_ref(), &x, raw)
     })?;
     Ok(PyTensor(out))
 }
