@@ -331,18 +331,21 @@ fn layout(spec: &BlockSpec, x: &Tensor) -> Result<Layout> {
 }
 
 fn kernels(spec: &BlockSpec, list: &[Branch<'_>]) -> Result<Kernels> {
-    let mut k = Kernels {
-        conv: Vec::new(),
-        centre: Vec::new(),
-    };
+    let channels = to_usize(spec.in_channels)?;
+    let (mut conv, mut centre) = (Vec::new(), Vec::new());
     for b in list {
         match b.weight {
-            Some(w) if !b.scale => k.conv.push(values(w)?),
-            Some(w) => k.centre.push(values(w)?),
-            None => k.centre.push(vec![1.0; to_usize(spec.in_channels)?]),
+            Some(w) if !b.scale => conv.push(values(w)?),
+            Some(w) => centre.push(values(w)?),
+            None => centre.push(vec![1.0; channels]),
         }
     }
-    Ok(k)
+    Ok(Kernels::new(
+        conv,
+        centre,
+        to_usize(spec.kernel_size)?,
+        channels,
+    ))
 }
 
 /// The elements of a contiguous CPU tensor of element type `T`.

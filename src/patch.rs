@@ -300,23 +300,43 @@ pub struct Kernels {
     pub conv: Vec<Vec<f64>>,
     /// Per centre-only branch, `channels` values (the scale's weight, or ones for the skip).
     pub centre: Vec<Vec<f64>>,
+    /// Every branch's full `k^2` kernel per channel (branch-major), centre-only ones padded.
+    full: Vec<f64>,
+    taps: usize,
+    channels: usize,
 }
 
 impl Kernels {
+    /// The kernels of a block with `k x k` taps and `channels` channels.
+    pub fn new(conv: Vec<Vec<f64>>, centre: Vec<Vec<f64>>, k: usize, channels: usize) -> Self {
+        let taps = k * k;
+        let mut full = Vec::with_capacity((conv.len() + centre.len()) * channels * taps);
+        for kernel in &conv {
+            full.extend_from_slice(&kernel[..channels * taps]);
+        }
+        for values in &centre {
+            for &v in &values[..channels] {
+                let start = full.len();
+                full.resize(start + taps, 0.0);
+                full[start + (k / 2) * k + k / 2] = v;
+            }
+        }
+        Kernels {
+            conv,
+            centre,
+            full,
+            taps,
+            channels,
+        }
+    }
+
     pub fn branches(&self) -> usize {
         self.conv.len() + self.centre.len()
     }
 
     /// Branch `b`'s full kernel of channel `c`.
-    fn full(&self, geo: &Geometry, b: usize, c: usize) -> Vec<f64> {
-        let taps = geo.taps();
-        if b < self.conv.len() {
-            self.conv[b][c * taps..][..taps].to_vec()
-        } else {
-            let mut k = vec![0.0; taps];
-            k[geo.centre()] = self.centre[b - self.conv.len()][c];
-            k
-        }
+    fn full(&self, b: usize, c: usize) -> &[f64] {
+        &self.full[(b * self.channels + c) * self.taps..][..self.taps]
     }
 }
 
@@ -1423,8 +1443,8 @@ pub fn forward<T: Element>(
             let mut negated = vec![0.0; taps];
             let mut base = 0.0;
             for b in 0..nb {
-                let k = kernels.full(&geo, b, c);
-                let (mean, var) = branch_moments(&k, shift, nu, cov);
+                let k = kernels.full(b, c);
+                let (mean, var) = branch_moments(k, shift, nu, cov);
                 stats[2 * b] = mean;
                 stats[2 * b + 1] = var;
                 let a = bn.gamma[b][c] / (var + bn.eps[b]).sqrt();
@@ -1568,7 +1588,7 @@ fn channel_gradients(
         (vec![0.0; taps], vec![0.0; taps], vec![0.0; taps * taps]);
     let (gamma, dk) = rec.split_at_mut(nb);
     for b in 0..nb {
-        let k = kernels.full(geo, b, c);
+        let k = kernels.full(b, c);
         let (a, ve) = (scales.a[b * channels + c], scales.var_eps[b * channels + c]);
         let s: f64 = (0..taps).map(|t| k[t] * hc[t]).sum();
         let cf = a * s / (count * ve);
