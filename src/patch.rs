@@ -1779,6 +1779,89 @@ mod tests {
     }
 
     #[test]
+    fn simd_and_portable_row_kernels_agree() {
+        let mut seed = 0x9e3779b97f4a7c15u64;
+        let mut next = || {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            (seed >> 11) as f64 / (1u64 << 53) as f64 - 0.5
+        };
+        for (len, count) in [(1, 1), (7, 3), (37, 9), (64, 13), (101, 34)] {
+            let data: Vec<Vec<f64>> = (0..count)
+                .map(|_| (0..len).map(|_| next()).collect())
+                .collect();
+            let rows: Vec<&[f64]> = data.iter().map(Vec::as_slice).collect();
+            let coefs: Vec<f64> = (0..count).map(|_| next()).collect();
+            let start: Vec<f64> = (0..len).map(|_| next()).collect();
+            let expected: Vec<f64> = (0..len)
+                .map(|j| start[j] + 0.25 - (0..count).map(|u| coefs[u] * rows[u][j]).sum::<f64>())
+                .collect();
+            let mut portable = start.clone();
+            accumulate_rows::<false>(&mut portable, &rows, &coefs, 0.25);
+            let (mut dots_portable, mut dots_simd) = (vec![0.0; count], vec![0.0; count]);
+            dots::<false>(rows[0], &rows, &mut dots_portable);
+            let rows32: Vec<Vec<f32>> = data
+                .iter()
+                .map(|r| r.iter().map(|&v| v as f32).collect())
+                .collect();
+            let rows32: Vec<&[f32]> = rows32.iter().map(Vec::as_slice).collect();
+            let coefs32: Vec<f32> = coefs.iter().map(|&v| v as f32).collect();
+            let mut conv_portable = vec![0.0f32; len];
+            conv_row_f32::<false>(&mut conv_portable, &rows32, &coefs32, 0.5);
+            let close = |a: f64, b: f64, tol: f64| (a - b).abs() <= tol * (1.0 + b.abs());
+            for j in 0..len {
+                assert!(
+                    close(portable[j], expected[j], 1e-13),
+                    "accumulate {len} {count}"
+                );
+            }
+            #[cfg(target_arch = "x86_64")]
+            if simd() {
+                let mut fast = start.clone();
+                // SAFETY: the FMA build is only entered when the CPU has the features.
+                unsafe { accumulate_simd(&mut fast, &rows, &coefs, 0.25) };
+                // SAFETY: as above.
+                unsafe { dots_simd_run(rows[0], &rows, &mut dots_simd) };
+                let mut conv_fast = vec![0.0f32; len];
+                // SAFETY: as above.
+                unsafe { conv_simd(&mut conv_fast, &rows32, &coefs32, 0.5) };
+                for j in 0..len {
+                    assert!(
+                        close(fast[j], expected[j], 1e-13),
+                        "simd accumulate {len} {count}"
+                    );
+                    assert!(
+                        close(conv_fast[j] as f64, conv_portable[j] as f64, 1e-5),
+                        "conv {len} {count}"
+                    );
+                }
+                for (a, b) in dots_simd.iter().zip(&dots_portable) {
+                    assert!(close(*a, *b, 1e-12), "dots {len} {count}");
+                }
+            }
+        }
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn accumulate_simd(dst: &mut [f64], rows: &[&[f64]], coefs: &[f64], add: f64) {
+        accumulate_rows::<true>(dst, rows, coefs, add)
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn dots_simd_run(a: &[f64], rows: &[&[f64]], out: &mut [f64]) {
+        dots::<true>(a, rows, out)
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn conv_simd(dst: &mut [f32], rows: &[&[f32]], coefs: &[f32], add: f32) {
+        conv_row_f32::<true>(dst, rows, coefs, add)
+    }
+
+    #[test]
     fn every_channel_runs_once_on_any_thread_count() {
         for openmp in [true, false] {
             for threads in [1, 2, 3, 8] {
