@@ -127,15 +127,19 @@ pub fn int_arg(obj: &Bound<'_, PyAny>, name: &str) -> PyResult<i64> {
     if obj.is_instance_of::<PyInt>() {
         return Err(Error::Config(format!("{name} is out of range, got {obj}")).into());
     }
-    let type_name = obj
-        .get_type()
-        .name()
-        .map(|n| n.to_string())
-        .unwrap_or_else(|_| "?".into());
     Err(PyTypeError::new_err(format!(
-        "{name} must be an integer, got {type_name} {}",
+        "{name} must be an integer, got {} {}",
+        type_name(obj),
         obj.repr()?
     )))
+}
+
+/// The name of `obj`'s type, for error messages.
+fn type_name(obj: &Bound<'_, PyAny>) -> String {
+    obj.get_type()
+        .name()
+        .map(|n| n.to_string())
+        .unwrap_or_else(|_| "?".into())
 }
 
 /// A float argument, or a `TypeError` naming it.
@@ -143,16 +147,10 @@ pub fn float_arg(obj: &Bound<'_, PyAny>, name: &str) -> PyResult<f64> {
     let is_number = obj.is_instance_of::<PyInt>() || obj.is_instance_of::<PyFloat>();
     match obj.extract::<f64>() {
         Ok(value) if is_number => Ok(value),
-        _ => {
-            let type_name = obj
-                .get_type()
-                .name()
-                .map(|n| n.to_string())
-                .unwrap_or_else(|_| "?".into());
-            Err(PyTypeError::new_err(format!(
-                "{name} must be a number, got {type_name}"
-            )))
-        }
+        _ => Err(PyTypeError::new_err(format!(
+            "{name} must be a number, got {}",
+            type_name(obj)
+        ))),
     }
 }
 
