@@ -297,14 +297,15 @@ fn patch_kernel_applies(x: &Tensor) -> bool {
         && matches!(x.kind(), Kind::Float | Kind::Double)
 }
 
+/// A detached tensor's values as a flat vector of `T`.
+fn flat<T: tch::kind::Element + Copy>(t: &Tensor) -> Result<Vec<T>> {
+    let flat = t.f_detach()?.f_contiguous()?.f_reshape([-1])?;
+    Ok(Vec::<T>::try_from(&flat)?)
+}
+
 /// A detached tensor's values as a flat float64 vector.
 fn values(t: &Tensor) -> Result<Vec<f64>> {
-    let flat = t
-        .f_detach()?
-        .f_to_kind(Kind::Double)?
-        .f_contiguous()?
-        .f_reshape([-1])?;
-    Ok(Vec::<f64>::try_from(&flat)?)
+    flat(t)
 }
 
 fn to_usize(v: i64) -> Result<usize> {
@@ -312,8 +313,13 @@ fn to_usize(v: i64) -> Result<usize> {
 }
 
 fn layout(spec: &BlockSpec, x: &Tensor) -> Result<Layout> {
+    check_batch_size(&x.size())?;
+    layout_any(spec, x)
+}
+
+/// The layout of any input (inference needs no batch statistics).
+fn layout_any(spec: &BlockSpec, x: &Tensor) -> Result<Layout> {
     let size = x.size();
-    check_batch_size(&size)?;
     let geo = Geometry::new(
         to_usize(spec.kernel_size)?,
         to_usize(spec.stride)?,
@@ -341,8 +347,8 @@ fn kernels(spec: &BlockSpec, list: &[Branch<'_>]) -> Result<Kernels> {
         }
     }
     Ok(Kernels::new(
-        conv,
-        centre,
+        &conv,
+        &centre,
         to_usize(spec.kernel_size)?,
         channels,
     ))
@@ -354,6 +360,22 @@ fn kernels(spec: &BlockSpec, list: &[Branch<'_>]) -> Result<Kernels> {
 /// `t` must be contiguous, on the CPU, of `T`'s kind, and outlive the slice unmodified.
 unsafe fn elements<T>(t: &Tensor) -> &[T] {
     std::slice::from_raw_parts(t.data_ptr() as *const T, t.numel())
+}
+
+/// The elements of a fresh contiguous CPU tensor of element type `T`, to fill.
+///
+/// # Safety
+/// As [`elements`], and nothing else reads or writes `t` while the slice lives.
+#[allow(clippy::mut_from_ref)]
+unsafe fn elements_mut<T>(t: &Tensor) -> &mut [T] {
+    std::slice::from_raw_parts_mut(t.data_ptr() as *mut T, t.numel())
+}
+
+/// A fresh CPU tensor of the folded conv's output size for `x`.
+fn output_like(lay: &Layout, x: &Tensor) -> Result<Tensor> {
+    let (geo, kind) = (lay.geo, x.kind());
+    let size = [lay.n as i64, lay.c as i64, geo.oh as i64, geo.ow as i64];
+    Ok(Tensor::f_empty(size, (kind, Device::Cpu))?)
 }
 
 /// `(rows, cols)` float64 values as a tensor of `kind`.
@@ -384,35 +406,13 @@ pub fn inference_conv(
         return Ok(None);
     }
     let x = x.f_contiguous()?;
-    let size = x.size();
-    let geo = Geometry::new(
-        to_usize(spec.kernel_size)?,
-        to_usize(spec.stride)?,
-        to_usize(spec.padding)?,
-        to_usize(spec.dilation)?,
-        to_usize(size[2])?,
-        to_usize(size[3])?,
-    )
-    .ok_or_else(|| config(format!("input {size:?} too small for the kernel")))?;
-    let lay = Layout {
-        n: to_usize(size[0])?,
-        c: to_usize(size[1])?,
-        geo,
-    };
-    let flat = |t: &Tensor| -> Result<Vec<f32>> {
-        Ok(Vec::<f32>::try_from(
-            &t.f_detach()?.f_contiguous()?.f_reshape([-1])?,
-        )?)
-    };
-    let (kernel, bias) = (flat(weight)?, flat(bias)?);
-    let output = Tensor::f_empty(
-        [size[0], size[1], geo.oh as i64, geo.ow as i64],
-        (Kind::Float, Device::Cpu),
-    )?;
+    let lay = layout_any(spec, &x)?;
+    let (kernel, bias) = (flat::<f32>(weight)?, flat::<f32>(bias)?);
+    let output = output_like(&lay, &x)?;
     // SAFETY: `x` is contiguous float32 on the CPU; `output` is a fresh float32 tensor that
     // nothing else touches while the kernel fills it.
     unsafe {
-        let out = std::slice::from_raw_parts_mut(output.data_ptr() as *mut f32, output.numel());
+        let out = elements_mut::<f32>(&output);
         patch::depthwise_conv_f32(&lay, elements::<f32>(&x), &kernel, &bias, out, threads(&x));
     }
     Ok(Some(output))
@@ -428,7 +428,7 @@ fn run_forward<T: Element>(
     // SAFETY: the caller passes a contiguous CPU `x` of `T`'s kind and a fresh `output` of that
     // kind that nothing else reads or writes while the kernel fills it.
     unsafe {
-        let out = std::slice::from_raw_parts_mut(output.data_ptr() as *mut T, output.numel());
+        let out = elements_mut::<T>(output);
         patch::forward(lay, elements::<T>(x), kern, bn, out, threads(x))
     }
 }
@@ -450,15 +450,8 @@ fn patch_forward(spec: &BlockSpec, branches: &Branches, x: &Tensor) -> Result<Tr
             .collect::<Result<_>>()?,
         eps: list.iter().map(|b| b.bn.eps).collect(),
     };
-    let kind = x.kind();
-    let size = [
-        x.size()[0],
-        x.size()[1],
-        lay.geo.oh as i64,
-        lay.geo.ow as i64,
-    ];
-    let output = Tensor::f_empty(size, (kind, Device::Cpu))?;
-    let f = match kind {
+    let output = output_like(&lay, &x)?;
+    let f = match x.kind() {
         Kind::Float => run_forward::<f32>(&lay, &x, &output, &kern, &bn),
         Kind::Double => run_forward::<f64>(&lay, &x, &output, &kern, &bn),
         other => return Err(config(format!("patch kernel on {other:?}"))),
@@ -494,7 +487,7 @@ fn run_backward<T: Element>(
     // SAFETY: the caller passes contiguous CPU tensors of `T`'s kind; `dx` is a fresh tensor
     // that nothing else reads or writes while the kernel fills it.
     unsafe {
-        let out = std::slice::from_raw_parts_mut(dx.data_ptr() as *mut T, dx.numel());
+        let out = elements_mut::<T>(dx);
         patch::backward(
             lay,
             elements::<T>(x),

@@ -176,80 +176,45 @@ impl Geometry {
         }
     }
 
-    /// Fills `buf` with the padded plane `x` minus `shift` (so padding reads `-shift`).
+    /// Fills `buf` with the padded plane `x`: `pad` outside the input, `value(x)` inside.
     #[inline(always)]
-    fn fill<T: Element>(&self, x: &[T], shift: f64, buf: &mut [f64]) {
+    fn fill_with<T: Copy, B: Copy>(&self, x: &[T], pad: B, value: impl Fn(T) -> B, buf: &mut [B]) {
         if self.stride > 1 {
-            let mut row = vec![0.0; self.pw * self.stride];
-            self.fill_strided(x, -shift, |v: T| v.to_f64() - shift, &mut row, buf);
+            let mut row = vec![pad; self.pw * self.stride];
+            self.fill_strided(x, pad, value, &mut row, buf);
             return;
         }
-        let (s, p) = (self.stride, self.padding);
-        for ry in 0..s {
-            for rx in 0..s {
-                let (lo, hi) = self.valid_columns(rx);
-                let phase = &mut buf[(ry * s + rx) * self.phase_len()..][..self.phase_len()];
-                for (i, row) in phase.chunks_exact_mut(self.pw).enumerate() {
-                    let y = (i * s + ry).wrapping_sub(p);
-                    if y >= self.h {
-                        row.fill(-shift);
-                        continue;
-                    }
-                    row[..lo].fill(-shift);
-                    row[hi..].fill(-shift);
-                    if lo < hi {
-                        let first = lo * s + rx - p;
-                        let src = &x[y * self.w + first..][..(hi - lo - 1) * s + 1];
-                        if s == 1 {
-                            for (v, x) in row[lo..hi].iter_mut().zip(src) {
-                                *v = x.to_f64() - shift;
-                            }
-                        } else {
-                            for (v, x) in row[lo..hi].iter_mut().zip(src.iter().step_by(s)) {
-                                *v = x.to_f64() - shift;
-                            }
-                        }
-                    }
+        let (lo, hi) = self.valid_columns(0);
+        for (i, row) in buf[..self.phase_len()]
+            .chunks_exact_mut(self.pw)
+            .enumerate()
+        {
+            let y = i.wrapping_sub(self.padding);
+            if y >= self.h {
+                row.fill(pad);
+                continue;
+            }
+            row[..lo].fill(pad);
+            row[hi..].fill(pad);
+            if lo < hi {
+                let src = &x[y * self.w + lo - self.padding..][..hi - lo];
+                for (v, x) in row[lo..hi].iter_mut().zip(src) {
+                    *v = value(*x);
                 }
             }
         }
     }
 
+    /// Fills `buf` with the padded plane `x` minus `shift` (so padding reads `-shift`).
+    #[inline(always)]
+    fn fill<T: Element>(&self, x: &[T], shift: f64, buf: &mut [f64]) {
+        self.fill_with(x, -shift, |v: T| v.to_f64() - shift, buf);
+    }
+
     /// Fills `buf` with the padded float32 plane `x` (zeros in the padding), for inference.
     #[inline(always)]
     fn fill_f32(&self, x: &[f32], buf: &mut [f32]) {
-        if self.stride > 1 {
-            let mut row = vec![0.0f32; self.pw * self.stride];
-            self.fill_strided(x, 0.0, |v: f32| v, &mut row, buf);
-            return;
-        }
-        let (s, p) = (self.stride, self.padding);
-        for ry in 0..s {
-            for rx in 0..s {
-                let (lo, hi) = self.valid_columns(rx);
-                let phase = &mut buf[(ry * s + rx) * self.phase_len()..][..self.phase_len()];
-                for (i, row) in phase.chunks_exact_mut(self.pw).enumerate() {
-                    let y = (i * s + ry).wrapping_sub(p);
-                    if y >= self.h {
-                        row.fill(0.0);
-                        continue;
-                    }
-                    row[..lo].fill(0.0);
-                    row[hi..].fill(0.0);
-                    if lo < hi {
-                        let first = lo * s + rx - p;
-                        let src = &x[y * self.w + first..][..(hi - lo - 1) * s + 1];
-                        if s == 1 {
-                            row[lo..hi].copy_from_slice(src);
-                        } else {
-                            for (v, x) in row[lo..hi].iter_mut().zip(src.iter().step_by(s)) {
-                                *v = *x;
-                            }
-                        }
-                    }
-                }
-            }
-        }
+        self.fill_with(x, 0.0, |v: f32| v, buf);
     }
 
     /// Writes the raw plane `dx` from the padded-frame gradient `buf` (the padding is dropped;
@@ -296,25 +261,24 @@ impl Geometry {
 /// then the centre-only branches (scale, skip) as one value per channel.
 #[derive(Debug, Clone)]
 pub struct Kernels {
-    /// Per conv branch, `channels * k^2` taps.
-    pub conv: Vec<Vec<f64>>,
-    /// Per centre-only branch, `channels` values (the scale's weight, or ones for the skip).
-    pub centre: Vec<Vec<f64>>,
     /// Every branch's full `k^2` kernel per channel (branch-major), centre-only ones padded.
     full: Vec<f64>,
+    conv_branches: usize,
+    branches: usize,
     taps: usize,
     channels: usize,
 }
 
 impl Kernels {
-    /// The kernels of a block with `k x k` taps and `channels` channels.
-    pub fn new(conv: Vec<Vec<f64>>, centre: Vec<Vec<f64>>, k: usize, channels: usize) -> Self {
+    /// The kernels of a block with `k x k` taps and `channels` channels: per conv branch
+    /// `channels * k^2` taps, then per centre-only branch (scale, skip) `channels` values.
+    pub fn new(conv: &[Vec<f64>], centre: &[Vec<f64>], k: usize, channels: usize) -> Self {
         let taps = k * k;
         let mut full = Vec::with_capacity((conv.len() + centre.len()) * channels * taps);
-        for kernel in &conv {
+        for kernel in conv {
             full.extend_from_slice(&kernel[..channels * taps]);
         }
-        for values in &centre {
+        for values in centre {
             for &v in &values[..channels] {
                 let start = full.len();
                 full.resize(start + taps, 0.0);
@@ -322,16 +286,16 @@ impl Kernels {
             }
         }
         Kernels {
-            conv,
-            centre,
             full,
+            conv_branches: conv.len(),
+            branches: conv.len() + centre.len(),
             taps,
             channels,
         }
     }
 
     pub fn branches(&self) -> usize {
-        self.conv.len() + self.centre.len()
+        self.branches
     }
 
     /// Branch `b`'s full kernel of channel `c`.
@@ -584,20 +548,60 @@ fn multi_dot<const N: usize, const FMA: bool>(a: &[f64], rows: &[&[f64]], out: &
     }
 }
 
-/// Adds the dots of `a` with every row of `rows` to `out`, eight rows at a time.
+/// Runs `$body` with the const `$n` equal to `$len`, for `1 <= $len <= GROUP` (a const generic
+/// per group size keeps a group's rows and coefficients in registers).
+macro_rules! by_group_size {
+    ($len:expr, $n:ident => $body:expr) => {
+        match $len {
+            1 => {
+                const $n: usize = 1;
+                $body
+            }
+            2 => {
+                const $n: usize = 2;
+                $body
+            }
+            3 => {
+                const $n: usize = 3;
+                $body
+            }
+            4 => {
+                const $n: usize = 4;
+                $body
+            }
+            5 => {
+                const $n: usize = 5;
+                $body
+            }
+            6 => {
+                const $n: usize = 6;
+                $body
+            }
+            7 => {
+                const $n: usize = 7;
+                $body
+            }
+            8 => {
+                const $n: usize = 8;
+                $body
+            }
+            9 => {
+                const $n: usize = 9;
+                $body
+            }
+            _ => {
+                const $n: usize = 10;
+                $body
+            }
+        }
+    };
+}
+
+/// Adds the dots of `a` with every row of `rows` to `out`, `GROUP` rows at a time.
 #[inline(always)]
 fn dots<const FMA: bool>(a: &[f64], rows: &[&[f64]], out: &mut [f64]) {
-    for (rows, out) in rows.chunks(8).zip(out.chunks_mut(8)) {
-        match rows.len() {
-            1 => multi_dot::<1, FMA>(a, rows, out),
-            2 => multi_dot::<2, FMA>(a, rows, out),
-            3 => multi_dot::<3, FMA>(a, rows, out),
-            4 => multi_dot::<4, FMA>(a, rows, out),
-            5 => multi_dot::<5, FMA>(a, rows, out),
-            6 => multi_dot::<6, FMA>(a, rows, out),
-            7 => multi_dot::<7, FMA>(a, rows, out),
-            _ => multi_dot::<8, FMA>(a, rows, out),
-        }
+    for (rows, out) in rows.chunks(GROUP).zip(out.chunks_mut(GROUP)) {
+        by_group_size!(rows.len(), N => multi_dot::<N, FMA>(a, rows, out));
     }
 }
 
@@ -634,20 +638,7 @@ fn accumulate_rows<const FMA: bool>(dst: &mut [f64], rows: &[&[f64]], coefs: &[f
             let add = if i == 0 { add } else { 0.0 };
             // SAFETY: FMA is true only inside the AVX2+FMA build (see `dispatched!`); lengths
             // checked above.
-            unsafe {
-                match rows.len() {
-                    1 => avx::accumulate::<1>(dst, rows, coefs, add),
-                    2 => avx::accumulate::<2>(dst, rows, coefs, add),
-                    3 => avx::accumulate::<3>(dst, rows, coefs, add),
-                    4 => avx::accumulate::<4>(dst, rows, coefs, add),
-                    5 => avx::accumulate::<5>(dst, rows, coefs, add),
-                    6 => avx::accumulate::<6>(dst, rows, coefs, add),
-                    7 => avx::accumulate::<7>(dst, rows, coefs, add),
-                    8 => avx::accumulate::<8>(dst, rows, coefs, add),
-                    9 => avx::accumulate::<9>(dst, rows, coefs, add),
-                    _ => avx::accumulate::<10>(dst, rows, coefs, add),
-                }
-            }
+            unsafe { by_group_size!(rows.len(), N => avx::accumulate::<N>(dst, rows, coefs, add)) }
         }
         return;
     }
@@ -675,18 +666,7 @@ fn conv_row_f32<const FMA: bool>(dst: &mut [f32], rows: &[&[f32]], coefs: &[f32]
             // SAFETY: FMA is true only inside the AVX2+FMA build (see `dispatched!`); lengths
             // checked above.
             unsafe {
-                match rows.len() {
-                    1 => avx::conv_f32::<1>(dst, rows, coefs, first, add),
-                    2 => avx::conv_f32::<2>(dst, rows, coefs, first, add),
-                    3 => avx::conv_f32::<3>(dst, rows, coefs, first, add),
-                    4 => avx::conv_f32::<4>(dst, rows, coefs, first, add),
-                    5 => avx::conv_f32::<5>(dst, rows, coefs, first, add),
-                    6 => avx::conv_f32::<6>(dst, rows, coefs, first, add),
-                    7 => avx::conv_f32::<7>(dst, rows, coefs, first, add),
-                    8 => avx::conv_f32::<8>(dst, rows, coefs, first, add),
-                    9 => avx::conv_f32::<9>(dst, rows, coefs, first, add),
-                    _ => avx::conv_f32::<10>(dst, rows, coefs, first, add),
-                }
+                by_group_size!(rows.len(), N => avx::conv_f32::<N>(dst, rows, coefs, first, add))
             }
         }
         return;
@@ -989,38 +969,39 @@ fn grad_sums_plane<T: Element, const FMA: bool>(
 /// What the input-gradient pass applies per channel: at every output position `p`, tap `t`
 /// of the patch receives `keff[t] g[p] + konst[t] - sum_u quad[t][u] (x - mu)[p + u]`.
 struct Scatter {
-    keff: Vec<f64>,
     konst: Vec<f64>,
     quad: Vec<f64>,
-    /// Stride 1 only: `corr[d] = sum_{u - t = d} quad[t][u]` over the `(2k - 1)^2` offsets, and
-    /// `sum_t konst[t]` (see [`dx_plane_dense`]).
-    corr: Vec<f64>,
+    /// Stride 1 only (see [`dx_plane_dense`]): the coefficients of the gather form's rows,
+    /// `corr[d] = sum_{u - t = d} quad[t][u]` over the `(2k - 1)^2` offsets, then `-keff[t]`;
+    /// `sum_t konst[t]`; and `-quad`, for the outputs outside the grid.
+    gather_coefs: Vec<f64>,
     konst_sum: f64,
+    negated_quad: Vec<f64>,
     /// Per tap `t`: `[-keff[t], quad[t][..]]`, the coefficients of `[g, patch rows]`.
     tap_coefs: Vec<f64>,
 }
 
 impl Scatter {
-    fn new(k: usize, keff: Vec<f64>, konst: Vec<f64>, quad: Vec<f64>) -> Self {
+    fn new(k: usize, keff: &[f64], konst: Vec<f64>, quad: Vec<f64>) -> Self {
         let (taps, span) = (k * k, 2 * k - 1);
-        let mut corr = vec![0.0; span * span];
+        let mut gather_coefs = vec![0.0; span * span];
         for t in 0..taps {
             for u in 0..taps {
                 let dy = u / k + k - 1 - t / k;
                 let dx = u % k + k - 1 - t % k;
-                corr[dy * span + dx] += quad[t * taps + u];
+                gather_coefs[dy * span + dx] += quad[t * taps + u];
             }
         }
-        let konst_sum = konst.iter().sum();
+        gather_coefs.extend(keff.iter().map(|v| -v));
         let tap_coefs = (0..taps)
             .flat_map(|t| std::iter::once(-keff[t]).chain(quad[t * taps..][..taps].iter().copied()))
             .collect();
         Scatter {
-            keff,
+            konst_sum: konst.iter().sum(),
+            negated_quad: quad.iter().map(|q| -q).collect(),
             konst,
             quad,
-            corr,
-            konst_sum,
+            gather_coefs,
             tap_coefs,
         }
     }
@@ -1104,8 +1085,7 @@ fn dx_plane_dense<T: Element, const FMA: bool>(
             *d = s.to_f64();
         }
     }
-    let mut coef: Vec<f64> = sc.corr.clone();
-    coef.extend(sc.keff.iter().map(|v| -v));
+    let coef = &sc.gather_coefs;
     let mut rows: Vec<&[f64]> = Vec::with_capacity(coef.len());
     for qy in 0..geo.ph {
         rows.clear();
@@ -1113,7 +1093,7 @@ fn dx_plane_dense<T: Element, const FMA: bool>(
         rows.extend(g_offsets.iter().map(|&o| &gbuf[qy * pwx + o..][..geo.pw]));
         let dst = &mut dbuf[(qy + e) * pwx + e..][..geo.pw];
         dst.fill(0.0);
-        accumulate_rows::<FMA>(dst, &rows, &coef, sc.konst_sum);
+        accumulate_rows::<FMA>(dst, &rows, coef, sc.konst_sum);
     }
     // Take back the outputs just outside the grid: scatter `-(konst[t] - quad[t] . patch)` from
     // each, a row segment at a time; targets outside the padded frame land in the margin,
@@ -1124,7 +1104,7 @@ fn dx_plane_dense<T: Element, const FMA: bool>(
     let full = ow + 2 * e;
     // Virtual output rows above and below the grid (ext row `py` = output row + e), whole.
     let mut patch: Vec<&[f64]> = Vec::with_capacity(taps);
-    let negated: Vec<f64> = sc.quad.iter().map(|q| -q).collect();
+    let negated = &sc.negated_quad;
     for py in (0..e).chain(oh + e..oh + 2 * e) {
         patch.clear();
         patch.extend((0..taps).map(|u| &xbuf[py * pwx + tap_offset(u)..][..full]));
@@ -1622,7 +1602,7 @@ fn channel_gradients(
     for t in 0..taps {
         konst[t] -= keff[t] * gbar;
     }
-    Scatter::new(geo.k, keff, konst, quad)
+    Scatter::new(geo.k, &keff, konst, quad)
 }
 
 /// The backward of the depthwise branch sum: writes the input gradient into `dx` (contiguous
@@ -1641,7 +1621,7 @@ pub fn backward<T: Element>(
 ) -> Gradients {
     let geo = lay.geo;
     let (taps, channels) = (geo.taps(), lay.c);
-    let (nconv, nb) = (kernels.conv.len(), kernels.branches());
+    let (nconv, nb) = (kernels.conv_branches, kernels.branches());
     assert!(dx.len() == x.len() && g.len() == lay.n * channels * lay.out_plane());
     // Per channel record: sum g, per branch the BN weight's gradient, then its full kernel's.
     let width = 1 + nb + nb * taps;
