@@ -34,7 +34,7 @@ from .modules import (
 )
 from .verify import ErrorStat, ReparamReport, verify_reparameterization
 
-__version__ = "0.1.0"
+__version__ = _native.__version__  # Cargo.toml is the one version source
 
 __all__ = [
     "ConfigError",

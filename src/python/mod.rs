@@ -290,6 +290,7 @@ fn yaml_mobileone_layers(text: &str, image_channels: i64) -> PyResult<Vec<YamlLa
 #[pymodule]
 fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     errors::register(m)?;
+    m.add("__version__", env!("CARGO_PKG_VERSION"))?;
     m.add("TORCH_VERSION_BUILT", "2.13")?;
     m.add_function(wrap_pyfunction!(validate_block, m)?)?;
     m.add_function(wrap_pyfunction!(se_reduced_channels, m)?)?;

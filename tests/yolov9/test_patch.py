@@ -18,7 +18,7 @@ from types import SimpleNamespace
 import pytest
 from mobileone_rs.yolov9 import main
 
-from tests import yolov9_helpers as h
+from tests.yolov9 import helpers as h
 
 IMPORT_LINE = "from mobileone_rs import MobileOne, MobileOneBlock, reparameterize_model"
 

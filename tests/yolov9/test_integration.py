@@ -23,7 +23,7 @@ import yaml
 from torch import nn
 
 from tests import oracle
-from tests import yolov9_helpers as h
+from tests.yolov9 import helpers as h
 
 pytestmark = pytest.mark.skipif(
     h.installed_yolo9() is None, reason="yolo9 (YOLOv9 from PyPI) is not installed"

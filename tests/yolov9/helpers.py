@@ -25,8 +25,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-REPO = Path(__file__).resolve().parents[1]
-SEED_YAML = REPO / "tests" / "data" / "yolov9-c-mobileone.yaml"
+REPO = Path(__file__).resolve().parents[2]
+SEED_YAML = REPO / "python" / "mobileone_rs" / "data" / "yolov9-c-mobileone.yaml"
 SEED_YAML_SHA256 = "48425549059563d26188decd86b063589d4625a26f3acf9c6646740e55766e8f"
 SHARED_SEED = REPO.parent / "shared" / "seed"
 

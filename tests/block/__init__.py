@@ -1,0 +1,1 @@
+"""MobileOneBlock and SEBlock: forward, training step, errors, properties, precision."""

@@ -1,0 +1,1 @@
+"""PyTorch tools around the blocks: DDP, threads, hooks."""

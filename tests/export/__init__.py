@@ -1,0 +1,1 @@
+"""Graph capture and serialization: jit.trace, torch.export, ONNX, compile, checkpoints."""

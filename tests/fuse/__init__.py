@@ -1,0 +1,1 @@
+"""Re-parameterization: reparameterize(), reparameterize_model, safe fusing, verify."""

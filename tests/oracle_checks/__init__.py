@@ -1,0 +1,1 @@
+"""Self-checks of the oracle (the seed's math in plain PyTorch)."""

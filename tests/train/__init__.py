@@ -1,0 +1,1 @@
+"""The exact training paths: extended-precision checks of the no-branch-storage kernels."""
