@@ -23,6 +23,9 @@ pub enum Error {
     /// An error raised by libtorch itself.
     #[error("libtorch: {0}")]
     Torch(#[from] tch::TchError),
+    /// A broken invariant inside the package (a bug; the call was refused, nothing crashed).
+    #[error("internal error in mobileone_rs (please report it): {0}")]
+    Internal(String),
 }
 
 /// The core's result type.

@@ -1,7 +1,7 @@
 //! Fusion math on hand-computed kernels.
 
-use mobileone_rs::block::{self, BlockSpec, Branches};
-use mobileone_rs::fusion::{self, BatchNorm, ConvBn};
+use mobileone_rs::fuse::{self as fusion, BatchNorm, Branches, ConvBn};
+use mobileone_rs::BlockSpec;
 use tch::{Kind, Tensor};
 
 fn bn(gamma: &[f64], beta: &[f64], mean: &[f64], var: &[f64], eps: f64) -> BatchNorm {
@@ -86,7 +86,7 @@ fn depthwise_block_kernel_by_hand() {
         scale: Some(scale),
         skip: Some(skip),
     };
-    let (k, b) = block::fused_kernel_bias(&spec, &branches).unwrap();
+    let (k, b) = fusion::fused_kernel_bias(&spec, &branches).unwrap();
     let v = values(&k);
     assert_eq!(v[4], 5.0);
     assert_eq!(v.iter().sum::<f64>(), 13.0);
@@ -116,7 +116,7 @@ fn half_weights_fuse_in_float32_and_come_back_half() {
         scale: None,
         skip: None,
     };
-    let (k, _) = block::fused_kernel_bias(&spec, &branches).unwrap();
+    let (k, _) = fusion::fused_kernel_bias(&spec, &branches).unwrap();
     assert_eq!(k.kind(), Kind::Half);
     // 1 / sqrt(1e-8) = 1e4 fits half; computed in half, 1e-8 would underflow to 0 and give inf.
     assert!((values(&k)[0] - 1e4).abs() < 8.0);

@@ -1,9 +1,9 @@
 //! Block validation, the stage plan and the seed's yaml.
 
-use mobileone_rs::block::BlockSpec;
-use mobileone_rs::config::{make_divisible, mobileone_layers};
-use mobileone_rs::stage::{plan_stage, StageSpec};
+use mobileone_rs::spec::yaml::{make_divisible, mobileone_layers};
+use mobileone_rs::BlockSpec;
 use mobileone_rs::Error;
+use mobileone_rs::{plan_stage, StageSpec};
 
 fn config_message(spec: BlockSpec) -> String {
     match spec.validate() {

@@ -1,10 +1,10 @@
 """The nn.Module shells of MobileOne (https://arxiv.org/abs/2206.04040).
 
 Parameters and buffers live in real ``nn.Conv2d`` / ``nn.BatchNorm2d`` children with the seed's
-(Apple's) names, so state_dicts, ``.to()``, EMA, optimizers and DDP see ordinary modules. The
-forward math runs in Rust (``_native``). When a child is not a plain conv/BN (``SyncBatchNorm``,
-``track_running_stats=False``, a subclass) or has hooks that must fire, the block runs the seed's
-module-by-module path instead, so those children behave exactly as with the seed's code.
+(Apple's) names, so state_dicts, ``.to()``, EMA, optimizers and DDP see ordinary modules. At every
+call a shell observes its children and the call (``_state``, ``_env``) and hands both to the
+native dispatcher, which picks the path: a fast path only where it provably equals the seed's
+module-by-module forward for the whole state, else the module path, which runs here.
 """
 
 from __future__ import annotations
@@ -12,8 +12,11 @@ from __future__ import annotations
 import contextlib
 import copy
 import threading
+from typing import NamedTuple
 
 import torch
+import torch.autograd.forward_ad as _forward_ad
+import torch.nn.functional as F
 import torch.nn.modules.module as _torch_module
 from torch import nn
 
@@ -21,24 +24,66 @@ from . import _native
 
 _BRANCH_NAMES = ("rbr_conv", "rbr_scale", "rbr_skip")
 _HOOK_DICTS = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks")
+_PLAIN_TENSORS = (torch.Tensor, nn.Parameter)
 
 
-_state = threading.local()
+class Options(NamedTuple):
+    """A block's fast-path options.
+
+    Attributes:
+        fast: run fast paths at all (False: the seed's module path always).
+        low_memory: depthwise blocks train without storing branch outputs (False: through the
+            seed's branches, which store them).
+        cpu_kernel: depthwise blocks use the CPU kernels (training in float32/64, inference in
+            float32) on CPU tensors (False: libtorch's ops).
+    """
+
+    fast: bool = True
+    low_memory: bool = True
+    cpu_kernel: bool = True
+
+
+_scope = threading.local()
 
 
 @contextlib.contextmanager
+def fast_paths(enabled: bool | None = None, low_memory: bool | None = None, cpu_kernel: bool | None = None):
+    """Overrides every block's options on this thread for the scope; ``None`` keeps a block's own.
+
+    Example: ``with fast_paths(cpu_kernel=False): model(x)`` runs libtorch's ops where the CPU
+    kernels would run.
+    """
+    previous = getattr(_scope, "override", Options(None, None, None))
+    _scope.override = Options(
+        previous.fast if enabled is None else enabled,
+        previous.low_memory if low_memory is None else low_memory,
+        previous.cpu_kernel if cpu_kernel is None else cpu_kernel,
+    )
+    try:
+        yield
+    finally:
+        _scope.override = previous
+
+
 def module_path():
-    """Inside this context, unfused blocks run the seed's module-by-module path on this thread.
+    """Inside this context, blocks on this thread run the seed's module-by-module path.
 
     That path calls every branch's conv and BN as the seed does; it is the independent reference
     that :func:`mobileone_rs.verify_reparameterization` compares fused blocks against.
     """
-    previous = getattr(_state, "module_path", False)
-    _state.module_path = True
-    try:
-        yield
-    finally:
-        _state.module_path = previous
+    return fast_paths(enabled=False)
+
+
+# ---- what the shells observe -------------------------------------------------------------
+
+
+class _Opaque(Exception):
+    """A child the dispatcher cannot even describe (not a conv / BN / container of them)."""
+
+
+def _hooked(module: nn.Module) -> bool:
+    d = module.__dict__
+    return any(d.get(name) for name in _HOOK_DICTS)
 
 
 def _global_hooks() -> bool:
@@ -50,100 +95,182 @@ def _global_hooks() -> bool:
     )
 
 
-def _hooked(module: nn.Module) -> bool:
-    d = module.__dict__
-    return any(d[name] for name in _HOOK_DICTS)
+def _plain(*tensors) -> bool:
+    return all(t is None or type(t) in _PLAIN_TENSORS for t in tensors)
 
 
-def _raw_ok(x, parameters=None) -> bool:
-    """Whether the native CPU kernels may read and write ``x``'s memory directly: a plain tensor
-    (not a subclass such as a FakeTensor), outside ``torch.jit.trace`` (which records only
-    aten ops). With ``parameters`` (a callable; inference kernels are not differentiable) also
-    only when no gradient is wanted."""
-    if type(x) is not torch.Tensor or torch.jit.is_tracing():
-        return False
-    if parameters is None or not torch.is_grad_enabled():
-        return True
-    return not x.requires_grad and not any(p.requires_grad for p in parameters())
+def _conv_state(conv: nn.Module, name: str) -> tuple:
+    if type(conv) is not nn.Conv2d:
+        raise _Opaque(f"{name} is a {type(conv).__name__}, not an nn.Conv2d")
+    weight, bias = conv.weight, conv.bias
+    plain = not _hooked(conv) and _plain(weight, bias)
+    return (weight, bias, conv.stride, conv.padding, conv.dilation, conv.groups, conv.padding_mode, plain)
 
 
-def _autocast(x) -> bool:
-    if not isinstance(x, torch.Tensor):
-        return False
+def _bn_state(bn: nn.Module, name: str) -> tuple:
+    if type(bn) is not nn.BatchNorm2d:
+        raise _Opaque(f"{name} is a {type(bn).__name__}, not an nn.BatchNorm2d")
+    tensors = (bn.weight, bn.bias, bn.running_mean, bn.running_var, bn.num_batches_tracked)
+    plain = not _hooked(bn) and _plain(*tensors)
+    return (*tensors, bn.momentum, bn.eps, bn.training, bn.track_running_stats, plain)
+
+
+def _branch_state(branch: nn.Module, name: str) -> tuple:
+    if type(branch) is not nn.Sequential or len(branch) != 2 or list(branch._modules) != ["conv", "bn"]:
+        raise _Opaque(f"{name} is not an nn.Sequential of conv and bn")
+    return (_conv_state(branch.conv, f"{name}.conv"), _bn_state(branch.bn, f"{name}.bn"), not _hooked(branch))
+
+
+def _se_state(se: nn.Module) -> tuple:
+    if type(se) is nn.Identity:
+        return ("none", not _hooked(se))
+    if type(se) is not SEBlock:
+        return ("opaque",)
+    try:
+        return ("se", _conv_state(se.reduce, "se.reduce"), _conv_state(se.expand, "se.expand"), not _hooked(se))
+    except _Opaque:
+        return ("opaque",)
+
+
+def _autocast(x: torch.Tensor) -> bool:
     try:
         return torch.is_autocast_enabled(x.device.type)
     except RuntimeError:  # a device type autocast does not know (meta)
         return False
 
 
-def _bn_args(bn: nn.Module):
-    """The native tuple of a plain BatchNorm2d, or None when the module path must run."""
-    if type(bn) is not nn.BatchNorm2d or _hooked(bn) or bn.running_mean is None or bn.weight is None:
-        return None
-    return (bn.weight, bn.bias, bn.running_mean, bn.running_var, bn.num_batches_tracked, bn.momentum, bn.eps)
+def _functorch(x: torch.Tensor) -> bool:
+    return (
+        torch._C._functorch.peek_interpreter_stack() is not None
+        or torch._C._functorch.is_functorch_wrapped_tensor(x)
+    )
 
 
-def _conv_bn_args(branch: nn.Module):
-    if type(branch) is not nn.Sequential or _hooked(branch) or len(branch) != 2:
-        return None
-    conv, bn = branch.conv, branch.bn
-    if type(conv) is not nn.Conv2d or _hooked(conv) or conv.bias is not None or conv.padding_mode != "zeros":
-        return None
-    bn_args = _bn_args(bn)
-    return None if bn_args is None else (conv.weight, bn_args)
+def _symbolic(x) -> bool:
+    """Whether ``x`` is traced symbolically (torch.compile, FX): no native call can run."""
+    return (
+        isinstance(x, torch.fx.Proxy)
+        or torch.compiler.is_compiling()
+        or torch.fx._symbolic_trace.is_fx_tracing()
+    )
 
 
-def _fuse_args(bn: nn.Module):
-    """The native tuple of any BatchNorm-like module, for fusing (running statistics only)."""
-    if getattr(bn, "running_mean", None) is None:
-        raise _native.ConfigError(
-            f"cannot re-parameterize {type(bn).__name__} without running statistics "
-            "(track_running_stats=False): its eval output depends on the batch"
-        )
-    ones = torch.ones_like(bn.running_mean)
-    weight = bn.weight if bn.weight is not None else ones
-    bias = bn.bias if bn.bias is not None else torch.zeros_like(ones)
-    return (weight, bias, bn.running_mean, bn.running_var, None, None, bn.eps)
+def _capturing(x) -> bool:
+    """Whether a graph is being captured (jit.trace, ONNX export, torch.compile/export, FX)."""
+    return (_symbolic(x) or torch.jit.is_tracing() or torch.onnx.is_in_onnx_export()
+            or torch.compiler.is_exporting())
 
 
-_FAST_DTYPES = (torch.float32, torch.float64)
+def _require_tensor(x, owner: str) -> None:
+    if not isinstance(x, torch.Tensor):
+        raise _native.InputTypeError(f"{owner} input must be a torch.Tensor, got {type(x).__name__}")
 
 
-def _flat_params(conv, scale, skip) -> list:
-    """Every trainable tensor of the branches, in the order the native backward returns grads."""
+def _env(x: torch.Tensor, options: Options) -> tuple:
+    """The call's facts, in the order of the native ``Env``."""
+    override = getattr(_scope, "override", None)
+    if override is not None:
+        options = Options(*(mine if theirs is None else theirs for mine, theirs in zip(options, override)))
+    return (
+        torch.is_grad_enabled(),
+        torch.is_inference_mode_enabled(),
+        _autocast(x),
+        torch.jit.is_tracing(),
+        _functorch(x),
+        torch._C._len_torch_dispatch_stack() > 0,
+        torch._C._len_torch_function_stack() > 0,
+        torch._C._autograd._top_saved_tensors_default_hooks(False) is not None,
+        _forward_ad._current_level >= 0,
+        _global_hooks(),
+        type(x) is not torch.Tensor,
+        *options,
+    )
+
+
+# ---- the exact training paths -----------------------------------------------------------------
+
+
+class _NonFinite(Exception):
+    """The batch statistics were not finite: nothing was updated; the module path runs."""
+
+
+def _train_params(body: tuple) -> list:
+    """Every trainable tensor of a branches state, in the order the native backward returns."""
+    _, convs, scale, skip = body
     params = []
-    for weight, bn in conv:
-        params += [weight, bn[0], bn[1]]
-    if scale is not None:
-        params += [scale[0], scale[1][0], scale[1][1]]
+    for conv, bn, _ in [*convs, *([scale] if scale is not None else [])]:
+        params += [conv[0], bn[0], bn[1]]
     if skip is not None:
         params += [skip[0], skip[1]]
     return params
 
 
+def _seed_branch_sum(x, params, spec, body):
+    """The seed's train-time branch sum as a function of the input and the parameters (batch
+    statistics, no running-statistics update), for gradients of gradients."""
+    _, _, _, stride, padding, dilation, groups, _, _ = spec
+    _, convs, scale, skip = body
+    n = len(convs)
+    out = 0
+    if scale is not None:
+        w, gamma, beta = params[3 * n: 3 * n + 3]
+        y = F.conv2d(x, w, None, stride, 0, 1, groups)
+        out = out + F.batch_norm(y, None, None, gamma, beta, True, 0.0, scale[1][6])
+    if skip is not None:
+        gamma, beta = params[-2:]
+        out = out + F.batch_norm(x, None, None, gamma, beta, True, 0.0, skip[6])
+    for i, (_, bn, _) in enumerate(convs):
+        w, gamma, beta = params[3 * i: 3 * i + 3]
+        y = F.conv2d(x, w, None, stride, padding, dilation, groups)
+        out = out + F.batch_norm(y, None, None, gamma, beta, True, 0.0, bn[6])
+    return out
+
+
 class _TrainBranchSum(torch.autograd.Function):
     """The exact train-time branch sum of a block, computed in Rust without storing any branch
     output: the forward runs one conv folded from the batch statistics, the backward is analytic.
-    Pointwise blocks work from the input's Gram matrix; depthwise blocks on the CPU from each
-    channel's patch moments (a dedicated kernel), elsewhere (CUDA) by recomputing each branch."""
+    A gradient of the gradient (``create_graph=True``) differentiates the seed's math instead."""
 
     @staticmethod
-    def forward(ctx, x, block_args, *params):
-        spec, conv, scale, skip = block_args
-        out, saved = _native.train_forward(x, spec, conv, scale, skip, _raw_ok(x))
-        ctx.block_args = block_args
-        ctx.save_for_backward(x, *params, *saved)
+    def forward(ctx, x, info, *params):
+        state, env, path = info
+        result = _native.train_forward(x, state, env, path)
+        if result is None:
+            raise _NonFinite
+        out, saved = result
+        ctx.info = info
         ctx.num_params = len(params)
+        ctx.save_for_backward(x, *params, *saved)
         return out
 
     @staticmethod
-    @torch.autograd.function.once_differentiable
     def backward(ctx, grad):
         x, *rest = ctx.saved_tensors
-        saved = rest[ctx.num_params:]
-        spec, conv, scale, skip = ctx.block_args
-        grads = _native.train_backward(grad, x, spec, conv, scale, skip, saved)
-        return (grads[0], None, *grads[1:])
+        params, saved = rest[: ctx.num_params], rest[ctx.num_params:]
+        state, _, path = ctx.info
+        if not torch.is_grad_enabled():
+            grads = _native.train_backward(grad, x, state, path, saved)
+            if grads is not None:
+                return (grads[0], None, *grads[1:])
+        return _differentiate(ctx, x, params, grad)
+
+
+def _differentiate(ctx, x, params, grad):
+    """The backward by autograd through the seed's math: differentiable itself when the outer
+    backward builds a graph (``create_graph=True``)."""
+    state = ctx.info[0]
+    needs = ctx.needs_input_grad
+    inputs = [x, *params]
+    wanted = [needs[0], *needs[2:]]
+    with torch.enable_grad():
+        out = _seed_branch_sum(x, params, state[0], state[1])
+        targets = [t for t, want in zip(inputs, wanted) if want]
+        got = iter(torch.autograd.grad(out, targets, grad, create_graph=torch.is_grad_enabled(), allow_unused=True))
+    grads = [next(got) if want else None for want in wanted]
+    return (grads[0], None, *grads[1:])
+
+
+# ---- the modules ---------------------------------------------------------------------------------
 
 
 class SEBlock(nn.Module):
@@ -156,24 +283,26 @@ class SEBlock(nn.Module):
         self.reduce = nn.Conv2d(in_channels=in_channels, out_channels=reduced, kernel_size=1, stride=1, bias=True)
         self.expand = nn.Conv2d(in_channels=reduced, out_channels=in_channels, kernel_size=1, stride=1, bias=True)
 
-    def native_args(self):
-        """The native tuple of this module, or None when the module path must run."""
-        if _hooked(self):
-            return None
-        reduce, expand = self.reduce, self.expand
-        for conv in (reduce, expand):
-            if type(conv) is not nn.Conv2d or _hooked(conv) or conv.bias is None:
-                return None
-        return (reduce.weight, reduce.bias, expand.weight, expand.bias)
-
     def forward(self, inputs: torch.Tensor) -> torch.Tensor:
         """Scales each channel of ``inputs`` by a gate computed from its global average."""
-        args = None if torch.compiler.is_compiling() or _global_hooks() else self.native_args()
-        if args is not None:
-            return _native.se_forward(inputs, args, _autocast(inputs))
-        _, c, h, w = inputs.size()
-        x = nn.functional.avg_pool2d(inputs, kernel_size=[h, w])
-        x = torch.sigmoid(self.expand(nn.functional.relu(self.reduce(x))))
+        if not _symbolic(inputs):
+            _require_tensor(inputs, "SEBlock")
+            env = _env(inputs, Options())
+            out = _native.se_forward(inputs, _se_state(self), inputs.shape[1] if inputs.dim() == 4 else -1, env)
+            if out is not None:
+                return out
+        return self._forward_torch(inputs)
+
+    def _forward_torch(self, inputs: torch.Tensor) -> torch.Tensor:
+        """The seed's forward. Graph capture (tracing, export, compile, FX) records the global
+        average as a mean, which stays shape-generic where a size-derived pooling kernel would be
+        baked in (or refused by ONNX); eager runs the seed's ``avg_pool2d``."""
+        c = inputs.shape[1]
+        if _capturing(inputs):
+            x = inputs.mean((2, 3), keepdim=True)
+        else:
+            x = F.avg_pool2d(inputs, kernel_size=[inputs.shape[2], inputs.shape[3]])
+        x = torch.sigmoid(self.expand(F.relu(self.reduce(x))))
         return inputs * x.view(-1, c, 1, 1)
 
 
@@ -185,13 +314,11 @@ class MobileOneBlock(nn.Module):
     ``stride == 1``), then applies SE (optional) and ReLU. ``reparameterize()`` folds every branch
     into ``reparam_conv``. ``dilation`` applies to every kxk branch (the seed drops it at train
     time), so the fused block always equals the unfused one.
-    """
 
-    #: Train depthwise blocks without storing any branch output: on the CPU (float32/64) through
-    #: the patch-moment kernel, which is also the fastest path there; on other devices by
-    #: recomputing each branch in the backward. Set it to False (on the class, or on one block)
-    #: to run and store the branches as the seed does.
-    low_memory: bool = True
+    The keyword-only ``fast``, ``low_memory`` and ``cpu_kernel`` set this block's fast-path options
+    (see :class:`Options`; attributes of the same names, overridden in a scope by
+    :func:`fast_paths`). :meth:`forward_path` tells which path an input takes, and why.
+    """
 
     def __init__(
         self,
@@ -205,6 +332,10 @@ class MobileOneBlock(nn.Module):
         use_se: bool = False,
         num_conv_branches: int = 1,
         inference_mode: bool = False,
+        *,
+        fast: bool = True,
+        low_memory: bool = True,
+        cpu_kernel: bool = True,
     ) -> None:
         """Builds the block; raises ``ConfigError`` naming the first invalid argument."""
         super().__init__()
@@ -212,7 +343,7 @@ class MobileOneBlock(nn.Module):
                 num_conv_branches)
         _native.validate_block(spec)
         self._spec = spec
-        self._train_path = _native.train_path(spec)
+        self.fast, self.low_memory, self.cpu_kernel = bool(fast), bool(low_memory), bool(cpu_kernel)
         self.inference_mode = inference_mode
         self.groups = groups
         self.stride = stride
@@ -234,6 +365,11 @@ class MobileOneBlock(nn.Module):
         if kernel_size > 1:
             self.rbr_scale = self._conv_bn(1, 0, 1)
 
+    def __setstate__(self, state: dict) -> None:
+        # Whole-module pickles from before the options existed get the defaults.
+        state = {"fast": True, "low_memory": True, "cpu_kernel": True, **state}
+        super().__setstate__(state)
+
     def _conv_bn(self, kernel_size: int, padding: int, dilation: int) -> nn.Sequential:
         branch = nn.Sequential()
         branch.add_module("conv", nn.Conv2d(self.in_channels, self.out_channels, kernel_size, stride=self.stride,
@@ -241,82 +377,72 @@ class MobileOneBlock(nn.Module):
         branch.add_module("bn", nn.BatchNorm2d(num_features=self.out_channels))
         return branch
 
-    def _se_args(self):
-        """``(ok, args)``: args is None for no SE; ok is False when the module path must run."""
-        se = self.se
-        if type(se) is nn.Identity:
-            return not _hooked(se), None
-        if type(se) is not SEBlock:
-            return False, None
-        args = se.native_args()
-        return args is not None, args
+    @property
+    def options(self) -> Options:
+        """This block's own fast-path options (a scope's :func:`fast_paths` may override them)."""
+        return Options(self.fast, self.low_memory, self.cpu_kernel)
 
-    def _branch_args(self):
-        """The native tuples of every branch, or None when the module path must run."""
-        conv = []
-        for branch in self.rbr_conv:
-            args = _conv_bn_args(branch)
-            if args is None:
-                return None
-            conv.append(args)
-        scale = skip = None
-        if self.rbr_scale is not None:
-            scale = _conv_bn_args(self.rbr_scale)
-            if scale is None:
-                return None
-        if self.rbr_skip is not None:
-            skip = _bn_args(self.rbr_skip)
-            if skip is None:
-                return None
-        return conv, scale, skip
+    # -- observing ----------------------------------------------------------------------------
 
-    def _native_ready(self) -> bool:
-        return (type(self.activation) is nn.ReLU and not _hooked(self.activation) and not _global_hooks()
-                and not getattr(_state, "module_path", False))
+    def _body_state(self) -> tuple:
+        if self.inference_mode:
+            return ("fused", _conv_state(self.reparam_conv, "reparam_conv"))
+        convs = [_branch_state(b, f"rbr_conv.{i}") for i, b in enumerate(self.rbr_conv)]
+        scale = None if self.rbr_scale is None else _branch_state(self.rbr_scale, "rbr_scale")
+        skip = None if self.rbr_skip is None else _bn_state(self.rbr_skip, "rbr_skip")
+        return ("branches", convs, scale, skip)
+
+    def _state(self) -> tuple:
+        """Every child as the dispatcher sees it (read now: a BN's own flags, a conv's attributes)."""
+        try:
+            body = self._body_state()
+        except _Opaque as why:
+            body = ("opaque", str(why))
+        except AttributeError as why:  # a child deleted or replaced by a non-module
+            body = ("opaque", f"a child is missing: {why}")
+        activation = type(self.activation) is nn.ReLU and not _hooked(self.activation)
+        return (self._spec, body, _se_state(self.se), activation and not _global_hooks())
+
+    def forward_path(self, x: torch.Tensor, explain: bool = False):
+        """The name of the path ``forward(x)`` takes now (and, with ``explain``, why).
+
+        Names: ``"module"`` (the seed's module-by-module forward), ``"train_gram"``,
+        ``"train_depthwise_cpu"``, ``"train_depthwise"`` (exact training without branch storage;
+        they run the module path instead when the batch statistics are not finite),
+        ``"folded"``/``"folded_cpu"`` (unfused, every BN in eval: one folded conv) and
+        ``"fused"``/``"fused_cpu"`` (re-parameterized); ``_cpu``: the CPU kernel.
+        """
+        if _symbolic(x):
+            name, reason = "module", "symbolic tracing (torch.compile or FX) records the seed's graph"
+        else:
+            _require_tensor(x, "MobileOneBlock")
+            name, reason = _native.forward_path(x, self._state(), _env(x, self.options))
+        return (name, reason) if explain else name
+
+    # -- running ------------------------------------------------------------------------------
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Applies the block: one conv when re-parameterized, else every branch."""
-        if torch.compiler.is_compiling():
-            # torch.compile traces the seed's torch-level graph (same math) and generates its
-            # own fused kernels; an opaque native call would break the graph.
+        """Applies the block on the path the dispatcher picks (see :meth:`forward_path`)."""
+        if _symbolic(x):
             return self._forward_torch(x)
-        if self.inference_mode:
-            return self._forward_fused(x)
-        branches = self._branch_args() if self._native_ready() else None
-        se_ok, se = self._se_args()
-        if branches is None or not se_ok:
-            return self._forward_modules(x)
-        conv, scale, skip = branches
-        autocast = _autocast(x)
-        if self.training and self._fast_train(x, autocast):
-            out = _TrainBranchSum.apply(x, (self._spec, conv, scale, skip), *_flat_params(conv, scale, skip))
-            return _native.se_relu(out, se)
-        raw = not self.training and _raw_ok(x, self.parameters)
-        return _native.block_forward(x, self._spec, conv, scale, skip, se, self.training, autocast, raw)
+        _require_tensor(x, "MobileOneBlock")
+        state, env = self._state(), _env(x, self.options)
+        result = _native.block_forward(x, state, env)
+        if isinstance(result, torch.Tensor):
+            return result
+        if result == "module":
+            return self._forward_modules(x, env)
+        try:
+            out = _TrainBranchSum.apply(x, (state, env, result), *_train_params(state[1]))
+        except _NonFinite:
+            return self._forward_modules(x, env)
+        return _native.se_relu(out, state[2])
 
-    def _fast_train(self, x, autocast: bool) -> bool:
-        """Whether the exact no-branch-storage training path applies (float32/64, no autocast).
-
-        Pointwise blocks always take it (it is faster and leaner); depthwise blocks when
-        ``low_memory`` is set (the default).
-        """
-        path = self._train_path
-        wanted = path == "gram" or (path == "depthwise" and self.low_memory)
-        return (wanted and not autocast and isinstance(x, torch.Tensor)
-                and x.dtype in _FAST_DTYPES)
-
-    def _forward_fused(self, x: torch.Tensor) -> torch.Tensor:
-        conv = self.reparam_conv
-        se_ok, se = self._se_args()
-        if se_ok and self._native_ready() and type(conv) is nn.Conv2d and not _hooked(conv):
-            raw = _raw_ok(x, self.parameters)
-            return _native.fused_forward(x, self._spec, conv.weight, conv.bias, se, _autocast(x), raw)
-        _native.check_input(x, self._spec, conv.weight, _autocast(x))
-        return self._forward_torch(x)
-
-    def _forward_modules(self, x: torch.Tensor) -> torch.Tensor:
-        """The seed's forward, module by module, so hooks and non-plain children behave as there."""
-        _native.check_input(x, self._spec, self.rbr_conv[0].conv.weight, _autocast(x))
+    def _forward_modules(self, x: torch.Tensor, env: tuple) -> torch.Tensor:
+        """The seed's forward, module by module, after the package's input checks."""
+        weight = self.reparam_conv.weight if self.inference_mode else self.rbr_conv[0].conv.weight
+        if type(weight) in _PLAIN_TENSORS and type(x) is torch.Tensor:
+            _native.check_input(x, self._spec, weight, env[2])
         return self._forward_torch(x)
 
     def _forward_torch(self, x: torch.Tensor) -> torch.Tensor:
@@ -334,12 +460,16 @@ class MobileOneBlock(nn.Module):
             out = out + branch(x)
         return self.activation(self.se(out))
 
+    # -- re-parameterizing --------------------------------------------------------------------
+
     def fused_kernel_bias(self) -> tuple[torch.Tensor, torch.Tensor]:
         """The kernel and bias of the one conv equal to this block's branches in eval mode.
 
         Computed in at least float32 and returned in the weights' dtype; raises
-        ``FuseOverflowError`` when they do not fit that dtype.
+        ``FuseOverflowError`` when they do not fit that dtype, ``ConfigError`` when a branch's
+        conv no longer has the block's geometry (the fold would not equal the branches).
         """
+        self._check_fusable()
         conv = [(branch.conv.weight, _fuse_args(branch.bn)) for branch in self.rbr_conv]
         scale = None
         if self.rbr_scale is not None:
@@ -347,12 +477,26 @@ class MobileOneBlock(nn.Module):
         skip = _fuse_args(self.rbr_skip) if self.rbr_skip is not None else None
         return _native.fuse_block(self._spec, conv, scale, skip)
 
+    def _check_fusable(self) -> None:
+        _, _, _, stride, padding, dilation, groups, _, _ = self._spec
+        expected = [(f"rbr_conv.{i}.conv", b.conv, padding, dilation) for i, b in enumerate(self.rbr_conv)]
+        if self.rbr_scale is not None:
+            expected.append(("rbr_scale.conv", self.rbr_scale.conv, 0, 1))
+        for name, conv, pad, dil in expected:
+            got = (tuple(conv.stride), tuple(conv.padding), tuple(conv.dilation), conv.groups, conv.padding_mode,
+                   conv.bias is None)
+            want = ((stride, stride), (pad, pad), (dil, dil), groups, "zeros", True)
+            if got != want:
+                raise _native.ConfigError(
+                    f"cannot re-parameterize: {name} has (stride, padding, dilation, groups, padding_mode, "
+                    f"no bias) = {got}, the block's are {want}; the fold would not equal the branches"
+                )
+
     def _make_reparam_conv(self) -> nn.Conv2d:
         kernel, bias = self.fused_kernel_bias()
-        template = self.rbr_conv[0].conv
-        conv = nn.Conv2d(template.in_channels, template.out_channels, template.kernel_size, stride=template.stride,
-                         padding=template.padding, dilation=template.dilation, groups=template.groups, bias=True,
-                         device="meta")
+        _, _, k, stride, padding, dilation, groups, _, _ = self._spec
+        conv = nn.Conv2d(self.in_channels, self.out_channels, k, stride=stride, padding=padding,
+                         dilation=dilation, groups=groups, bias=True, device="meta")
         conv.weight = nn.Parameter(kernel)
         conv.bias = nn.Parameter(bias)
         return conv
@@ -387,11 +531,25 @@ class MobileOneBlock(nn.Module):
         return clone
 
 
+def _fuse_args(bn: nn.Module):
+    """The native tuple of any BatchNorm-like module, for fusing (running statistics only)."""
+    if getattr(bn, "running_mean", None) is None:
+        raise _native.ConfigError(
+            f"cannot re-parameterize {type(bn).__name__} without running statistics "
+            "(track_running_stats=False): its eval output depends on the batch"
+        )
+    ones = torch.ones_like(bn.running_mean)
+    weight = bn.weight if bn.weight is not None else ones
+    bias = bn.bias if bn.bias is not None else torch.zeros_like(ones)
+    return (weight, bias, bn.running_mean, bn.running_var, None, None, bn.eps)
+
+
 class MobileOne(nn.Module):
     """A MobileOne stage for YOLOv9's ``parse_model`` (https://arxiv.org/abs/2206.04040).
 
     ``num_blocks_per_stage`` pairs of a depthwise 3x3 block and a pointwise 1x1 block; the first
-    pair has stride 2; the last ``num_se`` pairs carry squeeze-excite when ``use_se``.
+    pair has stride 2; the last ``num_se`` pairs carry squeeze-excite when ``use_se``. The
+    keyword-only options are every block's (see :class:`MobileOneBlock`).
     """
 
     def __init__(
@@ -403,6 +561,7 @@ class MobileOne(nn.Module):
         use_se: bool = False,
         num_se: int = 0,
         inference_mode: bool = False,
+        **options,
     ) -> None:
         """Builds the stage; raises ``ConfigError`` for invalid arguments (e.g. num_se > blocks)."""
         super().__init__()
@@ -411,13 +570,13 @@ class MobileOne(nn.Module):
         self.num_conv_branches = num_conv_branches
         plan = _native.stage_plan(in_channels, out_channels, num_blocks_per_stage, num_conv_branches,
                                   bool(use_se), num_se)
-        self.stage = nn.Sequential(*[self._block(spec, inference_mode) for spec in plan])
+        self.stage = nn.Sequential(*[self._block(spec, inference_mode, options) for spec in plan])
 
     @staticmethod
-    def _block(spec, inference_mode: bool) -> MobileOneBlock:
+    def _block(spec, inference_mode: bool, options: dict) -> MobileOneBlock:
         cin, cout, k, stride, padding, dilation, groups, use_se, branches = spec
         return MobileOneBlock(cin, cout, k, stride=stride, padding=padding, dilation=dilation, groups=groups,
-                              use_se=use_se, num_conv_branches=branches, inference_mode=inference_mode)
+                              use_se=use_se, num_conv_branches=branches, inference_mode=inference_mode, **options)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Applies every block in order."""
@@ -454,11 +613,13 @@ def reparameterize_model(model: nn.Module, inplace: bool = False) -> nn.Module:
 
 @contextlib.contextmanager
 def _naming(name: str):
-    """Prefixes a FuseOverflowError with the path of the block that raised it."""
+    """Prefixes a FuseOverflowError or ConfigError with the path of the block that raised it."""
     try:
         yield
     except _native.FuseOverflowError as err:
         raise _native.FuseOverflowError(f"block {name or '<model>'!r}: {err}") from err
+    except _native.ConfigError as err:
+        raise _native.ConfigError(f"block {name or '<model>'!r}: {err}") from err
 
 
 def safe_globals() -> list:

@@ -7,10 +7,10 @@ use pyo3_tch::PyTensor;
 use tch::Tensor;
 
 use super::errors::not_a_tensor;
-use crate::block::{BlockSpec, Branches};
+use crate::cpu::check_metadata;
 use crate::error::Error;
-use crate::fusion::{BatchNorm, ConvBn};
-use crate::se::SqueezeExcite;
+use crate::fuse::{BatchNorm, Branches, ConvBn};
+use crate::spec::BlockSpec;
 
 /// `(weight, bias, running_mean, running_var, num_batches_tracked, momentum, eps)`.
 #[derive(FromPyObject)]
@@ -48,21 +48,6 @@ impl From<PyConvBn> for ConvBn {
         ConvBn {
             weight: branch.0 .0,
             bn: branch.1.into(),
-        }
-    }
-}
-
-/// `(reduce_weight, reduce_bias, expand_weight, expand_bias)`.
-#[derive(FromPyObject)]
-pub struct PySqueezeExcite(PyTensor, PyTensor, PyTensor, PyTensor);
-
-impl From<PySqueezeExcite> for SqueezeExcite {
-    fn from(se: PySqueezeExcite) -> Self {
-        SqueezeExcite {
-            reduce_weight: se.0 .0,
-            reduce_bias: se.1 .0,
-            expand_weight: se.2 .0,
-            expand_bias: se.3 .0,
         }
     }
 }
@@ -113,9 +98,11 @@ impl<'py> FromPyObject<'py> for PyBlockSpec {
     }
 }
 
-impl From<PyBlockSpec> for BlockSpec {
-    fn from(s: PyBlockSpec) -> Self {
-        s.0
+impl PyBlockSpec {
+    /// The spec, after every check of [`BlockSpec::validate`] (a `ConfigError` otherwise).
+    pub fn validated(self) -> PyResult<BlockSpec> {
+        self.0.validate()?;
+        Ok(self.0)
     }
 }
 
@@ -172,22 +159,55 @@ pub fn spec_tuple(s: &BlockSpec) -> SpecTuple {
     )
 }
 
-/// The branches of an unfused block.
+/// The branches of an unfused block, every tensor's metadata checked.
 pub fn branches(
     conv: Vec<PyConvBn>,
     scale: Option<PyConvBn>,
     skip: Option<PyBatchNorm>,
-) -> Branches {
-    Branches {
+) -> PyResult<Branches> {
+    let branches = Branches {
         conv: conv.into_iter().map(ConvBn::from).collect(),
         scale: scale.map(ConvBn::from),
         skip: skip.map(BatchNorm::from),
+    };
+    let bns = branches
+        .conv
+        .iter()
+        .chain(branches.scale.iter())
+        .map(|c| &c.bn)
+        .chain(branches.skip.iter());
+    let weights = branches
+        .conv
+        .iter()
+        .chain(branches.scale.iter())
+        .map(|c| &c.weight);
+    for t in weights {
+        check_metadata(t, "a branch kernel")?;
     }
+    for bn in bns {
+        for t in [&bn.weight, &bn.bias, &bn.running_mean, &bn.running_var] {
+            check_metadata(t, "a BatchNorm tensor")?;
+        }
+    }
+    Ok(branches)
 }
 
 /// The input tensor, or an `InputTypeError` naming what was passed instead.
 pub fn input_tensor(x: &Bound<'_, PyAny>) -> PyResult<Tensor> {
-    x.extract::<PyTensor>()
+    let t = x
+        .extract::<PyTensor>()
         .map(|t| t.0)
-        .map_err(|_| not_a_tensor("input", x))
+        .map_err(|_| not_a_tensor("input", x))?;
+    check_metadata(&t, "the input")?;
+    Ok(t)
+}
+
+/// A tensor argument, its metadata checked.
+pub fn tensor_arg(x: &Bound<'_, PyAny>, what: &str) -> PyResult<Tensor> {
+    let t = x
+        .extract::<PyTensor>()
+        .map(|t| t.0)
+        .map_err(|_| not_a_tensor(what, x))?;
+    check_metadata(&t, what)?;
+    Ok(t)
 }

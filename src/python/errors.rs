@@ -7,6 +7,10 @@ use pyo3::prelude::*;
 use pyo3::sync::GILOnceCell;
 use pyo3::types::{PyDict, PyTuple, PyType};
 
+use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Once;
+
 use crate::error::Error;
 
 create_exception!(
@@ -119,6 +123,7 @@ impl From<Error> for PyErr {
                     .unwrap_or("")
                     .to_string(),
             ),
+            Error::Internal(_) => raise(&TORCH_ERROR, msg),
         }
     }
 }
@@ -131,4 +136,38 @@ pub fn not_a_tensor(what: &str, obj: &Bound<'_, PyAny>) -> PyErr {
         .map(|n| n.to_string())
         .unwrap_or_else(|_| "?".into());
     Error::InputType(format!("{what} must be a torch.Tensor, got {type_name}")).into()
+}
+
+/// Calls in flight under [`guarded`]: while any runs, the panic hook stays silent (the panic
+/// becomes an error instead of a message and backtrace on stderr).
+static GUARDED: AtomicUsize = AtomicUsize::new(0);
+
+/// Installs a panic hook that is silent inside [`guarded`] calls and defers to the previous hook
+/// elsewhere (other Rust code in the process keeps its messages).
+pub fn install_panic_hook() {
+    static ONCE: Once = Once::new();
+    ONCE.call_once(|| {
+        let previous = std::panic::take_hook();
+        std::panic::set_hook(Box::new(move |info| {
+            if GUARDED.load(Ordering::SeqCst) == 0 {
+                previous(info);
+            }
+        }));
+    });
+}
+
+/// Runs `f`, turning a panic (a broken invariant: the core is written not to panic on any
+/// input) into [`Error::Internal`] so Python sees an exception, never a PanicException.
+pub fn guarded<T>(f: impl FnOnce() -> Result<T, Error>) -> Result<T, Error> {
+    GUARDED.fetch_add(1, Ordering::SeqCst);
+    let result = catch_unwind(AssertUnwindSafe(f));
+    GUARDED.fetch_sub(1, Ordering::SeqCst);
+    result.unwrap_or_else(|payload| {
+        let text = payload
+            .downcast_ref::<String>()
+            .cloned()
+            .or_else(|| payload.downcast_ref::<&str>().map(|s| s.to_string()))
+            .unwrap_or_else(|| "a panic".into());
+        Err(Error::Internal(text))
+    })
 }

@@ -1,23 +1,33 @@
-//! The Python binding layer: the only place that touches pyo3 / pyo3-tch. Every call converts its
-//! arguments, runs the core with the GIL released, and maps the core's error once.
+//! The Python binding layer: the only place that touches pyo3 / pyo3-tch. Every call converts
+//! its arguments, runs the core with the GIL released under a panic guard, and maps the core's
+//! error once (`errors`). `convert` and `state` turn the shells' tuples into core types.
 
 mod convert;
 mod errors;
+mod state;
 
 use pyo3::prelude::*;
 use pyo3_tch::PyTensor;
+use tch::Tensor;
 
-use crate::block::{self, BlockSpec};
-use crate::config;
-use crate::se::{self, SqueezeExcite};
-use crate::stage::{self, StageSpec};
-use crate::train;
-use convert::{PyBatchNorm, PyBlockSpec, PyConvBn, PySqueezeExcite, SpecTuple};
+use crate::error::{config, Result};
+use crate::forward::{self, Path};
+use crate::fuse;
+use crate::spec::stage::{self, StageSpec};
+use crate::spec::{self as block_spec, yaml};
+use crate::train::{self, TrainPath};
+use convert::{PyBatchNorm, PyBlockSpec, PyConvBn, SpecTuple};
+use errors::guarded;
+
+/// Runs `f` with the GIL released and every panic turned into an error.
+fn released<T: Send>(py: Python<'_>, f: impl FnOnce() -> Result<T> + Send) -> PyResult<T> {
+    Ok(py.allow_threads(|| guarded(f))?)
+}
 
 /// Validates a block's constructor arguments; raises `ConfigError` naming the first bad one.
 #[pyfunction]
 fn validate_block(spec: PyBlockSpec) -> PyResult<()> {
-    Ok(BlockSpec::from(spec).validate()?)
+    spec.validated().map(|_| ())
 }
 
 /// The seed's SE reduced width `int(in_channels * rd_ratio)`; raises `ConfigError` when it is 0.
@@ -27,10 +37,8 @@ fn se_reduced_channels(
     rd_ratio: &Bound<'_, PyAny>,
 ) -> PyResult<i64> {
     let in_channels = convert::int_arg(in_channels, "in_channels")?;
-    Ok(se::reduced_channels(
-        in_channels,
-        convert::float_arg(rd_ratio, "rd_ratio")?,
-    )?)
+    let rd_ratio = convert::float_arg(rd_ratio, "rd_ratio")?;
+    Ok(block_spec::se_reduced_channels(in_channels, rd_ratio)?)
 }
 
 /// The block specs of a `MobileOne` stage, in order.
@@ -57,184 +65,175 @@ fn stage_plan(
         .collect())
 }
 
-/// Forward of an unfused block: branches with batch statistics when `training`, else one
-/// conv folded from the running statistics.
-#[pyfunction]
-#[allow(clippy::too_many_arguments)]
-#[pyo3(signature = (x, spec, conv, scale, skip, se, training, autocast, raw=false))]
-fn block_forward(
-    py: Python<'_>,
-    x: &Bound<'_, PyAny>,
-    spec: PyBlockSpec,
-    conv: Vec<PyConvBn>,
-    scale: Option<PyConvBn>,
-    skip: Option<PyBatchNorm>,
-    se: Option<PySqueezeExcite>,
-    training: bool,
-    autocast: bool,
-    raw: bool,
-) -> PyResult<PyTensor> {
-    let x = convert::input_tensor(x)?;
-    let spec = BlockSpec::from(spec);
-    let branches = convert::branches(conv, scale, skip);
-    let se = se.map(SqueezeExcite::from);
-    let out = py.allow_threads(move || {
-        let weight = &branches
-            .conv
-            .first()
-            .ok_or_else(|| crate::error::config("no conv branch"))?
-            .weight;
-        spec.check_input(&x, weight, autocast)?;
-        // Under autocast the seed's branch sum mixes reduced-precision convs with a float32 BN
-        // skip; running the branches keeps its output dtype and rounding.
-        if training || autocast {
-            block::forward_branches(&spec, &branches, se.as_ref(), &x, training)
-        } else {
-            block::forward_folded(&spec, &branches, se.as_ref(), &x, raw)
-        }
-    })?;
-    Ok(PyTensor(out))
-}
-
 /// Checks an input against a block's spec and weight: rank, channels, dtype, device, size.
 #[pyfunction]
 fn check_input(
     py: Python<'_>,
     x: &Bound<'_, PyAny>,
     spec: PyBlockSpec,
-    weight: PyTensor,
+    weight: &Bound<'_, PyAny>,
     autocast: bool,
 ) -> PyResult<()> {
     let x = convert::input_tensor(x)?;
-    let spec = BlockSpec::from(spec);
-    Ok(py.allow_threads(move || spec.check_input(&x, &weight, autocast))?)
+    let weight = convert::tensor_arg(weight, "the block's weight")?;
+    let spec = spec.validated()?;
+    released(py, move || spec.check_input(&x, &weight, autocast))
 }
 
-fn path_of(spec: &BlockSpec) -> PyResult<train::TrainPath> {
-    match train::train_path(spec) {
-        train::TrainPath::Branches => {
-            Err(crate::error::config("this block has no exact fast training path").into())
-        }
-        path => Ok(path),
-    }
-}
-
-/// The train-time path of a block: "gram", "depthwise" or "branches".
+/// `(path, reason)`: the path `block_forward` takes for this input and state, and why.
 #[pyfunction]
-fn train_path(spec: PyBlockSpec) -> &'static str {
-    match train::train_path(&BlockSpec::from(spec)) {
-        train::TrainPath::Gram => "gram",
-        train::TrainPath::Depthwise => "depthwise",
-        train::TrainPath::Branches => "branches",
-    }
+fn forward_path(
+    py: Python<'_>,
+    x: &Bound<'_, PyAny>,
+    block: &Bound<'_, PyAny>,
+    env: &Bound<'_, PyAny>,
+) -> PyResult<(&'static str, String)> {
+    let x = convert::input_tensor(x)?;
+    let (block, env) = (state::block(block)?, state::env(env)?);
+    released(py, move || {
+        let plan = forward::choose(&x, &block, &env)?;
+        Ok((plan.path.name(), plan.reason))
+    })
 }
 
-/// Switches the CPU patch-moment kernel of depthwise training steps on or off (tests use it to
-/// run the branch path that CUDA tensors take); returns the previous setting.
-#[pyfunction]
-fn set_patch_kernel(enabled: bool) -> bool {
-    crate::depthwise::set_patch_kernel(enabled)
+/// A block forward's result: the output of a path run here, or the name of one the shell runs
+/// (`"module"`, `"train_*"`).
+#[derive(IntoPyObject)]
+enum Forwarded {
+    Output(PyTensor),
+    Path(&'static str),
 }
 
-/// The exact train-time branch sum (before SE and ReLU) of a gram or depthwise block, updating the
-/// running statistics; returns the sum and the tensors its backward needs.
+/// The forward of a block: runs the eval paths here and returns their output; for the module
+/// and training paths returns the path's name.
 #[pyfunction]
-#[pyo3(signature = (x, spec, conv, scale, skip, raw=false))]
+fn block_forward(
+    py: Python<'_>,
+    x: &Bound<'_, PyAny>,
+    block: &Bound<'_, PyAny>,
+    env: &Bound<'_, PyAny>,
+) -> PyResult<Forwarded> {
+    let x = convert::input_tensor(x)?;
+    let (block, env) = (state::block(block)?, state::env(env)?);
+    released(py, move || {
+        let plan = forward::choose(&x, &block, &env)?;
+        Ok(match forward::run_eval(&block.spec, &plan, &x)? {
+            Some(out) => Forwarded::Output(PyTensor(out)),
+            None => Forwarded::Path(plan.path.name()),
+        })
+    })
+}
+
+fn train_path_named(name: &str) -> Result<TrainPath> {
+    [
+        TrainPath::Gram,
+        TrainPath::DepthwiseCpu,
+        TrainPath::DepthwiseRecompute,
+    ]
+    .into_iter()
+    .find(|p| p.name() == name)
+    .ok_or_else(|| config(format!("unknown training path {name:?}")))
+}
+
+/// The exact train-time branch sum (before SE and ReLU) on the training path `path`, updating
+/// the running statistics; `(sum, saved)`, or `None` when the batch statistics are not finite
+/// (nothing updated: the shell runs the module path). The dispatcher must pick `path` for this
+/// state, else `ConfigError`.
+#[pyfunction]
 fn train_forward(
     py: Python<'_>,
     x: &Bound<'_, PyAny>,
-    spec: PyBlockSpec,
-    conv: Vec<PyConvBn>,
-    scale: Option<PyConvBn>,
-    skip: Option<PyBatchNorm>,
-    raw: bool,
-) -> PyResult<(PyTensor, Vec<PyTensor>)> {
+    block: &Bound<'_, PyAny>,
+    env: &Bound<'_, PyAny>,
+    path: &str,
+) -> PyResult<Option<(PyTensor, Vec<PyTensor>)>> {
     let x = convert::input_tensor(x)?;
-    let spec = BlockSpec::from(spec);
-    let path = path_of(&spec)?;
-    let branches = convert::branches(conv, scale, skip);
-    let out = py.allow_threads(move || {
-        spec.check_input(&x, &branches.conv[0].weight, false)?;
-        train::forward(&spec, &branches, &x, path, raw)
+    let (block, env) = (state::block(block)?, state::env(env)?);
+    let path = train_path_named(path)?;
+    let out = released(py, move || {
+        let plan = forward::choose(&x, &block, &env)?;
+        let (Path::Train(chosen), Some(branches)) = (plan.path, plan.branches) else {
+            return Err(config(format!(
+                "the dispatcher picks {:?} here, not {}",
+                plan.path.name(),
+                path.name()
+            )));
+        };
+        if chosen != path {
+            return Err(config(format!(
+                "the dispatcher picks {}, not {}",
+                chosen.name(),
+                path.name()
+            )));
+        }
+        train::forward(&block.spec, &branches, &x, path)
     })?;
-    Ok((
-        PyTensor(out.output),
-        out.saved.into_iter().map(PyTensor).collect(),
-    ))
+    Ok(out.map(|f| {
+        (
+            PyTensor(f.output),
+            f.saved.into_iter().map(PyTensor).collect(),
+        )
+    }))
 }
 
-/// The gradients of [`train_forward`]: input, then per branch kernel (none for the skip), BN
-/// weight, BN bias.
+/// The gradients of [`train_forward`] (input, then per branch kernel, BN weight, BN bias), for
+/// the block state captured at that forward; `None` when `grad` or the saved tensors do not fit.
 #[pyfunction]
-#[allow(clippy::too_many_arguments)]
-#[pyo3(signature = (grad, x, spec, conv, scale, skip, saved))]
 fn train_backward(
     py: Python<'_>,
-    grad: PyTensor,
-    x: PyTensor,
-    spec: PyBlockSpec,
-    conv: Vec<PyConvBn>,
-    scale: Option<PyConvBn>,
-    skip: Option<PyBatchNorm>,
-    saved: Vec<PyTensor>,
-) -> PyResult<Vec<PyTensor>> {
-    let spec = BlockSpec::from(spec);
-    let path = path_of(&spec)?;
-    let branches = convert::branches(conv, scale, skip);
-    let saved: Vec<tch::Tensor> = saved.into_iter().map(|t| t.0).collect();
-    let grads =
-        py.allow_threads(move || train::backward(&spec, &branches, &x, &saved, &grad, path))?;
-    Ok(grads.into_iter().map(PyTensor).collect())
-}
-
-/// Forward of a re-parameterized block: one conv, SE, ReLU.
-#[pyfunction]
-#[pyo3(signature = (x, spec, weight, bias, se, autocast, raw=false))]
-#[allow(clippy::too_many_arguments)]
-fn fused_forward(
-    py: Python<'_>,
+    grad: &Bound<'_, PyAny>,
     x: &Bound<'_, PyAny>,
-    spec: PyBlockSpec,
-    weight: PyTensor,
-    bias: PyTensor,
-    se: Option<PySqueezeExcite>,
-    autocast: bool,
-    raw: bool,
-) -> PyResult<PyTensor> {
+    block: &Bound<'_, PyAny>,
+    path: &str,
+    saved: Vec<Bound<'_, PyAny>>,
+) -> PyResult<Option<Vec<PyTensor>>> {
+    let grad = convert::tensor_arg(grad, "grad")?;
     let x = convert::input_tensor(x)?;
-    let spec = BlockSpec::from(spec);
-    let se = se.map(SqueezeExcite::from);
-    let out = py.allow_threads(move || {
-        spec.check_input(&x, &weight, autocast)?;
-        block::forward_fused(&spec, &weight, &bias, se.as_ref(), &x, raw)
+    let block = state::block(block)?;
+    let path = train_path_named(path)?;
+    let saved = saved
+        .iter()
+        .map(|t| convert::tensor_arg(t, "a saved tensor"))
+        .collect::<PyResult<Vec<Tensor>>>()?;
+    let grads = released(py, move || {
+        let branches = forward::branches_of(&block)?;
+        if x.dim() != 4 || x.size()[1] != block.spec.in_channels {
+            return Ok(None);
+        }
+        train::backward(&block.spec, &branches, &x, &saved, &grad, path)
     })?;
-    Ok(PyTensor(out))
+    Ok(grads.map(|g| g.into_iter().map(PyTensor).collect()))
 }
 
-/// SE (when given) then ReLU, as a block applies them after its branch sum.
+/// SE (when the state has one) then ReLU, as a block applies them after its branch sum.
 #[pyfunction]
-fn se_relu(py: Python<'_>, x: PyTensor, se: Option<PySqueezeExcite>) -> PyResult<PyTensor> {
-    let se = se.map(SqueezeExcite::from);
-    Ok(PyTensor(py.allow_threads(move || {
-        block::activate(x.0, se.as_ref())
-    })?))
+fn se_relu(py: Python<'_>, x: &Bound<'_, PyAny>, se: &Bound<'_, PyAny>) -> PyResult<PyTensor> {
+    let x = convert::input_tensor(x)?;
+    let se = state::se(se)?;
+    released(py, move || {
+        let se = forward::se_of(&se, &x)?;
+        Ok(PyTensor(forward::se::activate(x, se.as_ref())?))
+    })
 }
 
-/// The squeeze-excite forward on its own.
+/// The squeeze-excite forward of a standalone `SEBlock` of `channels`, or `None` when the state
+/// or call needs the module path.
 #[pyfunction]
 fn se_forward(
     py: Python<'_>,
     x: &Bound<'_, PyAny>,
-    se: PySqueezeExcite,
-    autocast: bool,
-) -> PyResult<PyTensor> {
+    se: &Bound<'_, PyAny>,
+    channels: i64,
+    env: &Bound<'_, PyAny>,
+) -> PyResult<Option<PyTensor>> {
     let x = convert::input_tensor(x)?;
-    let se = SqueezeExcite::from(se);
-    let out = py.allow_threads(move || {
-        block::check_input_type(&x, &se.expand_weight, autocast)?;
-        se::forward(&se, &x)
-    })?;
-    Ok(PyTensor(out))
+    let (se, env) = (state::se(se)?, state::env(env)?);
+    released(py, move || {
+        let Some(se) = forward::choose_se(&x, &se, channels, &env)? else {
+            return Ok(None);
+        };
+        Ok(Some(PyTensor(forward::se::forward(&se, &x)?)))
+    })
 }
 
 /// The `(kernel, bias)` of the one conv equal to every branch in eval mode, in the weights'
@@ -248,11 +247,12 @@ fn fuse_block(
     scale: Option<PyConvBn>,
     skip: Option<PyBatchNorm>,
 ) -> PyResult<(PyTensor, PyTensor)> {
-    let spec = BlockSpec::from(spec);
-    let branches = convert::branches(conv, scale, skip);
-    let (kernel, bias) = py.allow_threads(move || {
+    let spec = spec.validated()?;
+    let branches = convert::branches(conv, scale, skip)?;
+    let (kernel, bias) = released(py, move || {
         let _guard = tch::no_grad_guard();
-        block::fused_kernel_bias_checked(&spec, &branches)
+        fuse::check_branches(&spec, &branches)?;
+        fuse::fused_kernel_bias_checked(&spec, &branches)
     })?;
     Ok((PyTensor(kernel), PyTensor(bias)))
 }
@@ -265,23 +265,20 @@ type YamlLayer = (usize, (i64, i64, i64, i64, bool, i64), i64);
 #[pyfunction]
 #[pyo3(signature = (text, image_channels=3))]
 fn yaml_mobileone_layers(text: &str, image_channels: i64) -> PyResult<Vec<YamlLayer>> {
-    let layers = config::mobileone_layers(text, image_channels)?;
+    let layers = yaml::mobileone_layers(text, image_channels)?;
     Ok(layers
         .into_iter()
         .map(|l| {
             let s = l.spec;
-            (
-                l.index,
-                (
-                    s.in_channels,
-                    s.out_channels,
-                    s.num_blocks,
-                    s.num_conv_branches,
-                    s.use_se,
-                    s.num_se,
-                ),
-                l.input_stride,
-            )
+            let args = (
+                s.in_channels,
+                s.out_channels,
+                s.num_blocks,
+                s.num_conv_branches,
+                s.use_se,
+                s.num_se,
+            );
+            (l.index, args, l.input_stride)
         })
         .collect())
 }
@@ -290,20 +287,19 @@ fn yaml_mobileone_layers(text: &str, image_channels: i64) -> PyResult<Vec<YamlLa
 #[pymodule]
 fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     errors::register(m)?;
+    errors::install_panic_hook();
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;
     m.add("TORCH_VERSION_BUILT", "2.13")?;
     m.add_function(wrap_pyfunction!(validate_block, m)?)?;
     m.add_function(wrap_pyfunction!(se_reduced_channels, m)?)?;
     m.add_function(wrap_pyfunction!(stage_plan, m)?)?;
-    m.add_function(wrap_pyfunction!(block_forward, m)?)?;
-    m.add_function(wrap_pyfunction!(fused_forward, m)?)?;
     m.add_function(wrap_pyfunction!(check_input, m)?)?;
-    m.add_function(wrap_pyfunction!(train_path, m)?)?;
+    m.add_function(wrap_pyfunction!(forward_path, m)?)?;
+    m.add_function(wrap_pyfunction!(block_forward, m)?)?;
     m.add_function(wrap_pyfunction!(train_forward, m)?)?;
-    m.add_function(wrap_pyfunction!(set_patch_kernel, m)?)?;
     m.add_function(wrap_pyfunction!(train_backward, m)?)?;
-    m.add_function(wrap_pyfunction!(se_forward, m)?)?;
     m.add_function(wrap_pyfunction!(se_relu, m)?)?;
+    m.add_function(wrap_pyfunction!(se_forward, m)?)?;
     m.add_function(wrap_pyfunction!(fuse_block, m)?)?;
     m.add_function(wrap_pyfunction!(yaml_mobileone_layers, m)?)?;
     Ok(())

@@ -258,32 +258,30 @@ def test_train_step_storing_branch_outputs_matches_oracle(case, dtype):
 def branch_path_on_cpu():
     """Depthwise training steps run the branch-recomputing path CUDA tensors take, instead of
     the CPU patch-moment kernel."""
-    previous = mobileone_rs._native.set_patch_kernel(False)
-    yield
-    mobileone_rs._native.set_patch_kernel(previous)
+    with mobileone_rs.fast_paths(cpu_kernel=False):
+        yield
 
 
 @pytest.mark.parametrize("case", BN_CASES, ids=str)
 def test_train_step_on_the_cuda_path_matches_oracle(case, dtype, branch_path_on_cpu):
     ours, reference = _pair(case, dtype)
+    if case.groups == case.in_channels == case.out_channels and case.groups > 1:
+        ours.train()
+        assert ours.forward_path(case.input(dtype)) == "train_depthwise"
     _assert_train_step_matches(ours, reference, case.input(dtype), dtype, steps=2)
 
 
 class _Subclass(torch.Tensor):
-    """A tensor subclass: the CPU kernel, which reads tensor memory directly, must leave it to
-    the path made of aten ops (as it does FakeTensors and tensors under jit tracing)."""
+    """A tensor subclass: only the module path models it (its ops may be overridden)."""
 
 
-def test_train_step_on_a_tensor_subclass_matches_oracle(monkeypatch):
+def test_train_step_on_a_tensor_subclass_matches_oracle():
     case = next(c for c in BN_CASES if c.groups == c.in_channels and c.kernel_size > 1)
     ours, reference = _pair(case, torch.float64)
-    called = []
-    original = mobileone_rs._native.train_forward
-    monkeypatch.setattr(mobileone_rs._native, "train_forward",
-                        lambda *args: called.append(args[-1]) or original(*args))
     x = case.input(torch.float64)
+    ours.train()
+    assert ours.forward_path(x.as_subclass(_Subclass)) == "module"
     got, expected = train_step(ours, x.as_subclass(_Subclass)), train_step(reference, x)
-    assert called == [False]
     for key, value in expected.items():
         assert_close(got[key], value, TOLERANCE[torch.float64], key)
 

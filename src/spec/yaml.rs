@@ -4,8 +4,8 @@
 use serde::Deserialize;
 use serde_yaml::Value;
 
+use super::stage::StageSpec;
 use crate::error::{Error, Result};
-use crate::stage::StageSpec;
 
 /// Modules whose first argument is their output width, scaled by `width_multiple`.
 const WIDTH_MODULES: &[&str] = &[

@@ -1,22 +1,21 @@
 //! The exact training path of depthwise blocks.
 //!
-//! On CPU (float32/float64) the statistics and gradients come from each channel's patch moments
-//! (`patch.rs`): no branch is run or stored. Elsewhere (CUDA) each branch's batch statistics come
-//! from its own output (a depthwise conv, or the input scaled), which is dropped at once; the
-//! forward then runs one conv, and the backward recomputes one branch at a time, applies its BN
-//! backward analytically and lets libtorch's conv backward map it to the input and kernel.
+//! On the CPU (float32/float64) the statistics and gradients come from each channel's patch
+//! moments (`crate::cpu`): no branch is run or stored. Elsewhere (CUDA) each branch's batch
+//! statistics come from its own output (a depthwise conv, or the input scaled), which is dropped
+//! at once; the forward then runs one conv, and the backward recomputes one branch at a time,
+//! applies its BN backward analytically and lets libtorch's conv backward map it to the input
+//! and kernel.
 
-use std::sync::atomic::{AtomicBool, Ordering};
+use tch::{Kind, Tensor};
 
-use tch::{Device, Kind, Tensor};
-
-use crate::block::{check_batch_size, BlockSpec, Branches};
-use crate::error::{config, Result};
-use crate::fusion;
-use crate::patch::{self, Affine, BranchScales, Element, Geometry, Kernels, Layout, Moments};
-use crate::train::{
-    add_eps, bn_scale, branch_list, stack_bn, update_running, Branch, TrainForward,
+use super::{
+    add_eps, all_finite, bn_scale, branch_list, stack_bn, update_running, Branch, TrainForward,
 };
+use crate::cpu::{self, Affine, BranchScales, Kernels, Moments};
+use crate::error::Result;
+use crate::fuse::{self, Branches};
+use crate::spec::BlockSpec;
 
 const DIMS: [i64; 3] = [0, 2, 3];
 
@@ -32,8 +31,7 @@ fn branch_output(
     let c = spec.in_channels;
     let column = shift.f_reshape([1, c, 1, 1])?;
     Ok(match weight {
-        Some(w) if b.scale => spec
-            .strided(x)?
+        Some(w) if b.scale => strided(spec, x)?
             .f_mul(&w.f_reshape([1, c, 1, 1])?)?
             .f_sub(&column)?,
         Some(w) => {
@@ -51,10 +49,19 @@ fn branch_output(
     })
 }
 
+/// The input at the output positions of a 1x1 conv with the block's stride.
+fn strided(spec: &BlockSpec, x: &Tensor) -> Result<Tensor> {
+    let s = spec.stride;
+    if s == 1 {
+        return Ok(x.shallow_clone());
+    }
+    Ok(x.f_slice(2, 0, None, s)?.f_slice(3, 0, None, s)?)
+}
+
 /// Per-channel mean and biased variance over (N, H, W): two-pass so float32 does not cancel, and
 /// accumulated in float64 as `F.batch_norm`'s CPU kernels do. Consumes `y`.
 fn centred_moments(mut y: Tensor, count: f64) -> Result<(Tensor, Tensor)> {
-    let kind = y.kind();
+    let kind = y.f_kind()?;
     let mean = wide_sum(&y)?.f_div_scalar(count)?;
     let _ = y.f_sub_(&mean.f_reshape([1, -1, 1, 1])?)?;
     let var = y
@@ -67,50 +74,45 @@ fn centred_moments(mut y: Tensor, count: f64) -> Result<(Tensor, Tensor)> {
 /// Per-channel sum over (N, H, W), accumulated in float64 as `F.batch_norm`'s CPU kernels do.
 fn wide_sum(t: &Tensor) -> Result<Tensor> {
     Ok(t.f_sum_dim_intlist(DIMS.as_slice(), false, Kind::Double)?
-        .f_to_kind(t.kind())?)
+        .f_to_kind(t.f_kind()?)?)
 }
 
+/// The number of values each branch's BN averages: batch times output positions.
 fn output_count(spec: &BlockSpec, x: &Tensor) -> Result<i64> {
-    let size = spec.strided(x)?.size();
-    check_batch_size(&size)?;
-    Ok(size[0] * size[2] * size[3])
+    let size = x.size();
+    let out = |d: usize| spec.output_size(size[d]).unwrap_or(0);
+    Ok(size[0] * out(2) * out(3))
 }
 
 /// The `(C, 1, k, k)` kernel of a branch: the scale padded to the centre, the skip an identity.
 fn full_kernel(spec: &BlockSpec, b: &Branch<'_>, like: &Tensor) -> Result<Tensor> {
     match b.weight {
-        Some(w) if b.scale => fusion::pad_kernel_to(w, spec.kernel_size),
+        Some(w) if b.scale => fuse::pad_kernel_to(w, spec.kernel_size),
         Some(w) => Ok(w.shallow_clone()),
-        None => fusion::identity_kernel(
+        None => fuse::identity_kernel(
             spec.in_channels,
             spec.groups,
             spec.kernel_size,
             &b.bn.running_mean,
-            like.kind(),
+            like.f_kind()?,
         ),
     }
 }
 
-/// The train-time branch sum: statistics per branch, running statistics updated, one conv.
-///
-/// `raw` allows the CPU kernel, which reads and writes tensor memory directly: the caller passes
-/// false for tensors that are not plain (subclasses, fake tensors) or while tracing.
-pub fn forward(
+/// The train-time branch sum by branch outputs: statistics per branch, running statistics
+/// updated, one conv. `None` (nothing updated) when a statistic is not finite.
+pub(super) fn forward(
     spec: &BlockSpec,
     branches: &Branches,
     x: &Tensor,
-    raw: bool,
-) -> Result<TrainForward> {
-    if raw && patch_kernel_applies(x) {
-        return patch_forward(spec, branches, x);
-    }
+) -> Result<Option<TrainForward>> {
     let list = branch_list(branches);
     let count = output_count(spec, x)?;
     let zero = list[0]
         .bn
         .running_mean
         .f_zeros_like()?
-        .f_to_kind(x.kind())?;
+        .f_to_kind(x.f_kind()?)?;
     let mut means = Vec::with_capacity(list.len());
     let mut vars = Vec::with_capacity(list.len());
     for b in &list {
@@ -119,6 +121,9 @@ pub fn forward(
         vars.push(v);
     }
     let (mean, var) = (Tensor::f_stack(&means, 0)?, Tensor::f_stack(&vars, 0)?);
+    if !all_finite(&[&mean, &var])? {
+        return Ok(None);
+    }
     update_running(&list, &mean, &var, count)?;
     let a = bn_scale(&list, &var)?;
     let bias = stack_bn(&list, |bn| &bn.bias)?
@@ -131,10 +136,10 @@ pub fn forward(
     }
     let (s, p, d) = (spec.stride, spec.padding, spec.dilation);
     let output = x.f_conv2d(&kernel, Some(&bias), [s, s], [p, p], [d, d], spec.groups)?;
-    Ok(TrainForward {
+    Ok(Some(TrainForward {
         output,
         saved: vec![mean, var, a],
-    })
+    }))
 }
 
 /// BN backward of one branch, in place on its centred output `yc`:
@@ -161,20 +166,32 @@ fn bn_backward_in_place(
 /// BN bias. Each branch is recomputed and its BN backward applied analytically; a conv branch's
 /// result goes through libtorch's conv backward (autograd), a scale or skip branch's is mapped
 /// back by hand (it is elementwise), with float64 accumulation for the scale kernel's gradient.
-pub fn backward(
+pub(super) fn backward(
     spec: &BlockSpec,
     branches: &Branches,
     x: &Tensor,
     saved: &[Tensor],
     grad: &Tensor,
-) -> Result<Vec<Tensor>> {
-    if let [a, var_eps, mu, nu, cov] = saved {
-        return patch_backward(spec, branches, x, [a, var_eps, mu, nu, cov], grad);
-    }
+) -> Result<Option<Vec<Tensor>>> {
     let [mean, var, a] = saved else {
-        return Err(config("depthwise backward needs 3 or 5 saved tensors"));
+        return Ok(None);
     };
     let list = branch_list(branches);
+    let stats = [list.len() as i64, spec.in_channels];
+    let out_size = [
+        x.size()[0],
+        spec.in_channels,
+        spec.output_size(x.size()[2]).unwrap_or(0),
+        spec.output_size(x.size()[3]).unwrap_or(0),
+    ];
+    for t in [mean, var, a] {
+        if t.size() != stats || t.device() != x.device() {
+            return Ok(None);
+        }
+    }
+    if grad.size() != out_size {
+        return Ok(None);
+    }
     let count = output_count(spec, x)? as f64;
     let std = add_eps(&list, var)?.f_sqrt()?;
     let g_sum = wide_sum(grad)?;
@@ -204,7 +221,7 @@ pub fn backward(
         grads.push(g_sum.shallow_clone());
     }
     grads.insert(0, dx);
-    Ok(grads)
+    Ok(Some(grads))
 }
 
 /// What every branch's backward shares.
@@ -261,14 +278,14 @@ impl BranchGrad<'_> {
         let mut dy = branch_output(self.spec, b, b.weight, self.x, m)?;
         let sums = self.bn_backward(&mut dy, a, std)?;
         let mut target = if b.scale {
-            self.spec.strided(dx)?
+            strided(self.spec, dx)?
         } else {
             dx.shallow_clone()
         };
         match b.weight {
             Some(w) => {
                 let c = self.spec.in_channels;
-                let dw = wide_sum(&dy.f_mul(&self.spec.strided(self.x)?)?)?;
+                let dw = wide_sum(&dy.f_mul(&strided(self.spec, self.x)?)?)?;
                 grads.push(dw.f_reshape(w.size())?);
                 let _ = target.f_add_(&dy.f_mul(&w.f_reshape([1, c, 1, 1])?)?)?;
             }
@@ -282,62 +299,19 @@ impl BranchGrad<'_> {
 
 // ---- the CPU patch-moment kernel ----
 
-/// Whether depthwise training steps on CPU use the patch-moment kernel (tests switch it off to
-/// exercise the branch path that CUDA tensors take).
-static PATCH_KERNEL: AtomicBool = AtomicBool::new(true);
-
-/// Switches the CPU patch-moment kernel on or off; returns the previous setting.
-pub fn set_patch_kernel(enabled: bool) -> bool {
-    PATCH_KERNEL.swap(enabled, Ordering::SeqCst)
-}
-
-fn patch_kernel_applies(x: &Tensor) -> bool {
-    PATCH_KERNEL.load(Ordering::SeqCst)
-        && x.device() == Device::Cpu
-        && matches!(x.kind(), Kind::Float | Kind::Double)
-}
-
-/// A detached tensor's values as a flat vector of `T`.
-fn flat<T: tch::kind::Element + Copy>(t: &Tensor) -> Result<Vec<T>> {
-    let flat = t.f_detach()?.f_contiguous()?.f_reshape([-1])?;
-    Ok(Vec::<T>::try_from(&flat)?)
-}
-
-/// A detached tensor's values as a flat float64 vector.
+/// A tensor's values as a flat float64 vector (a copy).
 fn values(t: &Tensor) -> Result<Vec<f64>> {
-    flat(t)
+    let flat = t
+        .f_detach()?
+        .f_to_kind(Kind::Double)?
+        .f_contiguous()?
+        .f_reshape([-1])?;
+    Ok(Vec::<f64>::try_from(&flat)?)
 }
 
-fn to_usize(v: i64) -> Result<usize> {
-    usize::try_from(v).map_err(|_| config(format!("negative geometry value {v}")))
-}
-
-fn layout(spec: &BlockSpec, x: &Tensor) -> Result<Layout> {
-    check_batch_size(&x.size())?;
-    layout_any(spec, x)
-}
-
-/// The layout of any input (inference needs no batch statistics).
-fn layout_any(spec: &BlockSpec, x: &Tensor) -> Result<Layout> {
-    let size = x.size();
-    let geo = Geometry::new(
-        to_usize(spec.kernel_size)?,
-        to_usize(spec.stride)?,
-        to_usize(spec.padding)?,
-        to_usize(spec.dilation)?,
-        to_usize(size[2])?,
-        to_usize(size[3])?,
-    )
-    .ok_or_else(|| config(format!("input {size:?} too small for the kernel")))?;
-    Ok(Layout {
-        n: to_usize(size[0])?,
-        c: to_usize(size[1])?,
-        geo,
-    })
-}
-
-fn kernels(spec: &BlockSpec, list: &[Branch<'_>]) -> Result<Kernels> {
-    let channels = to_usize(spec.in_channels)?;
+/// Every branch's kernel as the CPU kernel takes them; `None` when they do not fit.
+fn kernels(spec: &BlockSpec, list: &[Branch<'_>]) -> Result<Option<Kernels>> {
+    let channels = spec.in_channels as usize;
     let (mut conv, mut centre) = (Vec::new(), Vec::new());
     for b in list {
         match b.weight {
@@ -349,33 +323,9 @@ fn kernels(spec: &BlockSpec, list: &[Branch<'_>]) -> Result<Kernels> {
     Ok(Kernels::new(
         &conv,
         &centre,
-        to_usize(spec.kernel_size)?,
+        spec.kernel_size as usize,
         channels,
     ))
-}
-
-/// The elements of a contiguous CPU tensor of element type `T`.
-///
-/// # Safety
-/// `t` must be contiguous, on the CPU, of `T`'s kind, and outlive the slice unmodified.
-unsafe fn elements<T>(t: &Tensor) -> &[T] {
-    std::slice::from_raw_parts(t.data_ptr() as *const T, t.numel())
-}
-
-/// The elements of a fresh contiguous CPU tensor of element type `T`, to fill.
-///
-/// # Safety
-/// As [`elements`], and nothing else reads or writes `t` while the slice lives.
-#[allow(clippy::mut_from_ref)]
-unsafe fn elements_mut<T>(t: &Tensor) -> &mut [T] {
-    std::slice::from_raw_parts_mut(t.data_ptr() as *mut T, t.numel())
-}
-
-/// A fresh CPU tensor of the folded conv's output size for `x`.
-fn output_like(lay: &Layout, x: &Tensor) -> Result<Tensor> {
-    let (geo, kind) = (lay.geo, x.kind());
-    let size = [lay.n as i64, lay.c as i64, geo.oh as i64, geo.ow as i64];
-    Ok(Tensor::f_empty(size, (kind, Device::Cpu))?)
 }
 
 /// `(rows, cols)` float64 values as a tensor of `kind`.
@@ -385,60 +335,17 @@ fn matrix(v: &[f64], rows: usize, kind: Kind) -> Result<Tensor> {
         .f_to_kind(kind)?)
 }
 
-fn threads(x: &Tensor) -> usize {
-    patch::threads_for(x.numel(), tch::get_num_threads().max(1) as usize)
-}
-
-/// The inference conv of a depthwise block with a folded kernel `(C, 1, k, k)` and bias, on the
-/// float32 CPU kernel when `raw` allows it (see [`forward`]; callers also require that no
-/// gradient is wanted) and the tensors suit it; `None` means: run libtorch's conv.
-pub fn inference_conv(
+/// The training forward on the CPU kernel; falls back to [`forward`] when a tensor does not
+/// qualify for it.
+pub(super) fn forward_cpu(
     spec: &BlockSpec,
+    branches: &Branches,
     x: &Tensor,
-    weight: &Tensor,
-    bias: &Tensor,
-    raw: bool,
-) -> Result<Option<Tensor>> {
-    let depthwise = spec.groups == spec.in_channels && spec.in_channels == spec.out_channels;
-    let suits = |t: &Tensor| t.kind() == Kind::Float && t.device() == Device::Cpu;
-    let wanted = raw && depthwise && PATCH_KERNEL.load(Ordering::SeqCst);
-    if !(wanted && suits(x) && suits(weight) && suits(bias)) {
-        return Ok(None);
-    }
-    let x = x.f_contiguous()?;
-    let lay = layout_any(spec, &x)?;
-    let (kernel, bias) = (flat::<f32>(weight)?, flat::<f32>(bias)?);
-    let output = output_like(&lay, &x)?;
-    // SAFETY: `x` is contiguous float32 on the CPU; `output` is a fresh float32 tensor that
-    // nothing else touches while the kernel fills it.
-    unsafe {
-        let out = elements_mut::<f32>(&output);
-        patch::depthwise_conv_f32(&lay, elements::<f32>(&x), &kernel, &bias, out, threads(&x));
-    }
-    Ok(Some(output))
-}
-
-fn run_forward<T: Element>(
-    lay: &Layout,
-    x: &Tensor,
-    output: &Tensor,
-    kern: &Kernels,
-    bn: &Affine,
-) -> patch::Forward {
-    // SAFETY: the caller passes a contiguous CPU `x` of `T`'s kind and a fresh `output` of that
-    // kind that nothing else reads or writes while the kernel fills it.
-    unsafe {
-        let out = elements_mut::<T>(output);
-        patch::forward(lay, elements::<T>(x), kern, bn, out, threads(x))
-    }
-}
-
-fn patch_forward(spec: &BlockSpec, branches: &Branches, x: &Tensor) -> Result<TrainForward> {
-    let x = x.f_contiguous()?;
+) -> Result<Option<TrainForward>> {
     let list = branch_list(branches);
-    let lay = layout(spec, &x)?;
-    let (channels, nb) = (lay.c, list.len());
-    let kern = kernels(spec, &list)?;
+    let Some(kern) = kernels(spec, &list)? else {
+        return forward(spec, branches, x);
+    };
     let bn = Affine {
         gamma: list
             .iter()
@@ -450,12 +357,14 @@ fn patch_forward(spec: &BlockSpec, branches: &Branches, x: &Tensor) -> Result<Tr
             .collect::<Result<_>>()?,
         eps: list.iter().map(|b| b.bn.eps).collect(),
     };
-    let output = output_like(&lay, &x)?;
-    let f = match x.kind() {
-        Kind::Float => run_forward::<f32>(&lay, &x, &output, &kern, &bn),
-        Kind::Double => run_forward::<f64>(&lay, &x, &output, &kern, &bn),
-        other => return Err(config(format!("patch kernel on {other:?}"))),
+    let Some((output, f)) = cpu::train_forward(&spec.into(), x, &kern, &bn)? else {
+        return forward(spec, branches, x);
     };
+    let finite = |v: &[f64]| v.iter().all(|x| x.is_finite());
+    if !(finite(&f.mean) && finite(&f.var)) {
+        return Ok(None);
+    }
+    let (channels, nb) = (spec.in_channels as usize, list.len());
     update_running(
         &list,
         &matrix(&f.mean, nb, Kind::Double)?,
@@ -463,7 +372,7 @@ fn patch_forward(spec: &BlockSpec, branches: &Branches, x: &Tensor) -> Result<Tr
         f.moments.count as i64,
     )?;
     let m = &f.moments;
-    Ok(TrainForward {
+    Ok(Some(TrainForward {
         output,
         saved: vec![
             matrix(&f.a, nb, Kind::Double)?,
@@ -472,57 +381,34 @@ fn patch_forward(spec: &BlockSpec, branches: &Branches, x: &Tensor) -> Result<Tr
             matrix(&m.nu, channels, Kind::Double)?,
             matrix(&m.cov, channels, Kind::Double)?,
         ],
-    })
+    }))
 }
 
-fn run_backward<T: Element>(
-    lay: &Layout,
-    x: &Tensor,
-    grad: &Tensor,
-    dx: &Tensor,
-    kern: &Kernels,
-    scales: &BranchScales<'_>,
-    m: &Moments,
-) -> patch::Gradients {
-    // SAFETY: the caller passes contiguous CPU tensors of `T`'s kind; `dx` is a fresh tensor
-    // that nothing else reads or writes while the kernel fills it.
-    unsafe {
-        let out = elements_mut::<T>(dx);
-        patch::backward(
-            lay,
-            elements::<T>(x),
-            elements::<T>(grad),
-            out,
-            kern,
-            scales,
-            m,
-            threads(x),
-        )
-    }
-}
-
-fn patch_backward(
+/// The gradients of [`forward_cpu`]; `None` when the saved tensors or `grad` do not fit.
+pub(super) fn backward_cpu(
     spec: &BlockSpec,
     branches: &Branches,
     x: &Tensor,
-    [a, var_eps, mu, nu, cov]: [&Tensor; 5],
+    saved: &[Tensor],
     grad: &Tensor,
-) -> Result<Vec<Tensor>> {
+) -> Result<Option<Vec<Tensor>>> {
     let _guard = tch::no_grad_guard();
-    let x = x.f_contiguous()?;
-    let kind = x.kind();
-    if !matches!(kind, Kind::Float | Kind::Double) || x.device() != Device::Cpu {
-        return Err(config(format!(
-            "patch kernel backward on {kind:?} {:?}",
-            x.device()
-        )));
+    if saved.len() == 3 {
+        // The forward fell back to the branch outputs (a tensor did not suit the kernel).
+        return backward(spec, branches, x, saved, grad);
     }
-    let grad = grad.f_to_kind(kind)?.f_contiguous()?;
+    let [a, var_eps, mu, nu, cov] = saved else {
+        return Ok(None);
+    };
     let list = branch_list(branches);
-    let lay = layout(spec, &x)?;
-    let kern = kernels(spec, &list)?;
+    let Some(kern) = kernels(spec, &list)? else {
+        return Ok(None);
+    };
+    let size = x.size();
+    let count =
+        size[0] * spec.output_size(size[2]).unwrap_or(0) * spec.output_size(size[3]).unwrap_or(0);
     let m = Moments {
-        count: lay.n * lay.geo.oh * lay.geo.ow,
+        count: count as usize,
         mu: values(mu)?,
         nu: values(nu)?,
         cov: values(cov)?,
@@ -534,30 +420,32 @@ fn patch_backward(
         var_eps: &var_eps,
         eps: &eps,
     };
-    let dx = Tensor::f_empty(x.size(), (kind, Device::Cpu))?;
-    let g = match kind {
-        Kind::Float => run_backward::<f32>(&lay, &x, &grad, &dx, &kern, &scales, &m),
-        _ => run_backward::<f64>(&lay, &x, &grad, &dx, &kern, &scales, &m),
+    let kind = x.f_kind()?;
+    let grad = grad.f_to_kind(kind)?;
+    let Some((dx, g)) = cpu::train_backward(&spec.into(), x, &grad, &kern, &scales, &m)? else {
+        return Ok(None);
     };
-    let channels = lay.c;
+    let channels = spec.in_channels as usize;
     let beta = Tensor::f_from_slice(&g.beta)?.f_to_kind(kind)?;
     let mut grads = vec![dx];
     let (mut conv, mut centre) = (g.conv.iter(), g.centre.iter());
     for (b, br) in list.iter().enumerate() {
         if let Some(w) = br.weight {
             let values = if br.scale { centre.next() } else { conv.next() };
-            let values = values.ok_or_else(|| config("patch kernel lost a branch gradient"))?;
+            let Some(values) = values else {
+                return Ok(None);
+            };
             grads.push(
                 Tensor::f_from_slice(values)?
                     .f_reshape(w.size())?
-                    .f_to_kind(w.kind())?,
+                    .f_to_kind(w.f_kind()?)?,
             );
         } else {
             centre.next();
         }
         let gamma = &g.gamma[b * channels..][..channels];
-        grads.push(Tensor::f_from_slice(gamma)?.f_to_kind(br.bn.weight.kind())?);
-        grads.push(beta.f_to_kind(br.bn.bias.kind())?);
+        grads.push(Tensor::f_from_slice(gamma)?.f_to_kind(br.bn.weight.f_kind()?)?);
+        grads.push(beta.f_to_kind(br.bn.bias.f_kind()?)?);
     }
-    Ok(grads)
+    Ok(Some(grads))
 }

@@ -1,7 +1,7 @@
 //! The MobileOne stage plan: pairs of depthwise 3x3 and pointwise 1x1 blocks, the first pair with
 //! stride 2, squeeze-excite in the last `num_se` pairs (the seed's `_make_stage`).
 
-use crate::block::{BlockSpec, MAX_CHANNELS, MAX_GEOMETRY};
+use super::{BlockSpec, MAX_CHANNELS, MAX_GEOMETRY};
 use crate::error::{config, Result};
 
 /// The constructor arguments of a `MobileOne` stage.
