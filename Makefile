@@ -35,10 +35,13 @@ demo: build ## the main job: the seed's yaml stages, trained, fused and checked
 bench: build ## side-by-side benchmark against the pure-PyTorch reference
 	$(PY) bench/bench.py
 
-lint: venv ## rustfmt, clippy, ruff
+lint: build ## rustfmt, clippy, ruff, the layout rules, the native stub (stubtest)
 	cargo fmt --check
 	cargo clippy --release -q -- -D warnings
-	$(PY) -m ruff check python tests bench
+	cargo clippy --release -q --no-default-features --tests -- -D warnings
+	$(PY) -m ruff check python tests bench tools
+	$(PY) tools/check_layout.py
+	$(PY) -m mypy.stubtest mobileone_rs._native --allowlist tools/stubtest-allowlist.txt
 
 wheel: venv ## build a wheel into dist/
 	maturin build --release -o dist

@@ -103,6 +103,9 @@ def chain_timings(args, name: str, start: float) -> list[Row]:
     # Each side's training steps moved its BN running statistics by its own float32 rounding, which
     # the 42 chained blocks amplify; the eval metrics start again from identical state.
     ours.load_state_dict(ref.state_dict())
+    log("(a) frozen-BN training step", start)
+    rows.append(compare(name, "frozen-BN training step", timing.frozen_bn_step(ref, x),
+                        timing.frozen_bn_step(ours, x), args))
     log("(a) unfused eval forward", start)
     forward_repeats = args.repeats if args.quick else max(args.repeats, FORWARD_REPEATS)
     rows.append(compare(name, "unfused eval forward", timing.eval_forward(ref, x), timing.eval_forward(ours, x),

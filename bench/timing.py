@@ -78,6 +78,23 @@ def train_step(model: nn.Module, x: torch.Tensor) -> Callable[[], torch.Tensor]:
     return step
 
 
+def frozen_bn_step(model: nn.Module, x: torch.Tensor) -> Callable[[], torch.Tensor]:
+    """A fine-tuning step with frozen BatchNorms (``model.train()``, then every BN in eval mode):
+    zero grads, forward, mean-square loss, backward."""
+
+    def step() -> torch.Tensor:
+        model.train()
+        for module in model.modules():
+            if isinstance(module, nn.BatchNorm2d):
+                module.eval()
+        model.zero_grad(set_to_none=True)
+        loss = model(x).square().mean()
+        loss.backward()
+        return loss.detach()
+
+    return step
+
+
 def eval_forward(model: nn.Module, x: torch.Tensor) -> Callable[[], torch.Tensor]:
     """An inference forward: eval mode, no autograd."""
 

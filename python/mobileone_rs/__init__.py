@@ -14,7 +14,7 @@ if torch.__version__.split("+")[0].rsplit(".", 1)[0] != TORCH_BUILT_FOR:
         f"{torch.__version__} is installed; install torch=={TORCH_BUILT_FOR}.* (pip install 'torch=={TORCH_BUILT_FOR}.*')"
     )
 
-from . import _native  # noqa: F401  (torch, imported above, loads libtorch first)
+from . import _native
 from ._native import (
     ConfigError,
     FuseOverflowError,
@@ -27,8 +27,8 @@ from ._native import (
 from .modules import (
     MobileOne,
     MobileOneBlock,
-    SEBlock,
     Options,
+    SEBlock,
     fast_paths,
     module_path,
     reparameterize_model,
@@ -47,12 +47,12 @@ __all__ = [
     "MobileOne",
     "MobileOneBlock",
     "MobileOneError",
+    "Options",
     "ReparamReport",
     "SEBlock",
     "TorchError",
     "YamlError",
     "__version__",
-    "Options",
     "fast_paths",
     "module_path",
     "reparameterize_model",

@@ -83,7 +83,23 @@ class _Opaque(Exception):
 
 def _hooked(module: nn.Module) -> bool:
     d = module.__dict__
-    return any(d.get(name) for name in _HOOK_DICTS)
+    return bool(d["_forward_hooks"] or d["_forward_pre_hooks"] or d["_backward_hooks"]
+                or d["_backward_pre_hooks"])
+
+
+_MISSING = object()
+
+
+def _child(module: nn.Module, name: str):
+    """``getattr(module, name, None)`` for a child module (or a ``None`` set in its place)."""
+    value = module.__dict__["_modules"].get(name, _MISSING)
+    return getattr(module, name, None) if value is _MISSING else value
+
+
+def _tensor(module: nn.Module, group: str, name: str):
+    """``getattr(module, name)`` for a parameter or buffer, without ``Module.__getattr__``'s cost."""
+    value = module.__dict__[group].get(name, _MISSING)
+    return getattr(module, name, None) if value is _MISSING else value
 
 
 def _global_hooks() -> bool:
@@ -102,7 +118,7 @@ def _plain(*tensors) -> bool:
 def _conv_state(conv: nn.Module, name: str) -> tuple:
     if type(conv) is not nn.Conv2d:
         raise _Opaque(f"{name} is a {type(conv).__name__}, not an nn.Conv2d")
-    weight, bias = conv.weight, conv.bias
+    weight, bias = _tensor(conv, "_parameters", "weight"), _tensor(conv, "_parameters", "bias")
     plain = not _hooked(conv) and _plain(weight, bias)
     return (weight, bias, conv.stride, conv.padding, conv.dilation, conv.groups, conv.padding_mode, plain)
 
@@ -110,15 +126,23 @@ def _conv_state(conv: nn.Module, name: str) -> tuple:
 def _bn_state(bn: nn.Module, name: str) -> tuple:
     if type(bn) is not nn.BatchNorm2d:
         raise _Opaque(f"{name} is a {type(bn).__name__}, not an nn.BatchNorm2d")
-    tensors = (bn.weight, bn.bias, bn.running_mean, bn.running_var, bn.num_batches_tracked)
+    tensors = (
+        _tensor(bn, "_parameters", "weight"),
+        _tensor(bn, "_parameters", "bias"),
+        _tensor(bn, "_buffers", "running_mean"),
+        _tensor(bn, "_buffers", "running_var"),
+        _tensor(bn, "_buffers", "num_batches_tracked"),
+    )
     plain = not _hooked(bn) and _plain(*tensors)
     return (*tensors, bn.momentum, bn.eps, bn.training, bn.track_running_stats, plain)
 
 
 def _branch_state(branch: nn.Module, name: str) -> tuple:
-    if type(branch) is not nn.Sequential or len(branch) != 2 or list(branch._modules) != ["conv", "bn"]:
+    children = branch.__dict__.get("_modules", {}) if type(branch) is nn.Sequential else {}
+    if len(children) != 2 or "conv" not in children or "bn" not in children:
         raise _Opaque(f"{name} is not an nn.Sequential of conv and bn")
-    return (_conv_state(branch.conv, f"{name}.conv"), _bn_state(branch.bn, f"{name}.bn"), not _hooked(branch))
+    conv, bn = children["conv"], children["bn"]
+    return (_conv_state(conv, f"{name}.conv"), _bn_state(bn, f"{name}.bn"), not _hooked(branch))
 
 
 def _se_state(se: nn.Module) -> tuple:
@@ -127,9 +151,11 @@ def _se_state(se: nn.Module) -> tuple:
     if type(se) is not SEBlock:
         return ("opaque",)
     try:
-        return ("se", _conv_state(se.reduce, "se.reduce"), _conv_state(se.expand, "se.expand"), not _hooked(se))
+        reduce = _conv_state(_child(se, "reduce"), "se.reduce")
+        expand = _conv_state(_child(se, "expand"), "se.expand")
     except _Opaque:
         return ("opaque",)
+    return ("se", reduce, expand, not _hooked(se))
 
 
 def _autocast(x: torch.Tensor) -> bool:
@@ -151,7 +177,7 @@ def _symbolic(x) -> bool:
     return (
         isinstance(x, torch.fx.Proxy)
         or torch.compiler.is_compiling()
-        or torch.fx._symbolic_trace.is_fx_tracing()
+        or torch.fx._symbolic_trace.is_fx_symbolic_tracing()
     )
 
 
@@ -386,10 +412,14 @@ class MobileOneBlock(nn.Module):
 
     def _body_state(self) -> tuple:
         if self.inference_mode:
-            return ("fused", _conv_state(self.reparam_conv, "reparam_conv"))
-        convs = [_branch_state(b, f"rbr_conv.{i}") for i, b in enumerate(self.rbr_conv)]
-        scale = None if self.rbr_scale is None else _branch_state(self.rbr_scale, "rbr_scale")
-        skip = None if self.rbr_skip is None else _bn_state(self.rbr_skip, "rbr_skip")
+            return ("fused", _conv_state(_child(self, "reparam_conv"), "reparam_conv"))
+        convs = _child(self, "rbr_conv")
+        if type(convs) is not nn.ModuleList:
+            raise _Opaque("rbr_conv is not an nn.ModuleList")
+        convs = [_branch_state(b, f"rbr_conv.{i}") for i, b in enumerate(convs.__dict__["_modules"].values())]
+        scale, skip = _child(self, "rbr_scale"), _child(self, "rbr_skip")
+        scale = None if scale is None else _branch_state(scale, "rbr_scale")
+        skip = None if skip is None else _bn_state(skip, "rbr_skip")
         return ("branches", convs, scale, skip)
 
     def _state(self) -> tuple:
@@ -400,8 +430,9 @@ class MobileOneBlock(nn.Module):
             body = ("opaque", str(why))
         except AttributeError as why:  # a child deleted or replaced by a non-module
             body = ("opaque", f"a child is missing: {why}")
-        activation = type(self.activation) is nn.ReLU and not _hooked(self.activation)
-        return (self._spec, body, _se_state(self.se), activation and not _global_hooks())
+        activation, se = _child(self, "activation"), _child(self, "se")
+        plain = type(activation) is nn.ReLU and not _hooked(activation) and not _global_hooks()
+        return (self._spec, body, _se_state(se), plain)
 
     def forward_path(self, x: torch.Tensor, explain: bool = False):
         """The name of the path ``forward(x)`` takes now (and, with ``explain``, why).

@@ -6,7 +6,7 @@ use tch::{Device, Kind, Tensor};
 use super::se::SqueezeExcite;
 use super::state::{BnState, BranchState, ConvState, Env, Momentum, SeState};
 use super::{cpu_inference, Path, Plan};
-use crate::error::{Error, Result};
+use crate::error::Result;
 use crate::fuse::{self, BatchNorm, Branches, ConvBn};
 use crate::spec::BlockSpec;
 use crate::train::TrainPath;
@@ -251,14 +251,11 @@ fn bn(
 }
 
 /// What training needs beyond [`bn`]: tracked statistics it may update in place, a batch counter,
-/// and more than one value per channel (an `InputShapeError`, a `ValueError` as `F.batch_norm`
-/// raises, with its message).
-fn bn_trainable(b: &BnState, values: i64, size: &[i64], name: &str) -> Result<Verdict<()>> {
+/// and more than one value per channel (else the module path raises `F.batch_norm`'s
+/// `ValueError`, after the counters the seed increments before it).
+fn bn_trainable(b: &BnState, values: i64, name: &str) -> Result<Verdict<()>> {
     if values <= 1 {
-        return Err(Error::InputShape(format!(
-            "Expected more than 1 value per channel when training, got input size {size:?} \
-             ({name} would average {values} value per channel)"
-        )));
+        return Ok(Err(format!("{name} would average {values} value per channel")));
     }
     if !b.track_running_stats {
         return Ok(Err(format!("{name}.track_running_stats is False")));
@@ -394,7 +391,7 @@ fn checked_branches(
         return Ok(Ok(eval_plan(cpu, branches)));
     }
     for (b, name, values) in &training {
-        verdict!(bn_trainable(b, *values, &size, name));
+        verdict!(bn_trainable(b, *values, name));
     }
     let path = match train_path(spec, x, env) {
         Ok(path) => path,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import sys
 import threading
 import time
 
@@ -21,29 +22,34 @@ STAGE_ARGS = (16, 32, 2, 3, True, 1)
 
 
 # ------------------------------------------------------------------------------------------------
-# GIL release, measured: while a worker thread is inside one long native call, the main thread
-# spins and stamps the clock. If the call held the GIL, the main thread would stall for the whole
-# call; released, its longest stall is a scheduler tick.
+# GIL release, observed without a clock: with a huge switch interval, a thread that holds the GIL
+# keeps it until it blocks, so the main thread (which yields the GIL at every step) can count
+# during a worker's call only if that call releases it.
 
 
-def _longest_stall(fn) -> tuple[float, float]:
-    """Runs ``fn`` on a worker thread; returns (its duration, the main thread's longest stall)."""
-    fn()  # warm-up: first-call allocations and lazy initialisation are not what we measure
-    span: dict[str, float] = {}
+def _progress_during(fn) -> int:
+    """How many steps the main thread made while a worker ran ``fn`` (after a warm-up run)."""
+    fn()  # warm-up: first-call allocations and lazy initialisation are not what we observe
+    counter = [0]
+    seen: dict[str, int] = {}
 
     def work():
-        span["start"] = time.perf_counter()
+        seen["before"] = counter[0]
         fn()
-        span["end"] = time.perf_counter()
+        seen["after"] = counter[0]
 
-    worker = threading.Thread(target=work)
-    stamps = []
-    worker.start()
-    while worker.is_alive():
-        stamps.append(time.perf_counter())
-    worker.join()
-    points = [span["start"], *(t for t in stamps if span["start"] < t < span["end"]), span["end"]]
-    return span["end"] - span["start"], max(b - a for a, b in zip(points, points[1:]))
+    previous = sys.getswitchinterval()
+    sys.setswitchinterval(100.0)
+    try:
+        worker = threading.Thread(target=work)
+        worker.start()
+        while worker.is_alive():
+            counter[0] += 1
+            time.sleep(0)  # releases the GIL for a moment, so a returning worker can take it
+        worker.join()
+    finally:
+        sys.setswitchinterval(previous)
+    return seen["after"] - seen["before"]
 
 
 def _no_grad(model, x):
@@ -55,7 +61,7 @@ def _no_grad(model, x):
 
 
 def _gil_case(case: str):
-    """The workload of ``case``, sized so that each single native call takes ~0.1-0.5 s on one core."""
+    """The workload of ``case``: native calls long enough for the main thread to be scheduled."""
     if case in ("eval", "fused"):
         dense = mobileone_rs.MobileOneBlock(32, 32, 3, padding=1, num_conv_branches=2).double().eval()
         model = mobileone_rs.reparameterize_model(dense) if case == "fused" else dense
@@ -71,17 +77,15 @@ def _gil_case(case: str):
     return train
 
 
-def test_stall_detector_sees_a_gil_holding_call():
-    """The instrument works: a C call that keeps the GIL (builtin sum) stalls the main thread."""
-    duration, stall = _longest_stall(lambda: sum(range(4_000_000)))
-    assert stall >= 0.5 * duration, f"stall {stall:.3f}s over a {duration:.3f}s GIL-holding call"
+def test_observer_sees_a_gil_holding_call():
+    """The instrument works: a C call that keeps the GIL (builtin sum) lets the main thread make
+    no step at all."""
+    assert _progress_during(lambda: sum(range(4_000_000))) == 0
 
 
 @pytest.mark.parametrize("case", ["eval", "fused", "train-forward", "train-forward-backward"])
 def test_native_calls_release_the_gil(case):
-    duration, stall = _longest_stall(_gil_case(case))
-    assert duration >= 0.05, f"{case} took {duration:.3f}s: too short to tell a held GIL apart"
-    assert stall < 0.25 * duration, f"{case}: main thread stalled {stall:.3f}s during a {duration:.3f}s call"
+    assert _progress_during(_gil_case(case)) > 0, f"{case}: the main thread never ran during the call"
 
 
 # ------------------------------------------------------------------------------------------------

@@ -1,0 +1,180 @@
+"""Which path each state takes (``MobileOneBlock.forward_path``): the fast paths serve the states
+they model, and every state or tool they do not model takes the module path, with a reason.
+The numbers of those paths are checked against the oracle elsewhere (test_harness,
+test_regressions); this file guards against a fast path silently lost or silently widened."""
+
+from __future__ import annotations
+
+import mobileone_rs
+import pytest
+import torch
+from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from tests._util import SEED_STAGES
+
+DW = {"in_channels": 8, "out_channels": 8, "kernel_size": 3, "padding": 1, "groups": 8, "num_conv_branches": 2}
+PW = {"in_channels": 8, "out_channels": 16, "kernel_size": 1, "num_conv_branches": 2}
+DENSE = {"in_channels": 8, "out_channels": 8, "kernel_size": 3, "padding": 1, "num_conv_branches": 2}
+
+
+def _x(dtype=torch.float32):
+    return torch.randn(2, 8, 6, 6, dtype=dtype)
+
+
+def _path(block, x=None, explain=False):
+    return block.forward_path(_x() if x is None else x, explain=explain)
+
+
+@pytest.mark.parametrize("kwargs, train, no_grad, dtype, expected", [
+    (DW, True, False, torch.float32, "train_depthwise_cpu"),
+    (DW, True, True, torch.float64, "train_depthwise_cpu"),
+    (PW, True, False, torch.float32, "train_gram"),
+    (DW, False, False, torch.float32, "folded"),
+    (DW, False, True, torch.float32, "folded_cpu"),
+    (DW, False, True, torch.float64, "folded"),
+    (PW, False, True, torch.float32, "folded"),
+    (DENSE, False, True, torch.float32, "folded"),
+    (DENSE, True, False, torch.float32, "module"),
+])
+def test_standard_states_take_their_paths(kwargs, train, no_grad, dtype, expected):
+    block = mobileone_rs.MobileOneBlock(**kwargs).to(dtype).train(train)
+    with torch.no_grad() if no_grad else torch.enable_grad():
+        assert _path(block, _x(dtype)) == expected
+
+
+def test_fused_blocks_take_the_fused_paths():
+    block = mobileone_rs.MobileOneBlock(**DW)
+    block.reparameterize()
+    assert _path(block) == "fused"  # the fused weights are trainable: a gradient may be wanted
+    with torch.no_grad():
+        assert _path(block) == "fused_cpu"
+        assert _path(block.double(), _x(torch.float64)) == "fused"
+        assert _path(block.half(), _x(torch.float16)) == "fused"
+
+
+def test_options_select_the_paths():
+    block = mobileone_rs.MobileOneBlock(**DW)
+    with mobileone_rs.fast_paths(cpu_kernel=False):
+        assert _path(block) == "train_depthwise"
+    assert _path(mobileone_rs.MobileOneBlock(**DW, cpu_kernel=False)) == "train_depthwise"
+    low = mobileone_rs.MobileOneBlock(**DW, low_memory=False)
+    assert _path(low, explain=True) == ("module", ("low_memory=False: depthwise blocks train through the seed's "
+                                                  "branches"))
+    assert _path(mobileone_rs.MobileOneBlock(**DW, fast=False)) == "module"
+    with mobileone_rs.module_path():
+        assert _path(block) == "module"
+    assert _path(block) == "train_depthwise_cpu"  # scopes end
+    stage = mobileone_rs.MobileOne(8, 16, 1, 2, cpu_kernel=False)
+    assert {b.cpu_kernel for b in stage.stage} == {False}
+
+
+def _frozen_some(block):
+    block.rbr_conv[0].bn.eval()
+
+
+def _frozen_all(block):
+    for m in block.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.eval()
+
+
+STATES = {
+    "some BNs frozen": (_frozen_some, "module", "some BNs train"),
+    "every BN frozen": (_frozen_all, "folded", "eval mode"),
+    "untracked BN": (lambda b: setattr(b.rbr_skip, "track_running_stats", False), "module", "track_running_stats"),
+    "cumulative momentum": (lambda b: setattr(b.rbr_skip, "momentum", None), "train_depthwise_cpu", ""),
+    "tensor momentum": (lambda b: setattr(b.rbr_skip, "momentum", torch.tensor(0.1)), "module", "momentum"),
+    "zero eps": (lambda b: setattr(b.rbr_conv[1].bn, "eps", 0.0), "module", "rbr_conv.1.bn.eps"),
+    "hook on a BN": (lambda b: b.rbr_conv[0].bn.register_forward_hook(lambda *a: None), "module", "hooks"),
+    "hook on a conv": (lambda b: b.rbr_scale.conv.register_forward_pre_hook(lambda *a: None), "module", "hooks"),
+    "BN subclass": (lambda b: setattr(b.rbr_conv[0], "bn", type("Norm", (nn.BatchNorm2d,), {})(8)), "module",
+                    "not an nn.BatchNorm2d"),
+    "reflect padding": (lambda b: setattr(b.rbr_conv[0].conv, "padding_mode", "reflect"), "module", "padding_mode"),
+    "conv bias": (lambda b: setattr(b.rbr_conv[0].conv, "bias", nn.Parameter(torch.zeros(8))), "module", "bias"),
+    "other activation": (lambda b: setattr(b, "activation", nn.SiLU()), "module", "activation"),
+    "no skip": (lambda b: setattr(b, "rbr_skip", None), "module", "branches differ"),
+    "running stats need grad": (lambda b: b.rbr_skip.running_var.requires_grad_(True), "module", "in place"),
+    "double BN stats": (lambda b: setattr(b.rbr_skip, "running_var", b.rbr_skip.running_var.double()), "module",
+                        "dtype"),
+}
+
+
+@pytest.mark.parametrize("state", list(STATES))
+def test_module_states_take_the_module_path_with_a_reason(state):
+    apply, expected, why = STATES[state]
+    block = mobileone_rs.MobileOneBlock(**DW)
+    apply(block)
+    name, reason = _path(block, explain=True)
+    assert name == expected, reason
+    assert why in reason
+
+
+class _Counting(TorchDispatchMode):
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        return func(*args, **(kwargs or {}))
+
+
+def _under(context, observe):
+    with context:
+        return observe()
+
+
+CALLS = {
+    "autocast": (lambda: torch.autocast("cpu", dtype=torch.bfloat16), "autocast"),
+    "saved-tensor hooks": (lambda: torch.autograd.graph.saved_tensors_hooks(lambda t: t, lambda t: t), "saved"),
+    "forward AD": (lambda: torch.autograd.forward_ad.dual_level(), "forward-mode"),
+    "dispatch mode": (lambda: _Counting(), "TorchDispatchMode"),
+    "function mode": (lambda: torch.device("cpu"), "TorchFunctionMode"),
+    "module path scope": (lambda: mobileone_rs.module_path(), "fast paths are off"),
+}
+
+
+@pytest.mark.parametrize("call", list(CALLS))
+def test_calls_the_fast_paths_do_not_model_take_the_module_path(call):
+    make, why = CALLS[call]
+    block = mobileone_rs.MobileOneBlock(**DW)
+    name, reason = _under(make(), lambda: _path(block, explain=True))
+    assert name == "module" and why in reason, reason
+
+
+def test_inputs_the_fast_paths_do_not_model_take_the_module_path():
+    block = mobileone_rs.MobileOneBlock(**DW)
+    with torch.inference_mode():
+        inference_x = _x()
+    assert _path(block, inference_x) == "module"
+    assert _path(block, torch.zeros(0, 8, 6, 6)) == "module"
+    assert _path(block, torch.zeros(1, 8, 1, 1)) == "module"  # one value per channel
+    assert _path(block, _x().as_subclass(type("Sub", (torch.Tensor,), {}))) == "module"
+    assert _path(block, _x().to(memory_format=torch.channels_last)) == "train_depthwise_cpu"
+    assert _path(block, _x()[:, :, ::1, :]) == "train_depthwise_cpu"
+
+
+def test_jit_trace_and_functorch_take_the_module_path():
+    block = mobileone_rs.MobileOneBlock(**DW).eval()
+    seen = []
+    # A hook on the block itself runs outside its forward: it does not change the path.
+    block.register_forward_pre_hook(lambda module, args: seen.append(module.forward_path(args[0])))
+    block(_x())
+    torch.jit.trace(block, (_x(),), check_trace=False)
+    torch.vmap(block)(torch.randn(3, 2, 8, 6, 6))
+    torch.func.grad(lambda x: block(x).sum())(_x())
+    assert seen == ["folded", "module", "module", "module"]
+
+
+@pytest.mark.parametrize("mode", ["train", "eval", "fused"])
+def test_the_seed_stages_take_fast_paths_in_every_block(mode):
+    blocks = []
+    for args, _, channels, size in SEED_STAGES.values():
+        stage = mobileone_rs.MobileOne(*args)
+        if mode == "fused":
+            stage = mobileone_rs.reparameterize_model(stage)
+        stage.train(mode == "train")
+        x = torch.randn(2, channels, size, size)
+        with torch.no_grad():
+            for block in stage.stage:
+                blocks.append(block.forward_path(x))
+                x = block(x)
+    expected = {"train": {"train_depthwise_cpu", "train_gram"}, "eval": {"folded_cpu", "folded"},
+                "fused": {"fused_cpu", "fused"}}[mode]
+    assert set(blocks) == expected, blocks
