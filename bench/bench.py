@@ -104,8 +104,8 @@ def chain_timings(args, name: str, start: float) -> list[Row]:
     # the 42 chained blocks amplify; the eval metrics start again from identical state.
     ours.load_state_dict(ref.state_dict())
     log("(a) frozen-BN training step", start)
-    rows.append(compare(name, "frozen-BN training step", timing.frozen_bn_step(ref, x),
-                        timing.frozen_bn_step(ours, x), args))
+    rows.append(compare(name, "frozen-BN training step", timing.train_step(ref, x, frozen_bn=True),
+                        timing.train_step(ours, x, frozen_bn=True), args))
     log("(a) unfused eval forward", start)
     forward_repeats = args.repeats if args.quick else max(args.repeats, FORWARD_REPEATS)
     rows.append(compare(name, "unfused eval forward", timing.eval_forward(ref, x), timing.eval_forward(ours, x),

@@ -65,28 +65,16 @@ def alternate(ref_fn: Callable[[], object], ours_fn: Callable[[], object], repea
     return samples
 
 
-def train_step(model: nn.Module, x: torch.Tensor) -> Callable[[], torch.Tensor]:
-    """One training step without the optimizer: zero grads, forward, mean-square loss, backward."""
+def train_step(model: nn.Module, x: torch.Tensor, frozen_bn: bool = False) -> Callable[[], torch.Tensor]:
+    """One training step without the optimizer: zero grads, forward, mean-square loss, backward.
+    ``frozen_bn``: the fine-tuning idiom, ``model.train()`` then every BatchNorm in eval mode."""
 
     def step() -> torch.Tensor:
         model.train()
-        model.zero_grad(set_to_none=True)
-        loss = model(x).square().mean()
-        loss.backward()
-        return loss.detach()
-
-    return step
-
-
-def frozen_bn_step(model: nn.Module, x: torch.Tensor) -> Callable[[], torch.Tensor]:
-    """A fine-tuning step with frozen BatchNorms (``model.train()``, then every BN in eval mode):
-    zero grads, forward, mean-square loss, backward."""
-
-    def step() -> torch.Tensor:
-        model.train()
-        for module in model.modules():
-            if isinstance(module, nn.BatchNorm2d):
-                module.eval()
+        if frozen_bn:
+            for module in model.modules():
+                if isinstance(module, nn.BatchNorm2d):
+                    module.eval()
         model.zero_grad(set_to_none=True)
         loss = model(x).square().mean()
         loss.backward()

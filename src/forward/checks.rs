@@ -255,7 +255,9 @@ fn bn(
 /// `ValueError`, after the counters the seed increments before it).
 fn bn_trainable(b: &BnState, values: i64, name: &str) -> Result<Verdict<()>> {
     if values <= 1 {
-        return Ok(Err(format!("{name} would average {values} value per channel")));
+        return Ok(Err(format!(
+            "{name} would average {values} value per channel"
+        )));
     }
     if !b.track_running_stats {
         return Ok(Err(format!("{name}.track_running_stats is False")));
@@ -279,23 +281,8 @@ fn bn_trainable(b: &BnState, values: i64, name: &str) -> Result<Verdict<()>> {
 }
 
 /// An unfused block's branches.
-pub(super) fn branches(
-    spec: &BlockSpec,
-    convs: &[BranchState],
-    scale: Option<&BranchState>,
-    skip: Option<&BnState>,
-    x: &Tensor,
-    kind: Kind,
-    env: &Env,
-) -> Result<Plan> {
-    match checked_branches(spec, convs, scale, skip, x, kind, env)? {
-        Ok(plan) => Ok(plan),
-        Err(why) => Ok(Plan::module(why)),
-    }
-}
-
 #[allow(clippy::too_many_arguments)]
-fn checked_branches(
+pub(super) fn branches(
     spec: &BlockSpec,
     convs: &[BranchState],
     scale: Option<&BranchState>,
@@ -386,8 +373,7 @@ fn checked_branches(
         ));
     }
     if !all_train {
-        let tensors: Vec<&Tensor> = branches.conv.iter().map(|c| &c.weight).collect();
-        let cpu = cpu_inference(spec, x, kind, env, &tensors) && !any_grad(&branches, env);
+        let cpu = cpu_inference(spec, x, kind, env, &[]) && !any_grad(&branches, env);
         return Ok(Ok(eval_plan(cpu, branches)));
     }
     for (b, name, values) in &training {
@@ -408,20 +394,10 @@ fn checked_branches(
 
 /// Whether autograd would want a gradient of any branch parameter.
 fn any_grad(branches: &Branches, env: &Env) -> bool {
-    let bns = branches
-        .conv
-        .iter()
-        .chain(branches.scale.iter())
-        .map(|c| &c.bn)
-        .chain(branches.skip.iter());
-    let bn_grad = bns
-        .into_iter()
+    let bn_grad = branches
+        .batch_norms()
         .any(|b| b.weight.requires_grad() || b.bias.requires_grad());
-    let scale_grad = branches
-        .scale
-        .as_ref()
-        .is_some_and(|c| c.weight.requires_grad());
-    env.grad_enabled && (bn_grad || scale_grad)
+    env.grad_enabled && (bn_grad || branches.kernels().any(Tensor::requires_grad))
 }
 
 fn eval_plan(cpu: bool, branches: Branches) -> Plan {

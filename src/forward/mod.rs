@@ -148,7 +148,10 @@ pub fn choose(x: &Tensor, block: &BlockState, env: &Env) -> Result<Plan> {
     let plan = match &block.body {
         Body::Fused(conv) => checks::fused(spec, conv, x, kind, env)?,
         Body::Branches { conv, scale, skip } => {
-            checks::branches(spec, conv, scale.as_deref(), skip.as_deref(), x, kind, env)?
+            match checks::branches(spec, conv, scale.as_deref(), skip.as_deref(), x, kind, env)? {
+                Ok(plan) => plan,
+                Err(why) => Plan::module(why),
+            }
         }
         Body::Opaque(why) => Plan::module(why.clone()),
     };

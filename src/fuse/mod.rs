@@ -51,6 +51,19 @@ pub struct Branches {
     pub skip: Option<BatchNorm>,
 }
 
+impl Branches {
+    /// Every branch kernel: the conv branches', then the scale's.
+    pub fn kernels(&self) -> impl Iterator<Item = &Tensor> {
+        self.conv.iter().chain(self.scale.iter()).map(|c| &c.weight)
+    }
+
+    /// Every BatchNorm: the conv branches', the scale's, the skip.
+    pub fn batch_norms(&self) -> impl Iterator<Item = &BatchNorm> {
+        let branch_bns = self.conv.iter().chain(self.scale.iter()).map(|c| &c.bn);
+        branch_bns.chain(self.skip.iter())
+    }
+}
+
 /// The dtype fusion computes in: at least float32, so half and bfloat16 weights do not lose
 /// precision (or overflow) while branches are summed.
 pub fn compute_kind(kind: Kind) -> Kind {

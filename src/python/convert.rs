@@ -170,21 +170,10 @@ pub fn branches(
         scale: scale.map(ConvBn::from),
         skip: skip.map(BatchNorm::from),
     };
-    let bns = branches
-        .conv
-        .iter()
-        .chain(branches.scale.iter())
-        .map(|c| &c.bn)
-        .chain(branches.skip.iter());
-    let weights = branches
-        .conv
-        .iter()
-        .chain(branches.scale.iter())
-        .map(|c| &c.weight);
-    for t in weights {
+    for t in branches.kernels() {
         check_metadata(t, "a branch kernel")?;
     }
-    for bn in bns {
+    for bn in branches.batch_norms() {
         for t in [&bn.weight, &bn.bias, &bn.running_mean, &bn.running_var] {
             check_metadata(t, "a BatchNorm tensor")?;
         }

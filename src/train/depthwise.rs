@@ -10,7 +10,8 @@
 use tch::{Kind, Tensor};
 
 use super::{
-    add_eps, all_finite, bn_scale, branch_list, stack_bn, update_running, Branch, TrainForward,
+    add_eps, all_finite, bn_scale, branch_list, output_shape, saved_fit, stack_bn, update_running,
+    Branch, TrainForward,
 };
 use crate::cpu::{self, Affine, BranchScales, Kernels, Moments};
 use crate::error::Result;
@@ -79,9 +80,8 @@ fn wide_sum(t: &Tensor) -> Result<Tensor> {
 
 /// The number of values each branch's BN averages: batch times output positions.
 fn output_count(spec: &BlockSpec, x: &Tensor) -> Result<i64> {
-    let size = x.size();
-    let out = |d: usize| spec.output_size(size[d]).unwrap_or(0);
-    Ok(size[0] * out(2) * out(3))
+    let [n, _, h, w] = output_shape(spec, x);
+    Ok(n * h * w)
 }
 
 /// The `(C, 1, k, k)` kernel of a branch: the scale padded to the centre, the skip an identity.
@@ -177,19 +177,9 @@ pub(super) fn backward(
         return Ok(None);
     };
     let list = branch_list(branches);
-    let stats = [list.len() as i64, spec.in_channels];
-    let out_size = [
-        x.size()[0],
-        spec.in_channels,
-        spec.output_size(x.size()[2]).unwrap_or(0),
-        spec.output_size(x.size()[3]).unwrap_or(0),
-    ];
-    for t in [mean, var, a] {
-        if t.size() != stats || t.device() != x.device() {
-            return Ok(None);
-        }
-    }
-    if grad.size() != out_size {
+    let stats = vec![list.len() as i64, spec.in_channels];
+    let expected = [(mean, stats.clone()), (var, stats.clone()), (a, stats)];
+    if !saved_fit(spec, x, grad, &expected)? {
         return Ok(None);
     }
     let count = output_count(spec, x)? as f64;
@@ -404,9 +394,7 @@ pub(super) fn backward_cpu(
     let Some(kern) = kernels(spec, &list)? else {
         return Ok(None);
     };
-    let size = x.size();
-    let count =
-        size[0] * spec.output_size(size[2]).unwrap_or(0) * spec.output_size(size[3]).unwrap_or(0);
+    let count = output_count(spec, x)?;
     let m = Moments {
         count: count as usize,
         mu: values(mu)?,

@@ -5,7 +5,8 @@
 use tch::{Kind, Tensor};
 
 use super::{
-    add_eps, all_finite, bn_scale, branch_list, stack_bn, update_running, Branch, TrainForward,
+    add_eps, all_finite, bn_scale, branch_list, saved_fit, stack_bn, update_running, Branch,
+    TrainForward,
 };
 use crate::error::Result;
 use crate::fuse::{self, Branches};
@@ -103,20 +104,14 @@ pub(super) fn backward(
         spec.out_channels,
         branch_list(branches).len() as i64,
     );
-    let shapes: [(&Tensor, Vec<i64>); 5] = [
+    let expected = [
         (mu, vec![c]),
         (sigma, vec![c, c]),
         (var, vec![nb, o]),
         (a, vec![nb, o]),
         (w_eff, vec![o, c]),
     ];
-    let kind = x.f_kind()?;
-    for (t, shape) in &shapes {
-        if t.size() != *shape || t.f_kind()? != kind || t.device() != x.device() {
-            return Ok(None);
-        }
-    }
-    if grad.size() != [x.size()[0], o, x.size()[2], x.size()[3]] {
+    if !saved_fit(spec, x, grad, &expected)? {
         return Ok(None);
     }
     let size = x.size();

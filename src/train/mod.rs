@@ -185,6 +185,30 @@ pub fn backward(
     }
 }
 
+/// The `(N, out, H', W')` output size of the block on `x` (a 4-D input).
+pub(crate) fn output_shape(spec: &BlockSpec, x: &Tensor) -> [i64; 4] {
+    let size = x.size();
+    let out = |d: usize| spec.output_size(size[d]).unwrap_or(0);
+    [size[0], spec.out_channels, out(2), out(3)]
+}
+
+/// Whether a backward's inputs fit its forward: each saved tensor has its expected shape and
+/// `x`'s dtype and device, and `grad` the block's output size.
+pub(crate) fn saved_fit(
+    spec: &BlockSpec,
+    x: &Tensor,
+    grad: &Tensor,
+    saved: &[(&Tensor, Vec<i64>)],
+) -> Result<bool> {
+    let kind = x.f_kind()?;
+    for (t, shape) in saved {
+        if t.size() != *shape || t.f_kind()? != kind || t.device() != x.device() {
+            return Ok(false);
+        }
+    }
+    Ok(grad.size() == output_shape(spec, x))
+}
+
 /// Whether every value of the statistics is finite.
 pub(crate) fn all_finite(stats: &[&Tensor]) -> Result<bool> {
     for t in stats {

@@ -5,7 +5,7 @@ gradients and every buffer after every step.
 Each perturbation is applied identically to ours and the oracle's copy (same weights): what the
 seed's module-by-module forward does with that state is the expected behaviour, whichever path
 the dispatcher picks for ours. Cases: len(CONFIGS) x len(PERTURBATIONS) unfused and
-len(CONFIGS) x 4 fused, each over STEPS optimizer steps.
+len(CONFIGS) x len(FUSED_PERTURBATIONS) fused, each over STEPS optimizer steps.
 """
 
 from __future__ import annotations
@@ -146,13 +146,9 @@ def _compare(got: dict, expected: dict, where: str) -> None:
             assert torch.equal(have, want), f"{where} {key}: {have} != {want}"
 
 
-@pytest.mark.parametrize("perturbation", list(PERTURBATIONS))
-@pytest.mark.parametrize("config", list(CONFIGS))
-def test_block_matches_oracle_under_perturbation(config, perturbation):
-    kwargs, shape = CONFIGS[config]
+def _run(ours, reference, shape, perturbation, where):
+    """STEPS optimizer steps of both models under one perturbation, compared after each."""
     apply, transform, ctx = PERTURBATIONS[perturbation]
-    ours, reference = build_pair("MobileOneBlock", **kwargs)
-    ours.train(), reference.train()
     if apply is not None:
         apply(ours), apply(reference)
     x = random_input(shape)
@@ -162,24 +158,28 @@ def test_block_matches_oracle_under_perturbation(config, perturbation):
     for step in range(STEPS):
         got = _step(ours, x, step, ctx, opts[0])
         expected = _step(reference, x, step, ctx, opts[1])
-        _compare(got, expected, f"{config}/{perturbation} step {step}")
+        _compare(got, expected, f"{where}/{perturbation} step {step}")
 
 
-@pytest.mark.parametrize("perturbation", ["plain", "frozen-bn", "channels-last-input", "eval-with-grad"])
+@pytest.mark.parametrize("perturbation", list(PERTURBATIONS))
+@pytest.mark.parametrize("config", list(CONFIGS))
+def test_block_matches_oracle_under_perturbation(config, perturbation):
+    kwargs, shape = CONFIGS[config]
+    ours, reference = build_pair("MobileOneBlock", **kwargs)
+    ours.train(), reference.train()
+    _run(ours, reference, shape, perturbation, config)
+
+
+FUSED_PERTURBATIONS = ["plain", "channels-last-input", "strided-input", "no-grad-training"]
+
+
+@pytest.mark.parametrize("perturbation", FUSED_PERTURBATIONS)
 @pytest.mark.parametrize("config", list(CONFIGS))
 def test_fused_block_matches_oracle(config, perturbation):
     kwargs, shape = CONFIGS[config]
-    _apply, transform, ctx = PERTURBATIONS[perturbation]
     ours, reference = build_pair("MobileOneBlock", **kwargs)
     ours, reference = mobileone_rs.reparameterize_model(ours), _seed_fused(reference)
-    x = random_input(shape)
-    if transform is not None:
-        x = transform(x)
-    opts = [torch.optim.SGD([p for p in m.parameters() if p.requires_grad], lr=0.05) for m in (ours, reference)]
-    for step in range(STEPS):
-        got = _step(ours, x, step, ctx, opts[0])
-        expected = _step(reference, x, step, ctx, opts[1])
-        _compare(got, expected, f"fused {config}/{perturbation} step {step}")
+    _run(ours, reference, shape, perturbation, f"fused {config}")
 
 
 def _seed_fused(reference):
