@@ -528,3 +528,30 @@ def test_item16_panic_hook_is_silent_only_inside_native_calls(capfd):
     with pytest.raises(mobileone_rs.MobileOneError):
         _native.fuse_block((8, 8, 3, 1, 1, 1, 8, False, 3), [], None, None)
     assert "panicked" not in capfd.readouterr().err
+
+
+class _Raised(Exception):
+    """A Python exception raised from code libtorch calls back into."""
+
+
+def _raise(*_args, **_kwargs):
+    raise _Raised("from a callback")
+
+
+@pytest.mark.parametrize("kwargs", [DEPTHWISE, POINTWISE], ids=["dw", "pw"])
+@pytest.mark.parametrize("train", [True, False], ids=["train", "eval"])
+def test_item13_python_exceptions_from_callbacks_come_back_as_themselves(kwargs, train):
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Raising(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func is torch.ops.aten.convolution.default:
+                _raise()
+            return func(*args, **(kwargs or {}))
+
+    block = mobileone_rs.MobileOneBlock(**kwargs).double().train(train)
+    x = random_input((2, 8, 7, 6)).requires_grad_(True)
+    with pytest.raises(_Raised), torch.autograd.graph.saved_tensors_hooks(_raise, lambda t: t):
+        block(x)
+    with pytest.raises(_Raised), Raising():
+        block(x)
