@@ -38,7 +38,10 @@ STAGE_ARGS = (16, 32, 2, 2, True, 1)
 IN_SHAPE = (16, 10, 9)
 CASES = ("sync_bn", "local_bn")
 
-pytestmark = pytest.mark.skipif(not dist.is_gloo_available(), reason="torch.distributed without gloo")
+pytestmark = [
+    pytest.mark.skipif(not dist.is_gloo_available(), reason="torch.distributed without gloo"),
+    pytest.mark.slow,  # two processes, end to end (make test runs it)
+]
 
 
 class _AllReduceSum(torch.autograd.Function):

@@ -26,6 +26,7 @@ def test_a_module_cycle_is_found():
     assert check_layout.cycle({"a": {"b"}, "b": set()}) is None
 
 
+@pytest.mark.slow  # mypy loads torch's stubs: ~40 s
 def test_native_module_matches_its_stub():
     pytest.importorskip("mypy")
     run = subprocess.run([sys.executable, "-m", "mypy.stubtest", "mobileone_rs._native",
