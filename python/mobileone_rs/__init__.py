@@ -24,6 +24,7 @@ from ._native import (
     TorchError,
     YamlError,
 )
+from .backbone import mobileone
 from .modules import (
     MobileOne,
     MobileOneBlock,
@@ -50,6 +51,7 @@ __all__ = [
     "TorchError",
     "YamlError",
     "__version__",
+    "mobileone",
     "module_path",
     "reparameterize_model",
     "safe_globals",
