@@ -25,6 +25,7 @@ from ._native import (
     YamlError,
 )
 from .backbone import mobileone
+from .checkpoints import convert_checkpoint
 from .modules import (
     MobileOne,
     MobileOneBlock,
@@ -51,6 +52,7 @@ __all__ = [
     "TorchError",
     "YamlError",
     "__version__",
+    "convert_checkpoint",
     "mobileone",
     "module_path",
     "reparameterize_model",
