@@ -172,12 +172,19 @@ def load_checkpoint(path: str | os.PathLike, weights_only: bool = True) -> Mappi
         return load_file(path, device="cpu")
     try:
         return torch.load(path, map_location="cpu", weights_only=weights_only)
-    except pickle.UnpicklingError as exc:
-        raise CheckpointError(
-            f"{path}: torch.load(weights_only=True) refused it ({str(exc).splitlines()[0]}). If you trust the "
-            "file, load it yourself with torch.load(path, weights_only=False) and pass the dict "
-            "(or --trust-pickle on the command line)"
-        ) from exc
+    except (pickle.UnpicklingError, RuntimeError, EOFError) as exc:
+        # torch reports every weights_only failure as one long text; the line after "WeightsUnpickler
+        # error:" says what failed, and only "Unsupported global" means pickled objects.
+        text = str(exc)
+        tail = text.split("WeightsUnpickler error:", 1)[-1]
+        detail = next((line.strip() for line in tail.splitlines() if line.strip()), type(exc).__name__)
+        if weights_only and "Unsupported global" in text:
+            raise CheckpointError(
+                f"{path}: torch.load(weights_only=True) refused it ({detail}). If you trust the file, load it "
+                "yourself with torch.load(path, weights_only=False) and pass the dict (or --trust-pickle on "
+                "the command line)"
+            ) from exc
+        raise CheckpointError(f"{path}: not a readable torch checkpoint ({detail})") from exc
 
 
 def _state_dict(obj) -> Mapping:

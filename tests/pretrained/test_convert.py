@@ -163,3 +163,9 @@ def test_unreadable_files(tmp_path):
 
 class _Opaque:
     """A pickled object weights_only loading refuses (like a training script's config object)."""
+
+
+def test_a_file_that_is_not_a_checkpoint(tmp_path):
+    (tmp_path / "notes.pth").write_bytes(b"not a checkpoint\n")
+    with pytest.raises(CheckpointError, match="not a readable torch checkpoint"):
+        convert_checkpoint(tmp_path / "notes.pth")
