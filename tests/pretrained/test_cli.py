@@ -133,6 +133,8 @@ def test_train_dual_starts_from_the_init_checkpoint(timm_s0_file, tmp_path):
 
     trained = torch.load(runs / "ft" / "weights" / "last.pt", map_location="cpu", weights_only=False)["model"]
     assert int(transferred.group(2)) == len(trained.state_dict())
+    backbone_keys = [k for k in trained.state_dict() if re.match(r"model\.[1-5]\.", k)]
+    assert len(backbone_keys) == tensors  # every tensor of layers 1-5, and nothing else, came from init.pt
     initial = torch.load(init, weights_only=False)["model"].state_dict()
     trained_state = trained.float().state_dict()
     for key, value in initial.items():
