@@ -137,3 +137,20 @@ fn bad_yaml_is_a_yaml_error() {
         matches!(mobileone_layers("backbone: [[-1, 1, Conv, [64, 3, 2]]]", 3), Err(Error::Yaml(m)) if m.contains("no MobileOne"))
     );
 }
+
+#[test]
+fn pretrained_yamls_resolve_the_stem_block_row() {
+    let text = std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/python/mobileone_rs/data/yolov9-c-mobileone-s0.yaml"
+    ))
+    .unwrap();
+    let layers = mobileone_layers(&text, 3).unwrap();
+    // The MobileOneBlock stem (layer 1, 48 wide, stride 2) feeds the first stage.
+    let first = &layers[0];
+    assert_eq!(
+        (first.index, first.spec.in_channels, first.input_stride),
+        (2, 48, 2)
+    );
+    assert_eq!(layers.len(), 4);
+}

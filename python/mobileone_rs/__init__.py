@@ -24,6 +24,8 @@ from ._native import (
     TorchError,
     YamlError,
 )
+from .backbone import mobileone
+from .checkpoints import CheckpointError, convert_checkpoint
 from .modules import (
     MobileOne,
     MobileOneBlock,
@@ -39,6 +41,7 @@ from .verify import ErrorStat, ReparamReport, verify_reparameterization
 __version__ = _native.__version__  # Cargo.toml is the one version source
 
 __all__ = [
+    "CheckpointError",
     "ConfigError",
     "ErrorStat",
     "FuseOverflowError",
@@ -53,7 +56,9 @@ __all__ = [
     "TorchError",
     "YamlError",
     "__version__",
+    "convert_checkpoint",
     "fast_paths",
+    "mobileone",
     "module_path",
     "reparameterize_model",
     "safe_globals",

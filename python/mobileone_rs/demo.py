@@ -9,15 +9,17 @@ from __future__ import annotations
 
 import argparse
 import copy
+import os
 import statistics
 import time
+from dataclasses import astuple
 from importlib import resources
 
 import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from . import _native
+from .backbone import yaml_stages
 from .modules import MobileOne, reparameterize_model
 from .verify import verify_reparameterization
 
@@ -25,16 +27,21 @@ SEED_YAML = "yolov9-c-mobileone.yaml"
 
 
 def read_yaml(path: str | None) -> str:
-    """The text of ``path``, or of the seed's yaml shipped with the package."""
+    """The text of ``path`` (a bare packaged name such as ``yolov9-c-mobileone-s0.yaml`` reads the
+    package's copy), or of the seed's yaml shipped with the package."""
     if path:
+        packaged = resources.files("mobileone_rs").joinpath("data", path)
+        if not os.path.exists(path) and os.path.basename(path) == path and packaged.is_file():
+            return packaged.read_text(encoding="utf-8")
         with open(path, encoding="utf-8") as f:
             return f.read()
     return resources.files("mobileone_rs").joinpath("data", SEED_YAML).read_text(encoding="utf-8")
 
 
 def build_stages(text: str) -> list[tuple[int, tuple, int, MobileOne]]:
-    """``(layer, args, input_stride, stage)`` for every MobileOne row of the yaml."""
-    return [(index, args, stride, MobileOne(*args)) for index, args, stride in _native.yaml_mobileone_layers(text)]
+    """``(layer, args, input_stride, stage)`` for every MobileOne row of the yaml (the pretrained S
+    yamls' MobileOneBlock stem row resolved too)."""
+    return [(index, astuple(args), stride, MobileOne(*astuple(args))) for index, args, stride in yaml_stages(text)]
 
 
 def train(model: nn.Module, x: torch.Tensor, steps: int) -> list[float]:
@@ -109,7 +116,8 @@ def print_table(rows: list[dict], batch: int) -> None:
 def main(argv=None) -> int:
     """Parses arguments, runs the demo and prints its table; exit 1 if fused != unfused."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--yaml", help="model yaml (default: the seed's yolov9-c-mobileone.yaml)")
+    parser.add_argument("--yaml", help="model yaml, a path or a packaged name such as yolov9-c-mobileone-s0.yaml "
+                                       "(default: the seed's yolov9-c-mobileone.yaml)")
     parser.add_argument("--img", type=int, default=320, help="image size (default 320)")
     parser.add_argument("--batch", type=int, default=2)
     parser.add_argument("--steps", type=int, default=3, help="training steps (default 3)")

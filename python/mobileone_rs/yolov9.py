@@ -6,8 +6,9 @@ reviewer sees exactly what changed:
 1. ``models/common.py`` imports ``MobileOne, MobileOneBlock, reparameterize_model`` from this package,
    so ``from models.common import *`` in ``models/yolo.py`` puts ``MobileOne`` where ``parse_model``
    resolves module names.
-2. ``parse_model`` lists ``MobileOne`` in the set of modules whose first argument is the output channel
-   count (``c1, c2 = ch[f], args[0]``), so the input channels are prepended for it.
+2. ``parse_model`` lists ``MobileOne`` and ``MobileOneBlock`` in the set of modules whose first argument
+   is the output channel count (``c1, c2 = ch[f], args[0]``), so the input channels are prepended for
+   them (``MobileOneBlock`` is the stem layer of the pretrained ``yolov9-c-mobileone-s*.yaml``).
 3. ``BaseModel.fuse`` re-parameterizes every module that can: ``m.reparameterize()``.
 
 Usage::
@@ -35,6 +36,8 @@ __all__ = ["FileChange", "NotYolov9Error", "apply_patch", "main", "plan_patch"]
 
 IMPORT_LINE = "from mobileone_rs import MobileOne, MobileOneBlock, reparameterize_model"
 REPARAM_LINES = ("if hasattr(m, 'reparameterize'):", "m.reparameterize()")
+# Modules whose first yaml argument is the output width: the stage, and the block (the S yamls' stem).
+CHANNEL_SET_NAMES = ("MobileOne", "MobileOneBlock")
 COMMON = Path("models") / "common.py"
 YOLO = Path("models") / "yolo.py"
 # Top-level packages of a YOLOv9 tree: upstream imports ``utils.x``, ``models.x``; PyPI's yolo9 ``yolo9.x``.
@@ -229,13 +232,16 @@ def _channel_set(parse_model: ast.FunctionDef) -> ast.Set | ast.Tuple | ast.List
 
 
 def add_to_channel_set(text: str) -> str:
-    """Return ``models/yolo.py`` with ``MobileOne`` appended to parse_model's channel set."""
+    """Return ``models/yolo.py`` with ``MobileOne`` and ``MobileOneBlock`` (the pretrained S yamls' stem
+    layer) appended to parse_model's channel set, each unless already there."""
     literal = _channel_set(_top_level_function(_parse(text, YOLO), "parse_model", YOLO))
-    if any(isinstance(e, ast.Name) and e.id == "MobileOne" for e in literal.elts):
+    present = {e.id for e in literal.elts if isinstance(e, ast.Name)}
+    missing = [name for name in CHANNEL_SET_NAMES if name not in present]
+    if not missing:
         return text
     last = literal.elts[-1]
     at = _offset(_lines(text), last.end_lineno, last.end_col_offset)
-    return text[:at] + ", MobileOne" + text[at:]
+    return text[:at] + "".join(f", {name}" for name in missing) + text[at:]
 
 
 # ----------------------------------------------------------------------------------------------

@@ -26,6 +26,7 @@ const WIDTH_MODULES: &[&str] = &[
     "ELAN1",
     "RepConvN",
     "MobileOne",
+    "MobileOneBlock",
 ];
 
 #[derive(Debug, Deserialize)]
@@ -169,7 +170,8 @@ impl<'a> Row<'a> {
         }
         let c2 = make_divisible(self.int_arg(0, 0)? as f64 * width, 8);
         let stride = match self.module {
-            "Conv" | "DWConv" => self.int_arg(2, 1)?,
+            // MobileOneBlock rows are [out_channels, kernel_size, stride, padding], as Conv's.
+            "Conv" | "DWConv" | "MobileOneBlock" => self.int_arg(2, 1)?,
             "ADown" | "AConv" | "MobileOne" => 2,
             _ => 1,
         };

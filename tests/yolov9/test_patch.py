@@ -60,7 +60,7 @@ def test_patch_prints_a_diff_of_exactly_the_three_edits(copy_dir: Path):
         IMPORT_LINE,
         "if hasattr(m, 'reparameterize'):",
         "m.reparameterize()",
-        "ELAN1, RepNCSPELAN4, SPPELAN, MobileOne}:",
+        "ELAN1, RepNCSPELAN4, SPPELAN, MobileOne, MobileOneBlock}:",
     ]
     assert [line.strip() for line in removed] == ["ELAN1, RepNCSPELAN4, SPPELAN}:"]
     after = _files(copy_dir)
@@ -240,7 +240,7 @@ def test_upstream_layout_crlf_and_form_feed(tmp_path: Path):
     new_common = (tmp_path / "models" / "common.py").read_bytes().decode()
     new_yolo = (tmp_path / "models" / "yolo.py").read_bytes().decode()
     assert f"import torch\r\n{IMPORT_LINE}\r\nfrom utils.general import LOGGER\r\n" in new_common
-    assert "SPPELAN, MobileOne, }:" in new_yolo
+    assert "SPPELAN, MobileOne, MobileOneBlock, }:" in new_yolo
     assert (
         "            if hasattr(m, 'bn'):\r\n                pass\r\n"
         "            if hasattr(m, 'reparameterize'):\r\n"
@@ -271,7 +271,7 @@ def test_a_hand_made_reparameterize_call_anywhere_in_the_loop_counts(tmp_path: P
 
 
         def parse_model(d, ch):
-            if m in {Conv, MobileOne}:
+            if m in {Conv, MobileOne, MobileOneBlock}:
                 c1, c2 = ch[f], args[0]
         """
     )
