@@ -133,17 +133,6 @@ def run_patch(path: Path, *flags: str, env: dict[str, str] | None = None) -> sub
     return subprocess.run(command, check=False, capture_output=True, text=True, env=env, timeout=300)
 
 
-def cli(*positional: object, **options: object) -> list[str]:
-    """Command-line arguments: ``cli(a, batch_size=2, noplots=True)`` is
-    ``[a, "--batch-size", "2", "--noplots"]``."""
-    args = [str(p) for p in positional]
-    for key, value in options.items():
-        args.append("--" + key.replace("_", "-"))
-        if value is not True:
-            args.append(str(value))
-    return args
-
-
 def run_python(
     args: list[str], cwd: Path, env: dict[str, str], timeout: int = 600
 ) -> subprocess.CompletedProcess:
@@ -296,7 +285,7 @@ def mobileone_conv_counts(yaml_dict: dict) -> dict[int, int]:
 
 
 # ----------------------------------------------------------------------------------------------
-# YOLOv9's scripts: a dataset and an environment that never reaches for the network.
+# YOLOv9's scripts: a dataset.
 
 
 def write_synthetic_dataset(root: Path, count: int, size: int, seed: int = 0) -> Path:
@@ -326,20 +315,3 @@ def write_synthetic_dataset(root: Path, count: int, size: int, seed: int = 0) ->
     data = root / "data.yaml"
     data.write_text(f"path: {root}\ntrain: images/train\nval: images/train\nnc: 1\nnames: ['box']\n")
     return data
-
-
-def script_env(copy_root: Path, config_dir: Path) -> dict[str, str]:
-    """:func:`subprocess_env` for YOLOv9's scripts, offline.
-
-    ``check_dataset`` and the plotting code download Arial.ttf into YOLOv9's config dir unless it is
-    there: matplotlib's DejaVuSans stands in for it. Missing requirements are never pip-installed.
-    """
-    import matplotlib
-
-    config_dir.mkdir(parents=True, exist_ok=True)
-    font = Path(matplotlib.get_data_path()) / "fonts" / "ttf" / "DejaVuSans.ttf"
-    for name in ("Arial.ttf", "Arial.Unicode.ttf"):
-        shutil.copyfile(font, config_dir / name)
-    env = subprocess_env(copy_root)
-    env.update(YOLOV5_CONFIG_DIR=str(config_dir), YOLOv5_AUTOINSTALL="False", MPLBACKEND="Agg")
-    return env
