@@ -4,6 +4,9 @@ PY := $(VENV)/bin/python
 export VIRTUAL_ENV := $(abspath $(VENV))
 export PATH := $(abspath $(VENV))/bin:$(PATH)
 
+WHEEL_VENV ?= .venv-wheel
+WHEEL_PY := $(abspath $(WHEEL_VENV))/bin/python
+
 .PHONY: help venv build test test-rust test-python demo bench lint wheel
 
 help: ## list the targets
@@ -43,5 +46,18 @@ lint: build ## rustfmt, clippy, ruff, the layout rules, the native stub (stubtes
 	$(PY) tools/check_layout.py
 	$(PY) -m mypy.stubtest mobileone_rs._native --allowlist tools/stubtest-allowlist.txt
 
-wheel: venv ## build a wheel into dist/
-	maturin build --release -o dist
+$(WHEEL_VENV)/.installed: requirements-wheel.txt
+	test -x $(WHEEL_PY) || python3 -m venv $(WHEEL_VENV)
+	$(WHEEL_PY) -m pip install -q --upgrade pip
+	$(WHEEL_PY) -m pip install -q -r requirements-wheel.txt
+	touch $@
+
+# The wheel links the installed torch's libtorch, which is not copied into it (auditwheel would list
+# torch's own libraries as "external" and suggest bundling them: those lines are filtered out). Its
+# manylinux tag is the lowest one the extension's glibc/libstdc++ symbol versions allow.
+wheel: SHELL := /bin/bash
+wheel: $(WHEEL_VENV)/.installed ## build a wheel into dist/ from a venv with torch 2.13 and maturin only (.venv-wheel)
+	set -o pipefail; VIRTUAL_ENV=$(abspath $(WHEEL_VENV)) PATH=$(abspath $(WHEEL_VENV))/bin:$$PATH \
+	  CARGO_TARGET_DIR=target/wheel maturin build --release --auditwheel warn -o dist 2>&1 \
+	  | grep -v -e ' => ' -e 'External shared libraries' -e ' requires:$$' -e 'copying the above external libraries'
+	@echo "dist/: $$(ls -t dist/*.whl | head -1) (libtorch comes from the installed torch at run time)"

@@ -11,6 +11,7 @@ import argparse
 import copy
 import os
 import statistics
+import sys
 import time
 from dataclasses import astuple
 from importlib import resources
@@ -19,11 +20,13 @@ import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
+from ._native import MobileOneError
 from .backbone import yaml_stages
 from .modules import MobileOne, reparameterize_model
 from .verify import verify_reparameterization
 
 SEED_YAML = "yolov9-c-mobileone.yaml"
+MIN_OUTPUT = 2  # smallest stage output (pixels per side) the demo trains and checks
 
 
 def read_yaml(path: str | None) -> str:
@@ -113,19 +116,59 @@ def print_table(rows: list[dict], batch: int) -> None:
               f"{e[0]:>16.2e} {e[1]:>9.1e} {t[0]:>11.1f} {t[1]:>9.1f}")
 
 
-def main(argv=None) -> int:
-    """Parses arguments, runs the demo and prints its table; exit 1 if fused != unfused."""
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m mobileone_rs.demo", description=__doc__.splitlines()[0])
     parser.add_argument("--yaml", help="model yaml, a path or a packaged name such as yolov9-c-mobileone-s0.yaml "
                                        "(default: the seed's yolov9-c-mobileone.yaml)")
-    parser.add_argument("--img", type=int, default=320, help="image size (default 320)")
-    parser.add_argument("--batch", type=int, default=2)
+    parser.add_argument("--img", type=int, default=320, help="image size in pixels (default 320)")
+    parser.add_argument("--batch", type=int, default=2, help="batch size (default 2)")
     parser.add_argument("--steps", type=int, default=3, help="training steps (default 3)")
-    parser.add_argument("--repeats", type=int, default=5, help="latency repeats (default 5)")
-    args = parser.parse_args(argv)
+    parser.add_argument("--repeats", type=int, default=5, help="latency repeats per stage (default 5)")
+    return parser
+
+
+class UsageError(Exception):
+    """An argument the demo cannot run with; the message says which and why."""
+
+
+def output_sizes(img: int, first_stride: int, stages: int) -> list[int]:
+    """Spatial size after each stage: the first pair of a stage has stride 2 (3x3, padding 1)."""
+    sizes, size = [], img // first_stride
+    for _ in range(stages):
+        size = (size + 1) // 2
+        sizes.append(size)
+    return sizes
+
+
+def check_arguments(args, first_stride: int, stages: int, last_layer: int) -> None:
+    """Refuses what the demo cannot run or check, instead of failing later with a misleading error.
+
+    A stage whose output is smaller than 2x2 leaves its last BatchNorms a handful of values per channel
+    in training: the few steps drive their statistics to extremes, the float32 eval outputs overflow,
+    and the fused-vs-unfused comparison would report a mismatch that is not one.
+    """
+    for name in ("batch", "repeats"):
+        if getattr(args, name) < 1:
+            raise UsageError(f"--{name} must be at least 1, got {getattr(args, name)}")
+    if args.steps < 0:
+        raise UsageError(f"--steps must be 0 or more, got {args.steps}")
+    if output_sizes(args.img, first_stride, stages)[-1] < MIN_OUTPUT:
+        smallest = next(i for i in range(1, 1 << 16) if output_sizes(i, first_stride, stages)[-1] >= MIN_OUTPUT)
+        size = output_sizes(args.img, first_stride, stages)[-1]
+        raise UsageError(
+            f"--img {args.img} leaves the last MobileOne stage (layer {last_layer}) a {size}x{size} output, "
+            f"too small to train and check (at least {MIN_OUTPUT}x{MIN_OUTPUT}): use --img {smallest} or more"
+        )
+
+
+def run(args) -> int:
+    """Runs the demo and prints its table; exit 1 if fused != unfused."""
     torch.manual_seed(0)
     stages = build_stages(read_yaml(args.yaml))
+    if not stages:
+        raise UsageError(f"{args.yaml or SEED_YAML} has no MobileOne layer")
     first_layer, _, first_stride, _ = stages[0]
+    check_arguments(args, first_stride, len(stages), stages[-1][0])
     x = torch.randn(args.batch, stages[0][1][0], args.img // first_stride, args.img // first_stride)
     chain = nn.Sequential(*[s for *_, s in stages])
     print(f"{len(stages)} MobileOne stages from layer {first_layer}; input {tuple(x.shape)}")
@@ -143,6 +186,18 @@ def main(argv=None) -> int:
     ok = whole.end_to_end.max_rel <= 1e-10 and all(r["rel_err"][1] <= 1e-10 for r in rows)
     print("fused == unfused:", "OK" if ok else "MISMATCH")
     return 0 if ok else 1
+
+
+def main(argv=None) -> int:
+    """Command-line entry point: exit 0 if fused == unfused, 1 if not, 2 on a usage or input error."""
+    args = _parser().parse_args(argv)
+    try:
+        return run(args)
+    except (UsageError, MobileOneError) as err:
+        print(f"error: {err}", file=sys.stderr)
+    except OSError as err:
+        print(f"error: cannot read {err.filename or args.yaml}: {err.strerror or err}", file=sys.stderr)
+    return 2
 
 
 if __name__ == "__main__":

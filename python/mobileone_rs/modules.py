@@ -20,7 +20,7 @@ import torch.nn.functional as F
 import torch.nn.modules.module as _torch_module
 from torch import nn
 
-from . import _native
+from . import _hints, _native
 
 _BRANCH_NAMES = ("rbr_conv", "rbr_scale", "rbr_skip")
 _HOOK_DICTS = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks")
@@ -596,12 +596,16 @@ class MobileOne(nn.Module):
     ) -> None:
         """Builds the stage; raises ``ConfigError`` for invalid arguments (e.g. num_se > blocks)."""
         super().__init__()
-        self.inference_mode = inference_mode
-        self.use_se = use_se
-        self.num_conv_branches = num_conv_branches
-        plan = _native.stage_plan(in_channels, out_channels, num_blocks_per_stage, num_conv_branches,
-                                  bool(use_se), num_se)
-        self.stage = nn.Sequential(*[self._block(spec, inference_mode, options) for spec in plan])
+        try:
+            self.inference_mode = inference_mode
+            self.use_se = use_se
+            self.num_conv_branches = num_conv_branches
+            plan = _native.stage_plan(in_channels, out_channels, num_blocks_per_stage, num_conv_branches,
+                                      bool(use_se), num_se)
+            self.stage = nn.Sequential(*[self._block(spec, inference_mode, options) for spec in plan])
+        except _native.ConfigError as err:  # under YOLOv9's parse_model: name the yaml layer
+            _hints.reraise_with_yaml_layer(err, type(self).__name__)
+            raise
 
     @staticmethod
     def _block(spec, inference_mode: bool, options: dict) -> MobileOneBlock:

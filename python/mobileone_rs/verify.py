@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass, field
 
 import torch
@@ -19,12 +20,23 @@ class ErrorStat:
     max_rel: float
 
 
+NOTHING_CHECKED = (
+    "nothing was checked: the model has no unfused module with a reparameterize() method "
+    "(already re-parameterized? verify the model before fusing it)"
+)
+
+
 @dataclass(frozen=True)
 class ReparamReport:
-    """The per-block and end-to-end errors of a fused model against its unfused eval output."""
+    """The per-block and end-to-end errors of a fused model against its unfused eval output.
+
+    ``checked`` is False when the model had nothing to fuse (e.g. it was already re-parameterized):
+    then every error is zero because both sides ran the same modules, and nothing was verified.
+    """
 
     blocks: list[ErrorStat] = field(default_factory=list)
     end_to_end: ErrorStat = ErrorStat("model", 0.0, 0.0)
+    checked: bool = True
 
     @property
     def max_rel(self) -> float:
@@ -35,6 +47,8 @@ class ReparamReport:
         rows = [f"{'output':<40} {'max abs':>10} {'max rel':>10}"]
         for stat in [*self.blocks, self.end_to_end]:
             rows.append(f"{stat.name:<40} {stat.max_abs:>10.3e} {stat.max_rel:>10.3e}")
+        if not self.checked:
+            rows.append(NOTHING_CHECKED)
         return "\n".join(rows)
 
 
@@ -71,16 +85,28 @@ def _capture_blocks(model: nn.Module, example_input) -> tuple[object, dict]:
     return reference, captured
 
 
+def _has_unfused(model: nn.Module) -> bool:
+    """Whether any module would change under ``reparameterize()`` (ours: not yet in inference mode)."""
+    return any(
+        hasattr(m, "reparameterize") and not getattr(m, "inference_mode", False) for m in model.modules()
+    )
+
+
 def verify_reparameterization(model: nn.Module, example_input) -> ReparamReport:
     """Compares ``reparameterize_model(model)`` with ``model`` in eval mode, without changing it.
 
     The reference runs every branch module by module (the seed's path, see :func:`module_path`).
     Each unfused MobileOne block is compared with its fused copy on the input it saw, and the whole
     model on ``example_input``. ``model``'s train/eval flags and statistics are left as they were.
+    A model with nothing to fuse (already re-parameterized) gives a report with ``checked=False``
+    and a ``UserWarning``: its zero errors compare the model with itself.
 
     Returns:
         A :class:`ReparamReport` with max absolute and relative errors.
     """
+    checked = _has_unfused(model)
+    if not checked:
+        warnings.warn(f"verify_reparameterization: {NOTHING_CHECKED}", UserWarning, stacklevel=2)
     modes = [(m, m.training) for m in model.modules()]
     model.eval()
     try:
@@ -94,4 +120,4 @@ def verify_reparameterization(model: nn.Module, example_input) -> ReparamReport:
     finally:
         for module, mode in modes:
             module.training = mode
-    return ReparamReport(blocks, end_to_end)
+    return ReparamReport(blocks, end_to_end, checked)

@@ -1,7 +1,7 @@
-"""Patch a YOLOv9 source tree so that its model yaml files can name ``MobileOne``.
+"""Patch a YOLOv9 source tree so that its model yaml files can name ``MobileOne`` and its scripts run.
 
-The seed article's three edits (https://github.com/WongKinYiu/yolov9 layout), made by text so that a
-reviewer sees exactly what changed:
+The seed article's three model edits (https://github.com/WongKinYiu/yolov9 layout), made by text so
+that a reviewer sees exactly what changed:
 
 1. ``models/common.py`` imports ``MobileOne, MobileOneBlock, reparameterize_model`` from this package,
    so ``from models.common import *`` in ``models/yolo.py`` puts ``MobileOne`` where ``parse_model``
@@ -11,9 +11,13 @@ reviewer sees exactly what changed:
    them (``MobileOneBlock`` is the stem layer of the pretrained ``yolov9-c-mobileone-s*.yaml``).
 3. ``BaseModel.fuse`` re-parameterizes every module that can: ``m.reparameterize()``.
 
+These alone make the model build, train and fuse. Unless ``--model-only`` is given, the runtime edits
+of :mod:`mobileone_rs._yolov9_runtime` follow: they make YOLOv9's own scripts (train, val, detect,
+export) run under torch 2.13 with today's Pillow, NumPy and albumentations, offline.
+
 Usage::
 
-    python -m mobileone_rs.yolov9 patch PATH [--dry-run | --check]
+    python -m mobileone_rs.yolov9 patch PATH [--dry-run | --check] [--model-only]
 
 PATH is a YOLOv9 checkout (the folder holding ``models/``) or an installed copy such as the ``yolo9``
 package directory. The edits are located with :mod:`ast`, so they do not depend on whitespace, and
@@ -27,12 +31,17 @@ from __future__ import annotations
 import argparse
 import ast
 import difflib
-import re
 import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-__all__ = ["FileChange", "NotYolov9Error", "apply_patch", "main", "plan_patch"]
+from . import _yolov9_runtime
+from ._source_text import indent_of as _indent_of
+from ._source_text import insert_after_line as _insert_after_line
+from ._source_text import lines as _lines
+from ._source_text import offset as _offset
+
+__all__ = ["FileChange", "NotYolov9Error", "apply_patch", "main", "plan_patch", "summary"]
 
 IMPORT_LINE = "from mobileone_rs import MobileOne, MobileOneBlock, reparameterize_model"
 REPARAM_LINES = ("if hasattr(m, 'reparameterize'):", "m.reparameterize()")
@@ -72,43 +81,7 @@ class FileChange:
 
 
 # ----------------------------------------------------------------------------------------------
-# Text positions: ast counts lines as Python does (only \n, \r\n, \r end one; str.splitlines would
-# also split at form feeds and the like), and its columns are UTF-8 byte offsets within a line.
-
-_LINE = re.compile(r"[^\r\n]*(?:\r\n|\n|\r)|[^\r\n]+$")
-
-
-def _lines(text: str) -> list[str]:
-    """The lines of ``text`` with their endings, numbered as :mod:`ast` numbers them."""
-    return _LINE.findall(text)
-
-
-def _offset(lines: list[str], lineno: int, col_bytes: int) -> int:
-    """Character offset into the joined text of 1-based ``lineno`` and a UTF-8 byte column."""
-    line = lines[lineno - 1]
-    col = len(line.encode("utf-8")[:col_bytes].decode("utf-8"))
-    return sum(len(x) for x in lines[: lineno - 1]) + col
-
-
-def _newline_of(line: str) -> str:
-    for ending in ("\r\n", "\n", "\r"):
-        if line.endswith(ending):
-            return ending
-    return "\n"
-
-
-def _insert_after_line(text: str, lineno: int, new_lines: list[str]) -> str:
-    """Insert whole lines after 1-based ``lineno``, matching that line's line ending."""
-    lines = _lines(text)
-    newline = _newline_of(lines[lineno - 1])
-    if not lines[lineno - 1].endswith(("\n", "\r")):
-        lines[lineno - 1] += newline
-    lines[lineno:lineno] = [line + newline for line in new_lines]
-    return "".join(lines)
-
-
-def _indent_of(text: str, lineno: int) -> str:
-    return re.match(r"[ \t]*", _lines(text)[lineno - 1]).group()
+# Shared.
 
 
 def _parse(text: str, relative: Path) -> ast.Module:
@@ -319,40 +292,93 @@ def _change(root: Path, relative: Path, old: str, steps) -> FileChange | None:
     return FileChange(root / relative, relative, old, new, tuple(edits)) if edits else None
 
 
-def plan_patch(root: str | Path) -> list[FileChange]:
+def _check_root(root: Path) -> None:
+    if not root.exists():
+        raise NotYolov9Error(f"{root}: no such directory (PATH is the YOLOv9 checkout, the folder that holds models/)")
+    if not root.is_dir():
+        raise NotYolov9Error(f"{root} is a file: PATH is the YOLOv9 checkout, the folder that holds models/")
+
+
+def _read_optional(root: Path, relative: Path) -> str | None:
+    """The text of a file a runtime edit looks at, or None when it cannot be read as UTF-8."""
+    try:
+        with open(root / relative, encoding="utf-8", newline="") as f:
+            return f.read()
+    except (OSError, UnicodeDecodeError):
+        return None
+
+
+def plan_patch(root: str | Path, runtime: bool = True) -> list[FileChange]:
     """The changes that would patch ``root``; empty when it is already patched.
 
+    Args:
+        root: the YOLOv9 checkout (the folder that holds ``models/``) or an installed copy.
+        runtime: also the edits that make YOLOv9's scripts run under torch 2.13 with today's
+            Pillow, NumPy and albumentations, offline (:mod:`mobileone_rs._yolov9_runtime`); the
+            model itself needs only the three model edits.
+
     Raises:
-        NotYolov9Error: a file is missing, or parse_model / fuse do not have the expected shape.
+        NotYolov9Error: PATH or a model file is missing, or parse_model / fuse do not have the expected shape.
     """
     root = Path(root)
-    common, yolo = _read(root, COMMON), _read(root, YOLO)
-    # Check both files before changing either, so a refusal never leaves a half-patched tree.
-    yolo_steps = [
-        ("parse_model channel set", add_to_channel_set),
-        ("fuse reparameterize", add_reparameterize_to_fuse),
-    ]
-    changes = [
-        _change(root, COMMON, common, [("import mobileone_rs", add_package_import)]),
-        _change(root, YOLO, yolo, yolo_steps),
-    ]
+    _check_root(root)
+    # Check both model files before changing anything, so a refusal never leaves a half-patched tree.
+    texts = {COMMON: _read(root, COMMON), YOLO: _read(root, YOLO)}
+    steps: dict[Path, list] = {
+        COMMON: [("import mobileone_rs", add_package_import)],
+        YOLO: [("parse_model channel set", add_to_channel_set), ("fuse reparameterize", add_reparameterize_to_fuse)],
+    }
+    if runtime:
+        for relative, name, step in _yolov9_runtime.runtime_steps(root):
+            if relative not in texts:
+                texts[relative] = _read_optional(root, relative)
+            if texts[relative] is not None:
+                steps.setdefault(relative, []).append((name, step))
+    changes = [_change(root, relative, texts[relative], file_steps) for relative, file_steps in steps.items()]
     return [c for c in changes if c is not None]
 
 
 def apply_patch(changes: list[FileChange]) -> None:
+    """Writes every change's new text."""
     for change in changes:
         with open(change.path, "w", encoding="utf-8", newline="") as f:
             f.write(change.new)
 
 
+def summary(changes: list[FileChange]) -> str:
+    """One ``edit (files)`` item per edit, in the order the edits are made."""
+    files: dict[str, list[str]] = {}
+    for change in changes:
+        for edit in change.edits:
+            files.setdefault(edit, []).append(change.relative.as_posix())
+    return "; ".join(
+        f"{edit} ({', '.join(where) if len(where) <= 2 else f'{len(where)} files'})" for edit, where in files.items()
+    )
+
+
+DESCRIPTION = (
+    "Patch a YOLOv9 source tree: its model yaml files can name MobileOne (three edits to models/), and "
+    "its scripts run under torch 2.13 with today's Pillow, NumPy and albumentations, offline."
+)
+PATCH_EPILOG = (
+    "model edits: import mobileone_rs (models/common.py), parse_model channel set and fuse reparameterize "
+    "(models/yolo.py). Runtime edits (skipped with --model-only): torch.load weights_only=False, fonts "
+    "offline, Pillow 10 text size, NumPy 2 trapezoid, ONNX TorchScript exporter, requirements pins. "
+    "Exit status: 0 done (or nothing to do), 1 --check found edits to make, 2 PATH refused."
+)
+
+
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m mobileone_rs.yolov9", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m mobileone_rs.yolov9", description=DESCRIPTION)
     sub = parser.add_subparsers(dest="command", required=True)
-    patch = sub.add_parser("patch", help="add MobileOne to a YOLOv9 tree (models/common.py, models/yolo.py)")
-    patch.add_argument("path", type=Path, help="YOLOv9 checkout or installed package directory")
+    patch = sub.add_parser(
+        "patch", help="patch a YOLOv9 tree (prints the diff; idempotent)", description=DESCRIPTION, epilog=PATCH_EPILOG
+    )
+    patch.add_argument("path", type=Path, help="the YOLOv9 checkout (the folder that holds models/) or the yolo9 package")
     mode = patch.add_mutually_exclusive_group()
     mode.add_argument("--dry-run", action="store_true", help="print the diff, write nothing")
     mode.add_argument("--check", action="store_true", help="exit 1 if the tree needs patching, write nothing")
+    patch.add_argument("--model-only", action="store_true", help="only the three model edits, no runtime edits")
     return parser
 
 
@@ -360,23 +386,26 @@ def main(argv: list[str] | None = None) -> int:
     """Command-line entry point; returns the process exit status."""
     args = _parser().parse_args(argv)
     try:
-        changes = plan_patch(args.path)
+        changes = plan_patch(args.path, runtime=not args.model_only)
     except NotYolov9Error as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_REFUSED
     if not changes:
         print(f"{args.path}: already patched, nothing to change")
         return EXIT_OK
-    summary = "; ".join(f"{c.relative.as_posix()}: {', '.join(c.edits)}" for c in changes)
     if args.check:
-        print(f"{args.path}: needs patching ({summary})")
+        print(f"{args.path}: needs patching: {summary(changes)}")
         return EXIT_NEEDS_PATCH
     print("".join(c.diff() for c in changes), end="")
     if args.dry_run:
-        print(f"{args.path}: dry run, would patch ({summary})")
+        print(f"{args.path}: dry run, would patch: {summary(changes)}")
         return EXIT_OK
-    apply_patch(changes)
-    print(f"{args.path}: patched ({summary})")
+    try:
+        apply_patch(changes)
+    except OSError as exc:
+        print(f"error: cannot write {exc.filename}: {exc.strerror}", file=sys.stderr)
+        return EXIT_REFUSED
+    print(f"{args.path}: patched: {summary(changes)}")
     return EXIT_OK
 
 

@@ -167,3 +167,14 @@ def test_a_branch_the_fold_cannot_represent_is_reported_or_refused():
     assert stats.pop(BROKEN).max_rel > 1e-3, str(report)
     assert all(stat.max_rel <= F64 for stat in stats.values()), str(report)
     assert report.end_to_end.max_rel > 1e-3, str(report)
+
+
+def test_an_already_fused_model_says_nothing_was_checked():
+    """Fused vs fused is zero by construction: the report and a warning say nothing was verified."""
+    ours, _ = _trained_pair()
+    assert verify_reparameterization(ours, _example()).checked
+    fused = mobileone_rs.reparameterize_model(ours)
+    with pytest.warns(UserWarning, match="nothing was checked"):
+        report = verify_reparameterization(fused, _example())
+    assert not report.checked and report.blocks == [] and report.max_rel == 0.0
+    assert "nothing was checked" in str(report)

@@ -119,7 +119,7 @@ def test_train_dual_starts_from_the_init_checkpoint(timm_s0_file, tmp_path):
     tensors = torch.load(init, weights_only=False)["mobileone_rs"]["tensors"]
 
     data = h.write_synthetic_dataset(tmp_path / "data", count=4, size=128)
-    env = {**h.script_env(copy.parent, tmp_path / "config"), "OMP_NUM_THREADS": "1"}
+    env = h.script_env(copy.parent, tmp_path / "config")
     runs = tmp_path / "runs"
     hyp = copy / "data" / "hyps" / "hyp.scratch-high.yaml"
     train = h.cli(copy / "train_dual.py", weights=init, cfg=cfg, data=data, hyp=hyp, epochs=1, batch_size=2,

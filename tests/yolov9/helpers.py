@@ -296,7 +296,7 @@ def mobileone_conv_counts(yaml_dict: dict) -> dict[int, int]:
 
 
 # ----------------------------------------------------------------------------------------------
-# YOLOv9's scripts: a dataset and an environment that never reaches for the network.
+# YOLOv9's scripts: a dataset.
 
 
 def write_synthetic_dataset(root: Path, count: int, size: int, seed: int = 0) -> Path:
@@ -329,17 +329,10 @@ def write_synthetic_dataset(root: Path, count: int, size: int, seed: int = 0) ->
 
 
 def script_env(copy_root: Path, config_dir: Path) -> dict[str, str]:
-    """:func:`subprocess_env` for YOLOv9's scripts, offline.
-
-    ``check_dataset`` and the plotting code download Arial.ttf into YOLOv9's config dir unless it is
-    there: matplotlib's DejaVuSans stands in for it. Missing requirements are never pip-installed.
-    """
-    import matplotlib
-
+    """:func:`subprocess_env` for YOLOv9's scripts on a fully patched copy (the runtime edits make them
+    run offline): an empty YOLOv9 config folder, no GUI backend, one OpenMP thread (the scripts' own
+    threads compete with the tests' otherwise)."""
     config_dir.mkdir(parents=True, exist_ok=True)
-    font = Path(matplotlib.get_data_path()) / "fonts" / "ttf" / "DejaVuSans.ttf"
-    for name in ("Arial.ttf", "Arial.Unicode.ttf"):
-        shutil.copyfile(font, config_dir / name)
     env = subprocess_env(copy_root)
-    env.update(YOLOV5_CONFIG_DIR=str(config_dir), YOLOv5_AUTOINSTALL="False", MPLBACKEND="Agg")
+    env.update(YOLOV5_CONFIG_DIR=str(config_dir), MPLBACKEND="Agg", OMP_NUM_THREADS="1")
     return env

@@ -3,8 +3,8 @@
 The seed's yolov9-c-mobileone.yaml is built by YOLOv9's own ``Model``; the numbers it must reproduce are
 the seed's printed table and summary (independent of this package). Then: YOLOv9's fuse(), its training
 pieces (initialize_weights, smart_optimizer, ComputeLoss, ModelEMA), its checkpoint format and
-attempt_load, an ONNX export as export.py does it, and finally train_dual.py, val_dual.py, detect.py and
-detect_dual.py themselves on a tiny synthetic dataset.
+attempt_load, and an ONNX export as export.py does it. YOLOv9's own scripts (train_dual.py, val_dual.py,
+detect_dual.py, export.py) run in test_journey.py, as docs/yolov9.md has a newcomer run them.
 """
 
 from __future__ import annotations
@@ -314,42 +314,3 @@ def test_onnx_export_runs_in_onnxruntime(built, yolo, tmp_path):
     expected_convs = h.mobileone_conv_counts(yaml.safe_load(h.SEED_YAML.read_text()))
     assert expected_convs == {2: 4, 3: 16, 4: 24, 5: 6}
     assert {i: convs.get(i, 0) for i in expected_convs} == expected_convs
-
-
-# ----------------------------------------------------------------------------------------------
-# YOLOv9's own scripts.
-
-
-def test_train_val_detect_scripts(patched, yolo, tmp_path):
-    """train_dual.py for one epoch, then val_dual.py, detect.py and detect_dual.py on its weights."""
-    data = h.write_synthetic_dataset(tmp_path / "data", count=4, size=2 * IMG)
-    env = h.script_env(patched.parent, tmp_path / "config")
-    runs = tmp_path / "runs"
-    common = {"device": "cpu", "img": IMG, "exist_ok": True, "project": runs}
-    hyp = patched / "data" / "hyps" / "hyp.scratch-high.yaml"
-    options = {"cfg": h.SEED_YAML, "data": data, "hyp": hyp, "epochs": 1, "batch_size": 2, "workers": 0}
-    train = h.cli(patched / "train_dual.py", noplots=True, name="train", **options, **common)
-    h.run_python(train, cwd=tmp_path, env=env)
-    best = runs / "train" / "weights" / "best.pt"
-    checkpoint = torch.load(best, map_location="cpu", weights_only=False)
-    stored = checkpoint["model"]  # strip_optimizer's EMA, half, still with its train-time branches
-    assert next(stored.parameters()).dtype == torch.float16
-    assert all(hasattr(b, "rbr_conv") for b in mobileone_blocks(stored))
-    assert sum(p.numel() for p in stored.parameters()) == SEED_PARAMS
-
-    val = h.cli(
-        patched / "val_dual.py", data=data, weights=best, batch_size=2, workers=0, name="val", **common
-    )
-    result = h.run_python(val, cwd=tmp_path, env=env)
-    val_log = result.stdout + result.stderr
-    assert "Fusing layers" in val_log
-    assert h.parse_summary(val_log)[-1][0] == SEED_FUSED_PARAMS
-    assert re.search(r"^\s+all\s+4\s+\d+\s", val_log, re.MULTILINE), val_log[-3000:]
-
-    # detect_dual.py is the script for dual-head models; detect.py runs too (NMS on the aux head).
-    for script in ("detect.py", "detect_dual.py"):
-        name = Path(script).stem
-        source = data.parent / "images" / "train"
-        detect = h.cli(patched / script, weights=best, source=source, conf_thres=0.0001, name=name, **common)
-        h.run_python(detect, cwd=tmp_path, env=env)
-        assert len(list((runs / name).glob("*.jpg"))) == 4, script

@@ -52,7 +52,7 @@ def _added_and_removed(diff: str) -> tuple[list[str], list[str]]:
 
 def test_patch_prints_a_diff_of_exactly_the_three_edits(copy_dir: Path):
     before = _files(copy_dir)
-    result = h.run_patch(copy_dir)
+    result = h.run_patch(copy_dir, "--model-only")
     assert result.returncode == 0, result.stderr
     assert "--- a/models/common.py" in result.stdout and "+++ b/models/yolo.py" in result.stdout
     added, removed = _added_and_removed(result.stdout)
@@ -278,3 +278,39 @@ def test_a_hand_made_reparameterize_call_anywhere_in_the_loop_counts(tmp_path: P
     _write_tree(tmp_path, f"import torch\n{IMPORT_LINE}\n", yolo)
     result = patch(tmp_path)
     assert result.returncode == 0 and "already patched" in result.stdout
+
+
+def test_a_path_that_does_not_exist_is_named_as_such(tmp_path: Path):
+    result = patch(tmp_path / "yolov9")
+    assert result.returncode == 2 and result.stderr.count("\n") == 1
+    assert f"error: {tmp_path / 'yolov9'}: no such directory" in result.stderr
+    (tmp_path / "file.py").write_text("")
+    result = patch(tmp_path / "file.py")
+    assert result.returncode == 2 and "is a file" in result.stderr
+
+
+def test_help_is_plain_text_and_lists_every_edit():
+    result = subprocess.run(
+        [sys.executable, "-m", "mobileone_rs.yolov9", "patch", "--help"],
+        check=False, capture_output=True, text=True, timeout=300,
+    )
+    assert result.returncode == 0 and "``" not in result.stdout
+    assert result.stdout.startswith("usage: python -m mobileone_rs.yolov9 patch")
+    text = " ".join(result.stdout.split())
+    for edit in (
+        "import mobileone_rs", "parse_model channel set", "fuse reparameterize", "torch.load weights_only=False",
+        "fonts offline", "Pillow 10 text size", "NumPy 2 trapezoid", "ONNX TorchScript exporter",
+        "requirements pins", "--model-only", "--check", "--dry-run",
+    ):
+        assert edit in text, edit
+
+
+def test_the_yolo9_package_gets_only_what_it_lacks(copy_dir: Path):
+    """yolo9 fixed torch.load, fonts, getsize and trapz itself: only the ONNX exporter edit is left."""
+    result = patch(copy_dir)
+    assert result.returncode == 0, result.stderr
+    summary = result.stdout.strip().splitlines()[-1]
+    assert summary == (
+        f"{copy_dir}: patched: import mobileone_rs (models/common.py); parse_model channel set "
+        "(models/yolo.py); fuse reparameterize (models/yolo.py); ONNX TorchScript exporter (export.py)"
+    )

@@ -1,0 +1,1 @@
+"""Packaging: which torch the package accepts, and what it says about the others."""
