@@ -192,8 +192,7 @@ EDITS = {
     "branch padding_mode": lambda m: setattr(m.rbr_conv[1].conv, "padding_mode", "reflect"),
     "branch dilation": lambda m: (setattr(m.rbr_conv[0].conv, "dilation", (2, 2)),
                                   setattr(m.rbr_conv[0].conv, "padding", (2, 2))),
-    "scale stride": lambda m: setattr(m.rbr_scale.conv, "padding", (1, 1)) or setattr(m.rbr_scale.conv, "stride",
-                                                                                        (1, 1)),
+    "scale padding": lambda m: setattr(m.rbr_scale.conv, "padding", (1, 1)),
 }
 
 
@@ -205,7 +204,7 @@ def test_item07_conv_attributes_edited_in_place(edit, train):
         EDITS[edit](model)
         model.train(train)
     x = random_input((2, 8, 7, 6))
-    if edit == "scale stride":  # a 3x3-padded 1x1 output is larger: both must refuse to add
+    if edit == "scale padding":  # a padded 1x1 conv's output is larger: both must refuse to add
         for model in (ours, reference):
             with pytest.raises(RuntimeError):
                 model(x)
