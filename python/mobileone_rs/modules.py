@@ -23,7 +23,6 @@ from torch import nn
 from . import _hints, _native
 
 _BRANCH_NAMES = ("rbr_conv", "rbr_scale", "rbr_skip")
-_HOOK_DICTS = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks")
 _PLAIN_TENSORS = (torch.Tensor, nn.Parameter)
 
 
@@ -90,16 +89,15 @@ def _hooked(module: nn.Module) -> bool:
 _MISSING = object()
 
 
-def _child(module: nn.Module, name: str):
-    """``getattr(module, name, None)`` for a child module (or a ``None`` set in its place)."""
-    value = module.__dict__["_modules"].get(name, _MISSING)
-    return getattr(module, name, None) if value is _MISSING else value
-
-
-def _tensor(module: nn.Module, group: str, name: str):
-    """``getattr(module, name)`` for a parameter or buffer, without ``Module.__getattr__``'s cost."""
+def _member(module: nn.Module, group: str, name: str):
+    """``getattr(module, name, None)`` for a member of ``group`` (``"_parameters"``, ``"_buffers"``,
+    ``"_modules"``), without ``Module.__getattr__``'s cost; anything set elsewhere still found."""
     value = module.__dict__[group].get(name, _MISSING)
     return getattr(module, name, None) if value is _MISSING else value
+
+
+def _child(module: nn.Module, name: str):
+    return _member(module, "_modules", name)
 
 
 def _global_hooks() -> bool:
@@ -118,7 +116,7 @@ def _plain(*tensors) -> bool:
 def _conv_state(conv: nn.Module, name: str) -> tuple:
     if type(conv) is not nn.Conv2d:
         raise _Opaque(f"{name} is a {type(conv).__name__}, not an nn.Conv2d")
-    weight, bias = _tensor(conv, "_parameters", "weight"), _tensor(conv, "_parameters", "bias")
+    weight, bias = _member(conv, "_parameters", "weight"), _member(conv, "_parameters", "bias")
     plain = not _hooked(conv) and _plain(weight, bias)
     return (weight, bias, conv.stride, conv.padding, conv.dilation, conv.groups, conv.padding_mode, plain)
 
@@ -127,11 +125,11 @@ def _bn_state(bn: nn.Module, name: str) -> tuple:
     if type(bn) is not nn.BatchNorm2d:
         raise _Opaque(f"{name} is a {type(bn).__name__}, not an nn.BatchNorm2d")
     tensors = (
-        _tensor(bn, "_parameters", "weight"),
-        _tensor(bn, "_parameters", "bias"),
-        _tensor(bn, "_buffers", "running_mean"),
-        _tensor(bn, "_buffers", "running_var"),
-        _tensor(bn, "_buffers", "num_batches_tracked"),
+        _member(bn, "_parameters", "weight"),
+        _member(bn, "_parameters", "bias"),
+        _member(bn, "_buffers", "running_mean"),
+        _member(bn, "_buffers", "running_var"),
+        _member(bn, "_buffers", "num_batches_tracked"),
     )
     plain = not _hooked(bn) and _plain(*tensors)
     return (*tensors, bn.momentum, bn.eps, bn.training, bn.track_running_stats, plain)

@@ -177,7 +177,7 @@ impl From<&BlockSpec> for crate::cpu::Conv {
 }
 
 /// Rejects an input whose dtype (outside autocast) or device differs from the weights'.
-pub fn check_input_type(x: &Tensor, weight: &Tensor, autocast: bool) -> Result<()> {
+fn check_input_type(x: &Tensor, weight: &Tensor, autocast: bool) -> Result<()> {
     if x.device() != weight.device() {
         return Err(Error::InputType(format!(
             "input is on {:?} but the block's weights are on {:?}",
