@@ -20,7 +20,8 @@ import torch.nn.functional as F
 import torch.nn.modules.module as _torch_module
 from torch import nn
 
-from . import _hints, _native
+from . import _native
+from .yolov9 import hints as _hints
 
 _BRANCH_NAMES = ("rbr_conv", "rbr_scale", "rbr_skip")
 _PLAIN_TENSORS = (torch.Tensor, nn.Parameter)

@@ -15,7 +15,7 @@ from pathlib import Path
 import mobileone_rs
 import pytest
 import torch
-from mobileone_rs.yolov9_yamls import YAML_NAMES, yolov9_yaml
+from mobileone_rs.yolov9.yamls import YAML_NAMES, yolov9_yaml
 
 from tests.pretrained.helpers import timm_model, to_timm
 from tests.yolov9 import helpers as h

@@ -16,7 +16,7 @@ import pytest
 import torch
 import yaml
 from mobileone_rs.pretrained import yolov9_backbone
-from mobileone_rs.yolov9_yamls import YAML_NAMES, yolov9_yaml
+from mobileone_rs.yolov9.yamls import YAML_NAMES, yolov9_yaml
 from torch import nn
 
 from tests.pretrained.helpers import VARIANTS, images, rel_err, timm, timm_features, timm_model

@@ -13,7 +13,7 @@ from contextlib import redirect_stderr, redirect_stdout
 from pathlib import Path
 
 import pytest
-from mobileone_rs import _yolov9_runtime as rt
+from mobileone_rs.yolov9 import runtime as rt
 from mobileone_rs.yolov9 import main, plan_patch
 
 from tests.yolov9 import helpers as h

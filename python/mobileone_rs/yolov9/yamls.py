@@ -10,8 +10,8 @@ from __future__ import annotations
 from importlib import resources
 from pathlib import Path
 
-from .backbone import VARIANTS, get_variant
-from .checkpoints import CheckpointError
+from ..backbone import VARIANTS, get_variant
+from ..checkpoints import CheckpointError
 
 __all__ = ["YAML_NAMES", "read_yaml", "write_yamls", "yolov9_yaml"]
 
@@ -112,7 +112,7 @@ def yolov9_yaml(variant: str) -> str:
 # YOLOv9-C with Apple's MobileOne-{name} backbone (https://arxiv.org/abs/2206.04040), layer for layer:
 # layer 1 is its stem (stage0), layers 2-5 its stages 1-4, so its ImageNet weights initialize them:
 #   python -m mobileone_rs.pretrained --weights mobileone_{spec.name}_unfused.pth.tar --cfg THIS --out init.pt
-# Written by mobileone_rs.yolov9_yamls.yolov9_yaml("{spec.name}"); needs the mobileone_rs YOLOv9 patch.
+# Written by mobileone_rs.yolov9.yamls.yolov9_yaml("{spec.name}"); needs the mobileone_rs YOLOv9 patch.
 
 # parameters
 nc: 80  # number of classes

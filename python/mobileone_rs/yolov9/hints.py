@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import sys
 
-from ._native import ConfigError
+from .._native import ConfigError
 
 PATCH_COMMAND = "python -m mobileone_rs.yolov9 patch PATH"
 

@@ -12,7 +12,7 @@ that a reviewer sees exactly what changed:
 3. ``BaseModel.fuse`` re-parameterizes every module that can: ``m.reparameterize()``.
 
 These alone make the model build, train and fuse. Unless ``--model-only`` is given, the runtime edits
-of :mod:`mobileone_rs._yolov9_runtime` follow: they make YOLOv9's own scripts (train, val, detect,
+of :mod:`mobileone_rs.yolov9.runtime` follow: they make YOLOv9's own scripts (train, val, detect,
 export) run under torch 2.13 with today's Pillow, NumPy and albumentations, offline.
 
 Usage::
@@ -35,11 +35,11 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from . import _yolov9_runtime
-from ._source_text import indent_of as _indent_of
-from ._source_text import insert_after_line as _insert_after_line
-from ._source_text import lines as _lines
-from ._source_text import offset as _offset
+from . import runtime as _yolov9_runtime
+from .source_text import indent_of as _indent_of
+from .source_text import insert_after_line as _insert_after_line
+from .source_text import lines as _lines
+from .source_text import offset as _offset
 
 __all__ = ["FileChange", "NotYolov9Error", "apply_patch", "main", "plan_patch", "summary"]
 
@@ -314,7 +314,7 @@ def plan_patch(root: str | Path, runtime: bool = True) -> list[FileChange]:
     Args:
         root: the YOLOv9 checkout (the folder that holds ``models/``) or an installed copy.
         runtime: also the edits that make YOLOv9's scripts run under torch 2.13 with today's
-            Pillow, NumPy and albumentations, offline (:mod:`mobileone_rs._yolov9_runtime`); the
+            Pillow, NumPy and albumentations, offline (:mod:`mobileone_rs.yolov9.runtime`); the
             model itself needs only the three model edits.
 
     Raises:

@@ -32,7 +32,7 @@ import re
 from pathlib import Path
 from typing import Callable
 
-from ._source_text import end_of, indent_of, lines, newline_of, splice, start_of
+from .source_text import end_of, indent_of, lines, newline_of, splice, start_of
 
 WEIGHTS_ONLY = "torch.load weights_only=False"
 FONTS = "fonts offline"
