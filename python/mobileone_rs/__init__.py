@@ -6,8 +6,8 @@ The modules are ordinary ``torch.nn.Module`` shells that own their parameters; t
 
 import torch  # noqa: F401  (loads libtorch, which the extension links)
 
-# The torch this build is for; importing ._torch refuses, with a message, a torch the build does not serve.
-from ._torch import TORCH_BUILT_FOR, TORCH_REQUIREMENT, TORCH_SUPPORTED
+# The torch this build is for; importing ._build refuses, with a message, a torch the build does not serve.
+from ._build import TORCH_BUILT_FOR, TORCH_REQUIREMENT, TORCH_SUPPORTED, _native  # noqa: F401
 from ._native import (
     ConfigError,
     FuseOverflowError,

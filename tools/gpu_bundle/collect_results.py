@@ -14,6 +14,14 @@ import xml.etree.ElementTree as ET
 from pathlib import Path
 
 
+def cpu_name() -> str:
+    try:
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+    except OSError:
+        return platform.machine()
+    return next((line.split(":", 1)[1].strip() for line in lines if line.startswith("model name")), "")
+
+
 def environment(device: str) -> dict:
     import mobileone_rs
     import torch
@@ -23,7 +31,7 @@ def environment(device: str) -> dict:
         "python": platform.python_version(), "torch": torch.__version__,
         "mobileone_rs": mobileone_rs.__version__, "built_for_torch": mobileone_rs.TORCH_BUILT_FOR,
         "native": Path(mobileone_rs._native.__file__).name, "device": device,
-        "device_name": torch.cuda.get_device_name(0) if cuda and device != "cpu" else platform.processor(),
+        "device_name": torch.cuda.get_device_name(0) if cuda and device != "cpu" else cpu_name(),
         "cuda": torch.version.cuda if cuda else None,
     }
 

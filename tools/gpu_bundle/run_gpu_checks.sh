@@ -4,7 +4,8 @@
 # Needs only Python with the torch this bundle is built for and pytest: nothing is installed or
 # downloaded. Runs the device tests (tests/device, every device-generic test on that device), then the
 # quick benchmark (bench/bench.py --quick), and writes DIR/gpu_checks.json with both. --device cpu runs
-# the same end to end on a machine without a GPU.
+# the same end to end on a machine without a GPU. BENCH_ARGS adds benchmark options (e.g. --threads 1 on
+# a busy CPU); TESTS_TIMEOUT and BENCH_TIMEOUT (seconds, default 330 and 200) bound the two parts.
 set -uo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 device=cuda out=$here/results
@@ -27,12 +28,12 @@ if [ "$device" != cpu ] && ! "$py" -c "import sys, torch; sys.exit(not torch.cud
   exit 2
 fi
 echo "== device tests on $device (log: $out/tests.log)"
-timeout 330 "$py" -m pytest -p no:cacheprovider tests/device --device "$device" -q -rfEs -o junit_family=legacy \
+timeout "${TESTS_TIMEOUT:-330}" "$py" -m pytest -p no:cacheprovider tests/device --device "$device" -q -rfEs -o junit_family=legacy \
   --junitxml "$out/tests.xml" > "$out/tests.log" 2>&1
 tests_rc=$?
 tail -n 3 "$out/tests.log"
 echo "== bench/bench.py --device $device --quick (log: $out/bench.log)"
-timeout 200 "$py" bench/bench.py --device "$device" --quick --out "$out/bench" > "$out/bench.log" 2>&1
+timeout "${BENCH_TIMEOUT:-200}" "$py" bench/bench.py --device "$device" --quick ${BENCH_ARGS:-} --out "$out/bench" > "$out/bench.log" 2>&1
 bench_rc=$?
 tail -n 25 "$out/bench.log"
 "$py" collect_results.py "$out" "$device" "$tests_rc" "$bench_rc" "$(($(date +%s) - start))" \

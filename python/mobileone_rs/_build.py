@@ -47,7 +47,7 @@ def load_native() -> ModuleType:
     return native
 
 
-_native = load_native()
+_native = load_native()  # the checked extension module, which __init__ takes from here
 TORCH_BUILT_FOR: str = _native.TORCH_BUILT_FOR
 TORCH_SUPPORTED: tuple[str, ...] = _native.TORCH_SUPPORTED
 TORCH_REQUIREMENT: str = _native.TORCH_REQUIREMENT
