@@ -58,12 +58,12 @@ $(WHEEL_VENV)/.installed: torch-versions.txt tools/torch_venv.sh
 # torch's own libraries as "external" and suggest bundling them: those lines are filtered out). Its
 # manylinux tag is the lowest one the extension's glibc/libstdc++ symbol versions allow.
 wheel: SHELL := /bin/bash
-wheel: $(WHEEL_VENV)/.installed ## build an abi3 wheel for torch $(TORCH) into dist/ (make wheel TORCH=2.11: another torch)
+wheel: $(WHEEL_VENV)/.installed ## abi3 wheel into dist/ for torch TORCH (default 2.13; TORCH=2.11 etc., torch-versions.txt)
 	set -o pipefail; tools/torch_build.sh $(TORCH) $(WHEEL_VENV) dist --auditwheel warn 2>&1 \
 	  | grep -v -e ' => ' -e 'External shared libraries' -e ' requires:$$' -e 'copying the above external libraries'
 	@echo "dist/: $$(ls -t dist/*.whl | head -1) (libtorch comes from the installed torch at run time)"
 
-gpu-bundle: $(WHEEL_VENV)/.installed ## offline CUDA checks for torch $(TORCH) in $(BUNDLE)/ (run_gpu_checks.sh there)
+gpu-bundle: $(WHEEL_VENV)/.installed ## offline GPU checks folder for torch TORCH: gpu-bundle-torchTORCH/run_gpu_checks.sh
 	tools/gpu_bundle.sh $(TORCH) $(WHEEL_VENV) $(BUNDLE)
 
 matrix: ## the README's torch support matrix: every torch of torch-versions.txt, built and tested (downloads; not CI)

@@ -39,18 +39,27 @@ fn export_torch_build(libtorch: Option<&str>) {
         .map(|l| l.split_whitespace().collect())
         .filter(|r: &Vec<&str>| r.len() >= 2)
         .collect();
-    let served: Vec<&str> = rows.iter().filter(|r| r[1] == minor).map(|r| r[0]).collect();
+    let served: Vec<&str> = rows
+        .iter()
+        .filter(|r| r[1] == minor)
+        .map(|r| r[0])
+        .collect();
     if served.is_empty() {
         panic!("libtorch {built_for}: torch {minor} has no build row in torch-versions.txt");
     }
     let last = served.last().expect("served is not empty");
-    let (major, last_minor) = last.split_once('.').expect("torch versions are major.minor");
+    let (major, last_minor) = last
+        .split_once('.')
+        .expect("torch versions are major.minor");
     let upper: u32 = last_minor.parse::<u32>().expect("a numeric minor") + 1;
     let builds: Vec<String> = rows.iter().map(|r| format!("{}={}", r[0], r[1])).collect();
     let env = [
         ("BUILT_FOR", built_for.clone()),
         ("SUPPORTED", served.join(",")),
-        ("REQUIREMENT", format!("torch>={},<{major}.{upper}", served[0])),
+        (
+            "REQUIREMENT",
+            format!("torch>={},<{major}.{upper}", served[0]),
+        ),
         ("BUILDS", builds.join(",")),
     ];
     for (name, value) in env {

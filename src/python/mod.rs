@@ -292,8 +292,13 @@ fn add_torch_build(m: &Bound<'_, PyModule>) -> PyResult<()> {
     let supported = pyo3::types::PyTuple::new(m.py(), list(env!("MOBILEONE_TORCH_SUPPORTED")))?;
     m.add("TORCH_SUPPORTED", supported)?;
     m.add("TORCH_REQUIREMENT", env!("MOBILEONE_TORCH_REQUIREMENT"))?;
-    let builds = list(env!("MOBILEONE_TORCH_BUILDS")).into_iter().filter_map(|b| b.split_once('='));
-    m.add("TORCH_BUILDS", builds.collect::<std::collections::BTreeMap<_, _>>())?;
+    let builds = list(env!("MOBILEONE_TORCH_BUILDS"))
+        .into_iter()
+        .filter_map(|b| b.split_once('='));
+    m.add(
+        "TORCH_BUILDS",
+        builds.collect::<std::collections::BTreeMap<_, _>>(),
+    )?;
     Ok(())
 }
 
