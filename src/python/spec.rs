@@ -1,6 +1,7 @@
 //! `BlockSpec`: a block's constructor arguments, built and validated once (keyword-only, strict
 //! types), then passed to every call as it is.
 
+use pyo3::exceptions::PyTypeError;
 use pyo3::prelude::*;
 use pyo3::types::{PyDict, PyTuple};
 
@@ -27,29 +28,39 @@ const FIELDS: [&str; 9] = [
 #[pymethods]
 impl PyBlockSpec {
     #[new]
-    #[pyo3(signature = (*, in_channels, out_channels, kernel_size, stride, padding, dilation, groups, use_se, num_conv_branches))]
-    #[allow(clippy::too_many_arguments)] // keyword-only constructor: the arguments are the fields
-    fn new(
-        in_channels: &Bound<'_, PyAny>,
-        out_channels: &Bound<'_, PyAny>,
-        kernel_size: &Bound<'_, PyAny>,
-        stride: &Bound<'_, PyAny>,
-        padding: &Bound<'_, PyAny>,
-        dilation: &Bound<'_, PyAny>,
-        groups: &Bound<'_, PyAny>,
-        use_se: &Bound<'_, PyAny>,
-        num_conv_branches: &Bound<'_, PyAny>,
-    ) -> PyResult<Self> {
+    #[pyo3(signature = (**fields))]
+    #[pyo3(
+        text_signature = "(*, in_channels, out_channels, kernel_size, stride, padding, dilation, groups, use_se, num_conv_branches)"
+    )]
+    fn new(py: Python<'_>, fields: Option<&Bound<'_, PyDict>>) -> PyResult<Self> {
+        let empty = PyDict::new(py);
+        let fields = fields.unwrap_or(&empty);
+        for key in fields.keys() {
+            let key: String = key.extract()?;
+            if !FIELDS.contains(&key.as_str()) {
+                return Err(PyTypeError::new_err(format!(
+                    "BlockSpec() got an unexpected keyword argument {key:?}"
+                )));
+            }
+        }
+        let field = |name: &str| -> PyResult<Bound<'_, PyAny>> {
+            fields.get_item(name)?.ok_or_else(|| {
+                PyTypeError::new_err(format!(
+                    "BlockSpec() missing required keyword argument {name:?}"
+                ))
+            })
+        };
+        let int = |name: &str| int_arg(&field(name)?, name);
         let spec = BlockSpec {
-            in_channels: int_arg(in_channels, "in_channels")?,
-            out_channels: int_arg(out_channels, "out_channels")?,
-            kernel_size: int_arg(kernel_size, "kernel_size")?,
-            stride: int_arg(stride, "stride")?,
-            padding: int_arg(padding, "padding")?,
-            dilation: int_arg(dilation, "dilation")?,
-            groups: int_arg(groups, "groups")?,
-            use_se: bool_arg(use_se, "use_se")?,
-            num_conv_branches: int_arg(num_conv_branches, "num_conv_branches")?,
+            in_channels: int("in_channels")?,
+            out_channels: int("out_channels")?,
+            kernel_size: int("kernel_size")?,
+            stride: int("stride")?,
+            padding: int("padding")?,
+            dilation: int("dilation")?,
+            groups: int("groups")?,
+            use_se: bool_arg(&field("use_se")?, "use_se")?,
+            num_conv_branches: int("num_conv_branches")?,
         };
         spec.validate()?;
         Ok(PyBlockSpec(spec))

@@ -488,21 +488,17 @@ def test_a_plan_runs_only_the_input_and_path_it_was_made_for():
 
 def test_item16_unsafe_code_states_its_invariants():
     """Structural: SIMD kernels behind a proof token, OS-specific dlopen behind cfg(linux) with
-    libc's constants, unsafe_op_in_unsafe_fn denied, every unsafe block with a SAFETY comment."""
+    libc's constants; unsafe_op_in_unsafe_fn denied and every unsafe block documented (clippy's
+    undocumented_unsafe_blocks, denied crate-wide: `make lint` runs clippy with -D warnings)."""
     lib = (SRC / "lib.rs").read_text()
     assert "#![deny(unsafe_op_in_unsafe_fn)]" in lib
+    assert "#![deny(clippy::undocumented_unsafe_blocks)]" in lib
     threads = (SRC / "cpu" / "threads.rs").read_text()
     assert '#[cfg(target_os = "linux")]' in threads and "libc::RTLD_NOLOAD" in threads
     assert not re.search(r"const RTLD_\w+", threads)
     simd = (SRC / "cpu" / "simd.rs").read_text()
     avx = simd[simd.index("mod avx"):]
     assert not re.search(r"\n    pub fn \w+", avx), "an AVX2 kernel is callable from safe code"
-    for path in SRC.rglob("*.rs"):
-        lines = path.read_text().splitlines()
-        for i, line in enumerate(lines):
-            if re.search(r"\bunsafe \{", line) and "fn " not in line:
-                context = "\n".join(lines[max(0, i - 4): i + 1])
-                assert "SAFETY:" in context, f"{path.name}:{i + 1}: unsafe block without a SAFETY comment"
 
 
 def test_item16_no_panic_from_any_native_entry_on_garbage():
