@@ -9,6 +9,8 @@ import torch  # noqa: F401  (loads libtorch, which the extension links)
 # The torch this build is for; importing ._build refuses, with a message, a torch the build does not serve.
 from ._build import TORCH_BUILT_FOR, TORCH_REQUIREMENT, TORCH_SUPPORTED, _native  # noqa: F401
 from ._native import (
+    ArgumentTypeError,
+    BlockSpec,
     ConfigError,
     FuseOverflowError,
     InputShapeError,
@@ -19,21 +21,16 @@ from ._native import (
 )
 from .backbone import mobileone
 from .checkpoints import CheckpointError, convert_checkpoint
-from .modules import (
-    MobileOne,
-    MobileOneBlock,
-    Options,
-    SEBlock,
-    fast_paths,
-    module_path,
-    reparameterize_model,
-    safe_globals,
-)
+from .modules import MobileOne, MobileOneBlock, SEBlock, safe_globals
+from .options import Options, fast_paths, module_path
+from .reparameterize import reparameterize_model
 from .verify import ErrorStat, ReparamReport, verify_reparameterization
 
 __version__ = _native.__version__  # Cargo.toml is the one version source
 
 __all__ = [
+    "ArgumentTypeError",
+    "BlockSpec",
     "CheckpointError",
     "ConfigError",
     "ErrorStat",

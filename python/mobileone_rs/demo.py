@@ -22,7 +22,8 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from ._native import MobileOneError
 from .backbone import yaml_stages
-from .modules import MobileOne, reparameterize_model
+from .modules import MobileOne
+from .reparameterize import reparameterize_model
 from .verify import verify_reparameterization
 
 SEED_YAML = "yolov9-c-mobileone.yaml"

@@ -47,7 +47,7 @@ def test_missing_channel_set_edit_names_the_yaml_layer_and_the_edit(copy_dir: Pa
     )
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stdout.strip() == (
-        "yaml layer 2 (MobileOne [64, 2, 4, False, 0]): num_conv_branches must be in [1, 255], got 0. "
+        "yaml layer 2 (MobileOne [64, 2, 4, False, 0]): num_conv_branches must be an integer, got bool False. "
         "parse_model called MobileOne(64, 2, 4, False, 0): the yaml row's arguments without the input "
         "channels in front, so every argument shifted by one. models/yolo.py's parse_model lacks "
         "MobileOne in its channel set (model edit 2): run `python -m mobileone_rs.yolov9 patch PATH`"
@@ -67,7 +67,7 @@ def test_the_hint_without_yolov9_code():
     with pytest.raises(mobileone_rs.ConfigError) as raised:
         parse_model({"backbone": [row], "head": []}, [3])
     assert str(raised.value).startswith(
-        "yaml layer 0 (MobileOne [64, 2, 0, False, 0]): num_blocks_per_stage must be in [1, 4096], got 0. "
+        "yaml layer 0 (MobileOne [64, 2, 0, False, 0]): num_conv_branches must be an integer, got bool False. "
         "parse_model called MobileOne(64, 2, 0, False, 0): the yaml row's arguments without the input channels"
     )
     with pytest.raises(mobileone_rs.ConfigError) as raised:  # prepended: the layer, no edit blamed
@@ -77,4 +77,4 @@ def test_the_hint_without_yolov9_code():
     )
     with pytest.raises(mobileone_rs.ConfigError) as raised:  # outside parse_model: the error as it was
         MobileOne(64, 2, 4, False, 0)
-    assert str(raised.value) == "num_conv_branches must be in [1, 255], got 0"
+    assert str(raised.value) == "num_conv_branches must be an integer, got bool False"
