@@ -8,7 +8,7 @@ export PATH := $(abspath $(VENV))/bin:$(PATH)
 # is what Cargo.lock pins (tch 0.26) and what .venv has; `make wheel TORCH=2.11` builds for another.
 TORCH ?= 2.13
 WHEEL_VENV ?= .venv-wheel-$(TORCH)
-BUNDLE ?= gpu-bundle-torch$(TORCH)
+BUNDLE ?= dist/gpu-bundle-torch$(TORCH)
 
 .PHONY: help venv build test test-rust test-python demo bench lint wheel gpu-bundle matrix
 
@@ -63,7 +63,7 @@ wheel: $(WHEEL_VENV)/.installed ## abi3 wheel into dist/ for torch TORCH (defaul
 	  | grep -v -e ' => ' -e 'External shared libraries' -e ' requires:$$' -e 'copying the above external libraries'
 	@echo "dist/: $$(ls -t dist/*.whl | head -1) (libtorch comes from the installed torch at run time)"
 
-gpu-bundle: $(WHEEL_VENV)/.installed ## offline GPU checks folder for torch TORCH: gpu-bundle-torchTORCH/run_gpu_checks.sh
+gpu-bundle: $(WHEEL_VENV)/.installed ## offline GPU checks folder for torch TORCH: dist/gpu-bundle-torchTORCH/run_gpu_checks.sh
 	tools/gpu_bundle.sh $(TORCH) $(WHEEL_VENV) $(BUNDLE)
 
 matrix: ## the README's torch support matrix: every torch of torch-versions.txt, built and tested (downloads; not CI)
