@@ -30,8 +30,12 @@ cargo update -q -p pyo3-tch --precise "$tch"
 sed -i -e "s|^dependencies = \[\"torch>=[^\"]*\"|dependencies = [\"$requirement\"|" \
   -e "s|\"torch==[0-9.*]*\"|\"torch==$torch.*\"|" pyproject.toml
 grep -q "^dependencies = \[\"$requirement\"" pyproject.toml
-# torch-sys insists on the exact libtorch release it was generated from (2.9.0 for tch 0.22); a patch
-# release of the same minor (2.9.1) keeps its ABI, and the minor was checked above.
-export LIBTORCH_BYPASS_VERSION_CHECK=1
+# torch-sys insists on the exact release its tch was generated from, always X.Y.0; a patch release of
+# that minor (2.9.1) keeps its ABI, and the minor was checked above. (Only then: setting the variable
+# makes torch-sys rebuild.)
+case $("$venv/bin/python" -c 'import torch; print(torch.__version__.split("+")[0])') in
+  *.0) ;;
+  *) export LIBTORCH_BYPASS_VERSION_CHECK=1 ;;
+esac
 echo "building for torch $torch (tch $tch, requires $requirement) in $stage"
 VIRTUAL_ENV=$venv PATH=$venv/bin:$PATH CARGO_TARGET_DIR=$stage/target maturin build --release -o "$dist" "$@"
