@@ -11,6 +11,7 @@
 //! forwards, `se` the squeeze-excite ops.
 
 mod checks;
+pub mod cost;
 pub mod eval;
 pub mod se;
 pub mod state;
@@ -155,7 +156,28 @@ pub fn choose(x: &Tensor, block: &BlockState, env: &Env) -> Result<Plan> {
         }
         Body::Opaque(why) => Plan::module(why.clone()),
     };
-    Ok(Plan { se, ..plan })
+    Ok(Plan {
+        se,
+        ..by_cost(plan, spec, x, weight)
+    })
+}
+
+/// The plan as the cost rule ([`cost::judge`]) leaves it: kept, moved to another fast path, or
+/// handed to the module path when the fast path is expected to be slower.
+fn by_cost(plan: Plan, spec: &BlockSpec, x: &Tensor, weight: &Tensor) -> Plan {
+    let mut input = cost::Input::of(&x.size(), &x.stride());
+    input.channels_last |= cost::Input::of(&weight.size(), &weight.stride()).channels_last;
+    match cost::judge(plan.path, spec, &input) {
+        cost::Cost::Faster => plan,
+        cost::Cost::Instead(path, why) => Plan {
+            path,
+            reason: format!("{}; {why}", plan.reason),
+            ..plan
+        },
+        cost::Cost::Slower(why) => {
+            Plan::module(format!("expected slower than the module path: {why}"))
+        }
+    }
 }
 
 /// tch reports every device but CPU, CUDA and Vulkan (meta, XPU, ...) as MPS.
