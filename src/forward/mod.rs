@@ -7,8 +7,9 @@
 //! padding mode, bias and shapes), the input (dtype, device, layout, sizes, the values each BN
 //! averages) and the call (grad mode, autocast, tracing, functorch, dispatch modes, saved-tensor
 //! hooks, forward AD). Anything else takes the module path, which the Python shell runs. `state`
-//! holds what the shells observe, `checks` the per-child conditions, `eval` the fused and folded
-//! forwards, `se` the squeeze-excite ops.
+//! holds what the shells observe, `checks` the per-child conditions, `cost` the rule that hands
+//! an exact fast path to the module path where it is expected to be slower, `eval` the fused and
+//! folded forwards, `se` the squeeze-excite ops.
 
 mod checks;
 pub mod cost;
