@@ -36,6 +36,7 @@ fn nchw(n: i64, c: i64, h: i64, w: i64) -> Input {
         h,
         w,
         channels_last: false,
+        cuda: false,
     }
 }
 
@@ -83,6 +84,16 @@ fn gram_is_refused_where_values_per_channel_are_not_well_above_channels() {
         &pointwise(256, 512, 4),
         &nchw(2, 256, 4, 4)
     )));
+}
+
+#[test]
+fn gram_is_refused_on_cuda() {
+    let x = Input {
+        cuda: true,
+        ..nchw(8, 48, 56, 56)
+    };
+    assert!(slower(&judge(GRAM, &pointwise(48, 48, 4), &x)));
+    assert_eq!(judge(Path::Fused, &pointwise(48, 48, 4), &x), Cost::Faster);
 }
 
 #[test]

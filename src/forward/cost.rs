@@ -10,7 +10,8 @@
 //! - `train_gram` runs its four long products (the Gram matrix, `grad . x^T`, the two halves of
 //!   the input gradient) in float64 and `~3 C_in^2 C_out` per branch on top, independent of the
 //!   batch; the module path runs `3 C_in C_out` per value per branch. So the Gram path wins only
-//!   with several branches and `N H W` well above `C_in` (s0's 4 branches; never with one).
+//!   with several branches and `N H W` well above `C_in` (s0's 4 branches; never with one). On
+//!   CUDA, where float64 runs at a fraction of float32's rate on most GPUs, it is refused.
 //! - `train_depthwise_cpu` works in float64 on `k^2` patch moments per output; the module path's
 //!   depthwise convs are cheap per tap, so large kernels (k = 7) with one branch lose.
 //! - `train_depthwise` recomputes every branch in its backward (1.9x the module path's time on
@@ -34,11 +35,14 @@ pub struct Input {
     pub w: i64,
     /// The input (or the block's weights) is channels_last: the layout the next layer expects.
     pub channels_last: bool,
+    /// The input is on a CUDA device (the weights fitted here are the CPU's).
+    pub cuda: bool,
 }
 
 impl Input {
     /// The input of `size` (`[N, C, H, W]`) and its `strides`: channels_last when the channels are
-    /// the innermost dimension of more than one channel and the tensor is not plain NCHW.
+    /// the innermost dimension of more than one channel and the tensor is not plain NCHW. `cuda`
+    /// is left false for the caller to set.
     pub fn of(size: &[i64], strides: &[i64]) -> Input {
         let [n, c, h, w] = size[..] else {
             return Input {
@@ -47,6 +51,7 @@ impl Input {
                 h: 0,
                 w: 0,
                 channels_last: false,
+                cuda: false,
             };
         };
         let channels_last = strides.len() == 4 && c > 1 && strides[1] == 1 && strides[3] != 1;
@@ -56,6 +61,7 @@ impl Input {
             h,
             w,
             channels_last,
+            cuda: false,
         }
     }
 }
@@ -97,6 +103,11 @@ pub fn judge(path: Path, spec: &BlockSpec, input: &Input) -> Cost {
         // `low_memory=True`, the default): it trades time for memory, which is the option's
         // promise; `low_memory=False` gives the module path.
         Path::Train(TrainPath::DepthwiseRecompute) => Cost::Faster,
+        Path::Train(TrainPath::Gram) if input.cuda => Cost::Slower(
+            "train_gram runs its long products in float64, which most GPUs run at a small \
+             fraction of float32's rate"
+                .into(),
+        ),
         Path::Train(train) => compare(train, spec, input),
     }
 }

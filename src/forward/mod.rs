@@ -168,6 +168,7 @@ pub fn choose(x: &Tensor, block: &BlockState, env: &Env) -> Result<Plan> {
 fn by_cost(plan: Plan, spec: &BlockSpec, x: &Tensor, weight: &Tensor) -> Plan {
     let mut input = cost::Input::of(&x.size(), &x.stride());
     input.channels_last |= cost::Input::of(&weight.size(), &weight.stride()).channels_last;
+    input.cuda = x.device().is_cuda();
     match cost::judge(plan.path, spec, &input) {
         cost::Cost::Faster => plan,
         cost::Cost::Instead(path, why) => Plan {
