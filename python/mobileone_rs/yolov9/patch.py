@@ -1,6 +1,6 @@
 """Patch a YOLOv9 source tree so that its model yaml files can name ``MobileOne`` and its scripts run.
 
-The seed article's three model edits (https://github.com/WongKinYiu/yolov9 layout), made by text so
+The reference article's three model edits (https://github.com/WongKinYiu/yolov9 layout), made by text so
 that a reviewer sees exactly what changed:
 
 1. ``models/common.py`` imports ``MobileOne, MobileOneBlock, reparameterize_model`` from this package,
@@ -11,7 +11,13 @@ that a reviewer sees exactly what changed:
    them (``MobileOneBlock`` is the stem layer of the pretrained ``yolov9-c-mobileone-s*.yaml``).
 3. ``BaseModel.fuse`` re-parameterizes every module that can: ``m.reparameterize()``.
 
-These alone make the model build, train and fuse. Unless ``--model-only`` is given, the runtime edits
+These alone make the model build, train and fuse. A fourth model edit helps when a yaml row is wrong:
+
+4. ``parse_model`` builds each layer inside ``try``; a ``ConfigError`` from MobileOne is raised again
+   naming the yaml layer (index, module, the row's arguments): :mod:`mobileone_rs.yolov9.hints`.
+
+A file that starts with a UTF-8 byte-order mark keeps it. Every file is written whole or not at all,
+and none is changed unless all can be (:func:`apply_patch`). Unless ``--model-only`` is given, the runtime edits
 of :mod:`mobileone_rs.yolov9.runtime` follow: they make YOLOv9's own scripts (train, val, detect,
 export) run under torch 2.13 with today's Pillow, NumPy and albumentations, offline.
 
@@ -30,12 +36,17 @@ from __future__ import annotations
 
 import argparse
 import ast
+import contextlib
 import difflib
+import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+from .._native import MobileOneError
+from ..files import WriteError, check_writable, replacing
 from . import runtime as _yolov9_runtime
+from .hints import add_yaml_layer_hint
 from .source_text import indent_of as _indent_of
 from .source_text import insert_after_line as _insert_after_line
 from .source_text import lines as _lines
@@ -52,22 +63,33 @@ YOLO = Path("models") / "yolo.py"
 # Top-level packages of a YOLOv9 tree: upstream imports ``utils.x``, ``models.x``; PyPI's yolo9 ``yolo9.x``.
 PROJECT_PACKAGES = frozenset({"utils", "models", "yolo9", "export"})
 
+YAML_LAYER_HINT = "parse_model yaml-layer hint"
 EXIT_OK, EXIT_NEEDS_PATCH, EXIT_REFUSED = 0, 1, 2
+BOM = "\ufeff"  # a UTF-8 byte-order mark: valid at the start of a Python file, refused by ast.parse(str)
 
 
-class NotYolov9Error(Exception):
+class NotYolov9Error(MobileOneError):
     """The files under PATH are not a YOLOv9 tree this tool knows how to patch."""
 
 
 @dataclass(frozen=True)
 class FileChange:
-    """One file's text before and after, with the names of the edits applied to it."""
+    """One file's text before and after, with the names of the edits applied to it.
+
+    ``old`` and ``new`` are the text after any UTF-8 byte-order mark; ``bom`` says the file starts
+    with one, and the new file keeps it.
+    """
 
     path: Path
     relative: Path
     old: str
     new: str
     edits: tuple[str, ...]
+    bom: bool = False
+
+    def new_bytes(self) -> bytes:
+        """The bytes to write: the new text in UTF-8, behind the byte-order mark when the file had one."""
+        return (BOM if self.bom else "").encode("utf-8") + self.new.encode("utf-8")
 
     def diff(self) -> str:
         """A unified diff in ``git diff`` form, paths relative to PATH."""
@@ -271,25 +293,32 @@ def add_reparameterize_to_fuse(text: str) -> str:
 # Planning, applying, command line.
 
 
-def _read(root: Path, relative: Path) -> str:
+def read_source(path: Path) -> tuple[str, bool]:
+    """A source file's text (line endings kept) without its UTF-8 byte-order mark, and whether it had one."""
+    with open(path, encoding="utf-8", newline="") as f:
+        text = f.read()
+    return (text[1:], True) if text.startswith(BOM) else (text, False)
+
+
+def _read(root: Path, relative: Path) -> tuple[str, bool]:
     path = root / relative
     if not path.is_file():
         hint = " (PATH is the folder that holds models/, not models/ itself)" if root.name == "models" else ""
         raise NotYolov9Error(f"{path} not found: {root} does not look like a YOLOv9 tree{hint}")
     try:
-        with open(path, encoding="utf-8", newline="") as f:
-            return f.read()
+        return read_source(path)
     except (OSError, UnicodeDecodeError) as exc:
         raise NotYolov9Error(f"cannot read {path}: {exc}") from exc
 
 
-def _change(root: Path, relative: Path, old: str, steps) -> FileChange | None:
+def _change(root: Path, relative: Path, source: tuple[str, bool], steps) -> FileChange | None:
+    old, bom = source
     new, edits = old, []
     for name, step in steps:
         edited = step(new)
         if edited != new:
             new, edits = edited, edits + [name]
-    return FileChange(root / relative, relative, old, new, tuple(edits)) if edits else None
+    return FileChange(root / relative, relative, old, new, tuple(edits), bom) if edits else None
 
 
 def _check_root(root: Path) -> None:
@@ -299,11 +328,10 @@ def _check_root(root: Path) -> None:
         raise NotYolov9Error(f"{root} is a file: PATH is the YOLOv9 checkout, the folder that holds models/")
 
 
-def _read_optional(root: Path, relative: Path) -> str | None:
-    """The text of a file a runtime edit looks at, or None when it cannot be read as UTF-8."""
+def _read_optional(root: Path, relative: Path) -> tuple[str, bool] | None:
+    """A file a runtime edit looks at (as :func:`read_source`), or None when it cannot be read as UTF-8."""
     try:
-        with open(root / relative, encoding="utf-8", newline="") as f:
-            return f.read()
+        return read_source(root / relative)
     except (OSError, UnicodeDecodeError):
         return None
 
@@ -326,7 +354,11 @@ def plan_patch(root: str | Path, runtime: bool = True) -> list[FileChange]:
     texts = {COMMON: _read(root, COMMON), YOLO: _read(root, YOLO)}
     steps: dict[Path, list] = {
         COMMON: [("import mobileone_rs", add_package_import)],
-        YOLO: [("parse_model channel set", add_to_channel_set), ("fuse reparameterize", add_reparameterize_to_fuse)],
+        YOLO: [
+            ("parse_model channel set", add_to_channel_set),
+            ("fuse reparameterize", add_reparameterize_to_fuse),
+            (YAML_LAYER_HINT, add_yaml_layer_hint),
+        ],
     }
     if runtime:
         for relative, name, step in _yolov9_runtime.runtime_steps(root):
@@ -338,11 +370,28 @@ def plan_patch(root: str | Path, runtime: bool = True) -> list[FileChange]:
     return [c for c in changes if c is not None]
 
 
+def _write_temporary(path: Path, data: bytes) -> None:
+    """Writes ``data`` to the temporary file ``path`` and syncs it to disk."""
+    with open(path, "wb") as handle:
+        handle.write(data)
+        handle.flush()
+        os.fsync(handle.fileno())
+
+
 def apply_patch(changes: list[FileChange]) -> None:
-    """Writes every change's new text."""
-    for change in changes:
-        with open(change.path, "w", encoding="utf-8", newline="") as f:
-            f.write(change.new)
+    """Writes every change's new text: all files or none, each one whole.
+
+    Every file is checked writable first; then each new text goes to a temporary file beside its
+    target, and only when all of them are written are they moved into place (``os.replace``). A
+    failure part-way (disk full, a file-size limit) removes the temporary files and changes nothing.
+
+    Raises:
+        WriteError: naming the file that could not be written; no file was changed.
+    """
+    check_writable(change.path for change in changes)
+    with contextlib.ExitStack() as stack:
+        for change in changes:
+            _write_temporary(stack.enter_context(replacing(change.path)), change.new_bytes())
 
 
 def summary(changes: list[FileChange]) -> str:
@@ -357,14 +406,16 @@ def summary(changes: list[FileChange]) -> str:
 
 
 DESCRIPTION = (
-    "Patch a YOLOv9 source tree: its model yaml files can name MobileOne (three edits to models/), and "
+    "Patch a YOLOv9 source tree: its model yaml files can name MobileOne (edits to models/), and "
     "its scripts run under torch 2.13 with today's Pillow, NumPy and albumentations, offline."
 )
 PATCH_EPILOG = (
-    "model edits: import mobileone_rs (models/common.py), parse_model channel set and fuse reparameterize "
-    "(models/yolo.py). Runtime edits (skipped with --model-only): torch.load weights_only=False, fonts "
-    "offline, Pillow 10 text size, NumPy 2 trapezoid, ONNX TorchScript exporter, requirements pins. "
-    "Exit status: 0 done (or nothing to do), 1 --check found edits to make, 2 PATH refused."
+    "model edits: import mobileone_rs (models/common.py), parse_model channel set, fuse reparameterize and "
+    "parse_model yaml-layer hint (models/yolo.py). Runtime edits (skipped with --model-only): torch.load "
+    "weights_only=False, fonts offline, Pillow 10 text size, NumPy 2 trapezoid, ONNX TorchScript exporter, "
+    "requirements pins. "
+    "Exit status: 0 done (or nothing to do), 1 --check found edits to make, 2 PATH refused or a file "
+    "could not be written (then no file was changed)."
 )
 
 
@@ -378,7 +429,7 @@ def _parser() -> argparse.ArgumentParser:
     mode = patch.add_mutually_exclusive_group()
     mode.add_argument("--dry-run", action="store_true", help="print the diff, write nothing")
     mode.add_argument("--check", action="store_true", help="exit 1 if the tree needs patching, write nothing")
-    patch.add_argument("--model-only", action="store_true", help="only the three model edits, no runtime edits")
+    patch.add_argument("--model-only", action="store_true", help="only the model edits, no runtime edits")
     return parser
 
 
@@ -402,8 +453,8 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_OK
     try:
         apply_patch(changes)
-    except OSError as exc:
-        print(f"error: cannot write {exc.filename}: {exc.strerror}", file=sys.stderr)
+    except WriteError as exc:
+        print(f"error: {exc}; no file was changed", file=sys.stderr)
         return EXIT_REFUSED
     print(f"{args.path}: patched: {summary(changes)}")
     return EXIT_OK
