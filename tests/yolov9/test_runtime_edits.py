@@ -13,8 +13,8 @@ from contextlib import redirect_stderr, redirect_stdout
 from pathlib import Path
 
 import pytest
-from mobileone_rs.yolov9 import runtime as rt
 from mobileone_rs.yolov9 import main, plan_patch
+from mobileone_rs.yolov9 import runtime as rt
 
 from tests.yolov9 import helpers as h
 from tests.yolov9.upstream_tree import make_upstream_tree

@@ -107,7 +107,7 @@ head:
 
 
 _MARKER = "# mobileone_rs sha256 of this text without this line: {sha256}"
-_MARKER_LINE = re.compile(r"^# mobileone_rs sha256 of this text without this line: ([0-9a-f]{64})\n", re.M)
+_MARKER_LINE = re.compile("^" + re.escape(_MARKER).replace(r"\{sha256\}", "([0-9a-f]{64})") + "\n", re.MULTILINE)
 
 
 def _sha256(text: str) -> str:
@@ -174,9 +174,9 @@ def read_yaml(name_or_path: str | Path) -> str:
     """A yaml file's text; a bare packaged name (``yolov9-c-mobileone-s0.yaml``) not found as a file
     reads the package's copy."""
     path = Path(name_or_path)
-    if not path.exists() and path.name == str(name_or_path):
-        if resources.files("mobileone_rs").joinpath("data", path.name).is_file():
-            return packaged_yaml(path.name)
+    packaged = resources.files("mobileone_rs").joinpath("data", path.name)
+    if not path.exists() and path.name == str(name_or_path) and packaged.is_file():
+        return packaged_yaml(path.name)
     try:
         return path.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as exc:
