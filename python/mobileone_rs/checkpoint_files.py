@@ -49,11 +49,8 @@ def _text_start(path: str) -> str | None:
     return line[:80] if line and line.isprintable() else None
 
 
-def _what_is_wrong(path: str, err: Exception) -> str:
-    """Why a file could not be read: the reader's own words, or what the file looks like instead."""
-    text = _text_start(path)
-    if text is not None:
-        return f"it is a text file starting {text!r} (a saved link or error page instead of the checkpoint?)"
+def _what_is_wrong(err: Exception) -> str:
+    """Why a file could not be read, in the reader's own words (the first line of them)."""
     words = str(err).split("WeightsUnpickler error:", 1)[-1]
     detail = next((line.strip() for line in words.splitlines() if line.strip()), "")
     return f"{type(err).__name__}: {detail}" if detail else type(err).__name__
@@ -66,20 +63,29 @@ def _check_file(path: str) -> None:
         raise CheckpointError(f"{path}: no such file")
     if os.path.getsize(path) == 0:
         raise CheckpointError(f"{path}: the file is empty (0 bytes; an interrupted download?)")
-    if not os.access(path, os.R_OK):
-        raise CheckpointError(f"{path}: the file is not readable (permissions)")
+    try:
+        text = _text_start(path)
+    except OSError as exc:
+        raise CheckpointError(f"{path}: cannot read it ({exc.strerror or exc})") from exc
+    if text is not None:  # checkpoints (zip, pickle, safetensors) start with non-printable bytes
+        raise CheckpointError(
+            f"{path}: a text file starting {text!r}, not a checkpoint (a saved link or error page instead of "
+            "the file?)"
+        )
 
 
 def _load_safetensors(path: str) -> Mapping:
     try:
         from safetensors.torch import load_file
     except ImportError as exc:
-        raise CheckpointError(f"{path}: reading .safetensors needs the safetensors package: {SAFETENSORS_INSTALL}") from exc
+        raise CheckpointError(
+            f"{path}: reading .safetensors needs the safetensors package: {SAFETENSORS_INSTALL}"
+        ) from exc
     try:
         return load_file(path, device="cpu")
     except Exception as exc:  # safetensors raises its own SafetensorError (and OSError, ValueError)
         raise CheckpointError(
-            f"{path}: not a readable .safetensors file ({_what_is_wrong(path, exc)}; an interrupted download?)"
+            f"{path}: not a readable .safetensors file ({_what_is_wrong(exc)}; an interrupted download?)"
         ) from exc
 
 
@@ -103,8 +109,8 @@ def load_checkpoint(path: str | os.PathLike, weights_only: bool = True) -> Mappi
         # pickled objects that a trusted load would read.
         if weights_only and "Unsupported global" in str(exc):
             raise CheckpointError(
-                f"{path}: torch.load(weights_only=True) refused it ({_what_is_wrong(path, exc)}). If you trust "
+                f"{path}: torch.load(weights_only=True) refused it ({_what_is_wrong(exc)}). If you trust "
                 "the file, load it yourself with torch.load(path, weights_only=False) and pass the dict (or "
                 "--trust-pickle on the command line)"
             ) from exc
-        raise CheckpointError(f"{path}: not a readable torch checkpoint ({_what_is_wrong(path, exc)})") from exc
+        raise CheckpointError(f"{path}: not a readable torch checkpoint ({_what_is_wrong(exc)})") from exc
