@@ -105,7 +105,7 @@ def test_a_failing_init_write_keeps_the_old_file(apple_s0: Path, tmp_path: Path,
     assert code == 2
     assert err == f"error: cannot write {out}: No space left on device\n"
     assert out.read_bytes() == b"the previous init.pt"
-    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([apple_s0.name, "init.pt"])  # no temporary file
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([apple_s0.name, "init.pt"])  # no temporary
 
 
 def test_an_init_checkpoint_that_cannot_be_written_is_refused_before_reading(apple_s0: Path, tmp_path: Path):
