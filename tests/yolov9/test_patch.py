@@ -311,18 +311,18 @@ def test_help_is_plain_text_and_lists_every_edit():
         "import mobileone_rs", "parse_model channel set", "fuse reparameterize", "parse_model yaml-layer hint",
         "torch.load weights_only=False",
         "fonts offline", "Pillow 10 text size", "NumPy 2 trapezoid", "ONNX TorchScript exporter",
-        "requirements pins", "--model-only", "--check", "--dry-run",
+        "requirements pins", "fused-weights warning", "--model-only", "--check", "--dry-run",
     ):
         assert edit in text, edit
 
 
 def test_the_yolo9_package_gets_only_what_it_lacks(copy_dir: Path):
-    """yolo9 fixed torch.load, fonts, getsize and trapz itself: only the ONNX exporter edit is left."""
+    """yolo9 fixed torch.load, fonts, getsize and trapz itself: the model edits, ONNX and the fused warning."""
     result = patch(copy_dir)
     assert result.returncode == 0, result.stderr
     summary = result.stdout.strip().splitlines()[-1]
     assert summary == (
         f"{copy_dir}: patched: import mobileone_rs (models/common.py); parse_model channel set "
         "(models/yolo.py); fuse reparameterize (models/yolo.py); parse_model yaml-layer hint (models/yolo.py); "
-        "ONNX TorchScript exporter (export.py)"
+        "ONNX TorchScript exporter (export.py); fused-weights warning (utils/general.py)"
     )

@@ -413,7 +413,7 @@ PATCH_EPILOG = (
     "model edits: import mobileone_rs (models/common.py), parse_model channel set, fuse reparameterize and "
     "parse_model yaml-layer hint (models/yolo.py). Runtime edits (skipped with --model-only): torch.load "
     "weights_only=False, fonts offline, Pillow 10 text size, NumPy 2 trapezoid, ONNX TorchScript exporter, "
-    "requirements pins. "
+    "requirements pins, fused-weights warning. "
     "Exit status: 0 done (or nothing to do), 1 --check found edits to make, 2 PATH refused or a file "
     "could not be written (then no file was changed)."
 )
