@@ -317,7 +317,7 @@ def test_help_is_plain_text_and_lists_every_edit():
 
 
 def test_the_yolo9_package_gets_only_what_it_lacks(copy_dir: Path):
-    """yolo9 fixed torch.load, fonts, getsize and trapz itself: the model edits, ONNX and the fused warning."""
+    """yolo9 fixed torch.load, fonts, getsize and trapz itself: model edits, ONNX, the fused warning."""
     result = patch(copy_dir)
     assert result.returncode == 0, result.stderr
     summary = result.stdout.strip().splitlines()[-1]
