@@ -16,8 +16,8 @@ from pathlib import Path
 import mobileone_rs
 import pytest
 from mobileone_rs import MobileOne
+from mobileone_rs.yolov9 import NotYolov9Error
 from mobileone_rs.yolov9.hints import add_yaml_layer_hint
-from mobileone_rs.yolov9.patch import NotYolov9Error
 from torch import nn
 
 from tests.yolov9 import helpers as h

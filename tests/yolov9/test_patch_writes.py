@@ -18,7 +18,7 @@ from types import SimpleNamespace
 
 import pytest
 from mobileone_rs.yolov9 import main
-from mobileone_rs.yolov9 import patch as patch_module
+from mobileone_rs.yolov9 import tree as patch_module
 
 from tests.yolov9 import helpers as h
 

@@ -5,6 +5,8 @@ adds to a ``ConfigError`` (``hints``).
 ``python -m mobileone_rs.yolov9 patch PATH`` patches a checkout (see :mod:`mobileone_rs.yolov9.patch`).
 """
 
-from .patch import FileChange, NotYolov9Error, apply_patch, main, plan_patch, summary
+from .cli import main, summary
+from .patch import plan_patch
+from .tree import FileChange, NotYolov9Error, apply_patch
 
 __all__ = ["FileChange", "NotYolov9Error", "apply_patch", "main", "plan_patch", "summary"]

@@ -29,30 +29,25 @@ PATH is a YOLOv9 checkout (the folder holding ``models/``) or an installed copy 
 package directory. The edits are located with :mod:`ast`, so they do not depend on whitespace, and
 each one is skipped when already present: a second run changes nothing.
 
-This module imports neither torch nor the native extension of its own accord.
+The command line is :mod:`mobileone_rs.yolov9.cli`; reading and writing the files (all or none, a
+byte-order mark kept) :mod:`mobileone_rs.yolov9.tree`.
 """
 
 from __future__ import annotations
 
-import argparse
 import ast
-import contextlib
-import difflib
-import os
 import sys
-from dataclasses import dataclass
 from pathlib import Path
 
-from .._native import MobileOneError
-from ..files import WriteError, check_writable, replacing
 from . import runtime as _yolov9_runtime
 from .hints import add_yaml_layer_hint
 from .source_text import indent_of as _indent_of
 from .source_text import insert_after_line as _insert_after_line
 from .source_text import lines as _lines
 from .source_text import offset as _offset
+from .tree import FileChange, NotYolov9Error, apply_patch, read_source
 
-__all__ = ["FileChange", "NotYolov9Error", "apply_patch", "main", "plan_patch", "summary"]
+__all__ = ["FileChange", "NotYolov9Error", "apply_patch", "plan_patch"]
 
 IMPORT_LINE = "from mobileone_rs import MobileOne, MobileOneBlock, reparameterize_model"
 REPARAM_LINES = ("if hasattr(m, 'reparameterize'):", "m.reparameterize()")
@@ -64,42 +59,6 @@ YOLO = Path("models") / "yolo.py"
 PROJECT_PACKAGES = frozenset({"utils", "models", "yolo9", "export"})
 
 YAML_LAYER_HINT = "parse_model yaml-layer hint"
-EXIT_OK, EXIT_NEEDS_PATCH, EXIT_REFUSED = 0, 1, 2
-BOM = "\ufeff"  # a UTF-8 byte-order mark: valid at the start of a Python file, refused by ast.parse(str)
-
-
-class NotYolov9Error(MobileOneError):
-    """The files under PATH are not a YOLOv9 tree this tool knows how to patch."""
-
-
-@dataclass(frozen=True)
-class FileChange:
-    """One file's text before and after, with the names of the edits applied to it.
-
-    ``old`` and ``new`` are the text after any UTF-8 byte-order mark; ``bom`` says the file starts
-    with one, and the new file keeps it.
-    """
-
-    path: Path
-    relative: Path
-    old: str
-    new: str
-    edits: tuple[str, ...]
-    bom: bool = False
-
-    def new_bytes(self) -> bytes:
-        """The bytes to write: the new text in UTF-8, behind the byte-order mark when the file had one."""
-        return (BOM if self.bom else "").encode("utf-8") + self.new.encode("utf-8")
-
-    def diff(self) -> str:
-        """A unified diff in ``git diff`` form, paths relative to PATH."""
-        lines = difflib.unified_diff(
-            _lines(self.old),
-            _lines(self.new),
-            fromfile=f"a/{self.relative.as_posix()}",
-            tofile=f"b/{self.relative.as_posix()}",
-        )
-        return "".join(line if line.endswith("\n") else line + "\n" for line in lines)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -290,14 +249,7 @@ def add_reparameterize_to_fuse(text: str) -> str:
 
 
 # ----------------------------------------------------------------------------------------------
-# Planning, applying, command line.
-
-
-def read_source(path: Path) -> tuple[str, bool]:
-    """A source file's text (line endings kept) without its UTF-8 byte-order mark, and whether it had one."""
-    with open(path, encoding="utf-8", newline="") as f:
-        text = f.read()
-    return (text[1:], True) if text.startswith(BOM) else (text, False)
+# Planning.
 
 
 def _read(root: Path, relative: Path) -> tuple[str, bool]:
@@ -370,95 +322,7 @@ def plan_patch(root: str | Path, runtime: bool = True) -> list[FileChange]:
     return [c for c in changes if c is not None]
 
 
-def _write_temporary(path: Path, data: bytes) -> None:
-    """Writes ``data`` to the temporary file ``path`` and syncs it to disk."""
-    with open(path, "wb") as handle:
-        handle.write(data)
-        handle.flush()
-        os.fsync(handle.fileno())
-
-
-def apply_patch(changes: list[FileChange]) -> None:
-    """Writes every change's new text: all files or none, each one whole.
-
-    Every file is checked writable first; then each new text goes to a temporary file beside its
-    target, and only when all of them are written are they moved into place (``os.replace``). A
-    failure part-way (disk full, a file-size limit) removes the temporary files and changes nothing.
-
-    Raises:
-        WriteError: naming the file that could not be written; no file was changed.
-    """
-    check_writable(change.path for change in changes)
-    with contextlib.ExitStack() as stack:
-        for change in changes:
-            _write_temporary(stack.enter_context(replacing(change.path)), change.new_bytes())
-
-
-def summary(changes: list[FileChange]) -> str:
-    """One ``edit (files)`` item per edit, in the order the edits are made."""
-    files: dict[str, list[str]] = {}
-    for change in changes:
-        for edit in change.edits:
-            files.setdefault(edit, []).append(change.relative.as_posix())
-    return "; ".join(
-        f"{edit} ({', '.join(where) if len(where) <= 2 else f'{len(where)} files'})" for edit, where in files.items()
-    )
-
-
-DESCRIPTION = (
-    "Patch a YOLOv9 source tree: its model yaml files can name MobileOne (edits to models/), and "
-    "its scripts run under torch 2.13 with today's Pillow, NumPy and albumentations, offline."
-)
-PATCH_EPILOG = (
-    "model edits: import mobileone_rs (models/common.py), parse_model channel set, fuse reparameterize and "
-    "parse_model yaml-layer hint (models/yolo.py). Runtime edits (skipped with --model-only): torch.load "
-    "weights_only=False, fonts offline, Pillow 10 text size, NumPy 2 trapezoid, ONNX TorchScript exporter, "
-    "requirements pins, fused-weights warning. "
-    "Exit status: 0 done (or nothing to do), 1 --check found edits to make, 2 PATH refused or a file "
-    "could not be written (then no file was changed)."
-)
-
-
-def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m mobileone_rs.yolov9", description=DESCRIPTION)
-    sub = parser.add_subparsers(dest="command", required=True)
-    patch = sub.add_parser(
-        "patch", help="patch a YOLOv9 tree (prints the diff; idempotent)", description=DESCRIPTION, epilog=PATCH_EPILOG
-    )
-    patch.add_argument("path", type=Path, help="the YOLOv9 checkout (the folder that holds models/) or the yolo9 package")
-    mode = patch.add_mutually_exclusive_group()
-    mode.add_argument("--dry-run", action="store_true", help="print the diff, write nothing")
-    mode.add_argument("--check", action="store_true", help="exit 1 if the tree needs patching, write nothing")
-    patch.add_argument("--model-only", action="store_true", help="only the model edits, no runtime edits")
-    return parser
-
-
-def main(argv: list[str] | None = None) -> int:
-    """Command-line entry point; returns the process exit status."""
-    args = _parser().parse_args(argv)
-    try:
-        changes = plan_patch(args.path, runtime=not args.model_only)
-    except NotYolov9Error as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return EXIT_REFUSED
-    if not changes:
-        print(f"{args.path}: already patched, nothing to change")
-        return EXIT_OK
-    if args.check:
-        print(f"{args.path}: needs patching: {summary(changes)}")
-        return EXIT_NEEDS_PATCH
-    print("".join(c.diff() for c in changes), end="")
-    if args.dry_run:
-        print(f"{args.path}: dry run, would patch: {summary(changes)}")
-        return EXIT_OK
-    try:
-        apply_patch(changes)
-    except WriteError as exc:
-        print(f"error: {exc}; no file was changed", file=sys.stderr)
-        return EXIT_REFUSED
-    print(f"{args.path}: patched: {summary(changes)}")
-    return EXIT_OK
-
-
 if __name__ == "__main__":
+    from .cli import main
+
     sys.exit(main())
