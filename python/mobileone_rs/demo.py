@@ -114,7 +114,7 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-class UsageError(Exception):
+class UsageError(MobileOneError):
     """An argument the demo cannot run with; the message says which and why."""
 
 
@@ -182,7 +182,7 @@ def main(argv=None) -> int:
     args = _parser().parse_args(argv)
     try:
         return run(args)
-    except (UsageError, MobileOneError) as err:
+    except MobileOneError as err:  # UsageError, YamlError, ConfigError, ...
         print(f"error: {err}", file=sys.stderr)
     except OSError as err:
         print(f"error: cannot read {err.filename or args.yaml}: {err.strerror or err}", file=sys.stderr)

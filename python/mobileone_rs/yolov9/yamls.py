@@ -16,6 +16,7 @@ import re
 from importlib import resources
 from pathlib import Path
 
+from .._native import YamlError
 from ..backbone import VARIANTS, get_variant
 from ..checkpoints import CheckpointError
 from ..files import WriteError, check_writable, write_text
@@ -181,7 +182,7 @@ def read_yaml(name_or_path: str | Path) -> str:
         return path.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as exc:
         reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else exc
-        raise CheckpointError(f"cannot read {name_or_path}: {reason}") from exc
+        raise YamlError(f"cannot read {name_or_path}: {reason}") from exc
 
 
 def _edited(path: Path, text: str) -> bool:
