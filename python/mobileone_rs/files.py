@@ -38,6 +38,9 @@ def replacing(path: str | os.PathLike) -> Iterator[Path]:
         yield tmp
         _keep_mode(target, tmp)
         os.replace(tmp, target)
+    except WriteError:  # another file's, from a nested replacing(): it names that file
+        tmp.unlink(missing_ok=True)
+        raise
     except OSError as err:
         tmp.unlink(missing_ok=True)
         raise WriteError(f"cannot write {target}: {err.strerror or err}") from err
