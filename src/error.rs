@@ -8,6 +8,10 @@ pub enum Error {
     /// A constructor argument or stage plan that cannot describe a valid MobileOne block.
     #[error("{0}")]
     Config(String),
+    /// A constructor argument of the wrong type (a string where a bool belongs, a float where an
+    /// integer does).
+    #[error("{0}")]
+    ArgumentType(String),
     /// An input tensor of the wrong rank or channel count.
     #[error("{0}")]
     InputShape(String),

@@ -17,6 +17,7 @@
 //! - `python` (feature `python`): the pyo3 bindings: argument conversion, GIL release, one
 //!   error mapping, the `#[pymodule]`.
 #![deny(unsafe_op_in_unsafe_fn)]
+#![deny(clippy::undocumented_unsafe_blocks)]
 
 pub mod cpu;
 pub mod error;

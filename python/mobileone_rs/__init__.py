@@ -34,6 +34,8 @@ except ImportError as err:
         f"was built against libtorch {TORCH_BUILT_FOR}.0: pip install 'torch=={TORCH_BUILT_FOR}.*'"
     ) from err
 from ._native import (
+    ArgumentTypeError,
+    BlockSpec,
     ConfigError,
     FuseOverflowError,
     InputShapeError,
@@ -44,21 +46,16 @@ from ._native import (
 )
 from .backbone import mobileone
 from .checkpoints import CheckpointError, convert_checkpoint
-from .modules import (
-    MobileOne,
-    MobileOneBlock,
-    Options,
-    SEBlock,
-    fast_paths,
-    module_path,
-    reparameterize_model,
-    safe_globals,
-)
+from .modules import MobileOne, MobileOneBlock, SEBlock, safe_globals
+from .options import Options, fast_paths, module_path
+from .reparameterize import reparameterize_model
 from .verify import ErrorStat, ReparamReport, verify_reparameterization
 
 __version__ = _native.__version__  # Cargo.toml is the one version source
 
 __all__ = [
+    "ArgumentTypeError",
+    "BlockSpec",
     "CheckpointError",
     "ConfigError",
     "ErrorStat",

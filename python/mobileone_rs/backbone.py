@@ -15,7 +15,7 @@ timm's and mmpretrain's checkpoints load after :func:`mobileone_rs.convert_check
 
 from __future__ import annotations
 
-from dataclasses import astuple, dataclass
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -49,6 +49,11 @@ class StageArgs:
     num_conv_branches: int
     use_se: bool
     num_se: int
+
+    def build(self, **kwargs: bool) -> MobileOne:
+        """The ``MobileOne`` stage of these arguments (``kwargs``: inference_mode, options)."""
+        return MobileOne(self.in_channels, self.out_channels, self.num_blocks, self.num_conv_branches,
+                         self.use_se, self.num_se, **kwargs)
 
 
 @dataclass(frozen=True)
@@ -120,7 +125,7 @@ class MobileOneClassifier(nn.Module):
         self.inference_mode = inference_mode
         self.stage0 = MobileOneBlock(3, spec.stem_channels, 3, stride=2, padding=1, inference_mode=inference_mode)
         for k, args in enumerate(spec.stages(), start=1):
-            self.add_module(f"stage{k}", MobileOne(*astuple(args), inference_mode=inference_mode).stage)
+            self.add_module(f"stage{k}", args.build(inference_mode=inference_mode).stage)
         self.gap = nn.AdaptiveAvgPool2d(output_size=1)
         self.linear = nn.Linear(spec.features, num_classes)
 

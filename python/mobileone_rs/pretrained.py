@@ -3,7 +3,7 @@
 
 import sys
 
-from .yolov9.pretrained import *  # noqa: F403 (the module's public names, for old imports)
+from .yolov9.pretrained import *
 from .yolov9.pretrained import main
 
 if __name__ == "__main__":

@@ -8,7 +8,9 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from .modules import MobileOneBlock, module_path, reparameterize_model
+from .modules import MobileOneBlock
+from .options import module_path
+from .reparameterize import reparameterize_model
 
 
 @dataclass(frozen=True)

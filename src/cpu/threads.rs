@@ -145,6 +145,7 @@ pub(crate) struct Records {
 
 // SAFETY: each channel's record is written by the one thread that took that channel.
 unsafe impl Send for Records {}
+// SAFETY: as above: shared references only reach disjoint records.
 unsafe impl Sync for Records {}
 
 impl Records {
@@ -180,6 +181,7 @@ pub(crate) struct PlaneWriter<T>(pub(crate) *mut T);
 
 // SAFETY: every thread writes only the planes of its own channels (see `plane`).
 unsafe impl<T: Send> Send for PlaneWriter<T> {}
+// SAFETY: as above: shared references only reach disjoint planes.
 unsafe impl<T: Send> Sync for PlaneWriter<T> {}
 
 impl<T> PlaneWriter<T> {

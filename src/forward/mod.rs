@@ -1,35 +1,38 @@
 //! The one dispatcher: from the complete state of a block and of the call, it picks the path a
-//! forward takes, and runs the eval paths.
+//! forward takes and returns a [`Plan`] that runs it.
 //!
-//! A fast path runs only where it provably equals the seed's module-by-module forward for the
-//! whole state: every child's exact type, hooks and attributes (each BN's own training flag,
-//! `track_running_stats`, eps, momentum; each conv's stride, padding, dilation, groups,
-//! padding mode, bias and shapes), the input (dtype, device, layout, sizes, the values each BN
-//! averages) and the call (grad mode, autocast, tracing, functorch, dispatch modes, saved-tensor
-//! hooks, forward AD). Anything else takes the module path, which the Python shell runs. `state`
-//! holds what the shells observe, `checks` the per-child conditions, `cost` the rule that hands
-//! an exact fast path to the module path where it is expected to be slower, `eval` the fused and
-//! folded forwards, `se` the squeeze-excite ops.
+//! A fast path runs only where it provably equals the reference's module-by-module forward for
+//! the whole state: every child's exact type, forward, hooks and attributes (each BN's own
+//! training flag, `track_running_stats`, eps, momentum; each conv's stride, padding, dilation,
+//! groups, padding mode, bias and shapes), the input (dtype, device, layout, sizes, finiteness)
+//! and the call (grad mode, autocast, tracing, functorch, dispatch modes, saved-tensor hooks,
+//! forward AD), and only where it is expected to be faster (`cost`). Anything else takes the
+//! module path, which the Python shell runs. `state` holds what the shells observe, `checks` the
+//! per-child conditions, `decision` their answer type, `eval` the fused and folded forwards,
+//! `se` the squeeze-excite ops.
 
 mod checks;
 pub mod cost;
+pub mod decision;
 pub mod eval;
 pub mod se;
 pub mod state;
 
-use tch::{Device, Kind, Tensor};
+use tch::{Device, Tensor};
 
 use crate::error::{config, Result};
-use crate::fuse::{BatchNorm, Branches, ConvBn};
+use crate::fuse::Branches;
 use crate::spec::BlockSpec;
-use crate::train::TrainPath;
+use crate::train::{self, TrainForward, TrainPath};
+use checks::Ctx;
+use decision::{fast, Decision, Refusal};
 use se::SqueezeExcite;
 use state::{BlockState, Body, Env, SeState};
 
 /// Every path a block's forward can take.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Path {
-    /// The seed's forward, module by module (run by the Python shell).
+    /// The reference's forward, module by module (run by the Python shell).
     Module,
     /// An exact no-branch-storage training path (run by the shell's autograd Function).
     Train(TrainPath),
@@ -57,24 +60,141 @@ impl Path {
     }
 }
 
-/// The dispatcher's verdict: the path, why, and the checked tensors a fast path runs on.
+/// What a fast path runs on: the checked tensors, nothing re-read later.
+#[derive(Debug)]
+pub enum Work {
+    Module,
+    Train {
+        path: TrainPath,
+        branches: Branches,
+    },
+    Folded {
+        branches: Branches,
+        cpu: bool,
+    },
+    Fused {
+        weight: Tensor,
+        bias: Tensor,
+        cpu: bool,
+    },
+}
+
+impl Work {
+    fn path(&self) -> Path {
+        match self {
+            Work::Module => Path::Module,
+            Work::Train { path, .. } => Path::Train(*path),
+            Work::Folded { cpu: false, .. } => Path::Folded,
+            Work::Folded { cpu: true, .. } => Path::FoldedCpu,
+            Work::Fused { cpu: false, .. } => Path::Fused,
+            Work::Fused { cpu: true, .. } => Path::FusedCpu,
+        }
+    }
+
+    fn reason(&self) -> &'static str {
+        match self {
+            Work::Module => "the module path",
+            Work::Train { .. } => "every BN trains: the exact no-branch-storage path",
+            Work::Folded { .. } => "every BN is in eval mode: the branches folded into one conv",
+            Work::Fused { .. } => "re-parameterized: one conv",
+        }
+    }
+}
+
+/// The dispatcher's verdict for one call: the path, why, and everything the path runs on.
+#[derive(Debug)]
 pub struct Plan {
-    pub path: Path,
+    /// The block as this call sees it (`num_conv_branches` as read now).
+    pub spec: BlockSpec,
+    pub work: Work,
     pub reason: String,
-    pub branches: Option<Branches>,
-    pub fused: Option<(Tensor, Tensor)>,
     pub se: Option<SqueezeExcite>,
+    /// The input's sizes the plan was checked for.
+    pub input_size: Vec<i64>,
 }
 
 impl Plan {
-    fn module(reason: impl Into<String>) -> Plan {
-        Plan {
-            path: Path::Module,
-            reason: reason.into(),
-            branches: None,
-            fused: None,
-            se: None,
+    /// The path this plan takes.
+    pub fn path(&self) -> Path {
+        self.work.path()
+    }
+
+    /// Runs an eval path (`Folded`, `FoldedCpu`, `Fused`, `FusedCpu`) on `x`.
+    pub fn run_eval(&self, x: &Tensor) -> Result<Tensor> {
+        self.check_input(x)?;
+        let se = self.se.as_ref();
+        match &self.work {
+            Work::Folded { branches, cpu } => {
+                eval::forward_folded(&self.spec, branches, se, x, *cpu)
+            }
+            Work::Fused { weight, bias, cpu } => {
+                eval::forward_fused(&self.spec, weight, bias, se, x, *cpu)
+            }
+            _ => Err(config(format!(
+                "{} is not an eval path",
+                self.path().name()
+            ))),
         }
+    }
+
+    /// The exact train-time branch sum (before SE and ReLU), updating the running statistics;
+    /// `None` when the batch statistics are not finite (nothing was updated).
+    pub fn train_forward(&self, x: &Tensor) -> Result<Option<TrainForward>> {
+        self.check_input(x)?;
+        let (path, branches) = self.training()?;
+        train::forward(&self.spec, branches, x, path)
+    }
+
+    /// The gradients of [`Plan::train_forward`]: input, then per branch kernel, BN weight, BN
+    /// bias; `None` when `grad` or `saved` do not fit.
+    pub fn train_backward(
+        &self,
+        grad: &Tensor,
+        x: &Tensor,
+        saved: &[Tensor],
+    ) -> Result<Option<Vec<Tensor>>> {
+        self.check_input(x)?;
+        let (path, branches) = self.training()?;
+        train::backward(&self.spec, branches, x, saved, grad, path)
+    }
+
+    /// The trainable tensors of a training plan, in the order of the backward's gradients.
+    pub fn parameters(&self) -> Result<Vec<&Tensor>> {
+        let (_, branches) = self.training()?;
+        Ok(train::parameters(branches))
+    }
+
+    /// Each branch's BN eps, in the order of [`Plan::parameters`]' branches.
+    pub fn batch_norm_eps(&self) -> Result<Vec<f64>> {
+        let (_, branches) = self.training()?;
+        Ok(branches.batch_norms().map(|b| b.eps).collect())
+    }
+
+    /// SE (when the block has one) then ReLU, as the block applies them after its branch sum.
+    pub fn activate(&self, y: Tensor) -> Result<Tensor> {
+        se::activate(y, self.se.as_ref())
+    }
+
+    fn training(&self) -> Result<(TrainPath, &Branches)> {
+        match &self.work {
+            Work::Train { path, branches } => Ok((*path, branches)),
+            _ => Err(config(format!(
+                "{} is not a training path",
+                self.path().name()
+            ))),
+        }
+    }
+
+    /// The plan runs only on an input of the size it was checked for.
+    fn check_input(&self, x: &Tensor) -> Result<()> {
+        if x.size() != self.input_size {
+            return Err(config(format!(
+                "the plan was made for an input of size {:?}, got {:?}",
+                self.input_size,
+                x.size()
+            )));
+        }
+        Ok(())
     }
 }
 
@@ -87,7 +207,7 @@ fn env_reason(env: &Env) -> Option<&'static str> {
         ),
         (
             env.jit_tracing,
-            "torch.jit.trace records the seed's torch-level graph",
+            "torch.jit.trace records the reference's torch-level graph",
         ),
         (
             env.functorch,
@@ -101,6 +221,10 @@ fn env_reason(env: &Env) -> Option<&'static str> {
             "saved-tensor hooks are active (checkpointing, offloading)",
         ),
         (env.global_hooks, "global module hooks are registered"),
+        (
+            env.patched_torch,
+            "a torch function or module method the module path calls was replaced",
+        ),
         (env.autocast, "autocast is enabled for the input's device"),
         (
             env.input_subclass,
@@ -116,70 +240,120 @@ fn env_reason(env: &Env) -> Option<&'static str> {
 /// Picks the path of `block`'s forward on `x`. Errors only for inputs the block cannot take at
 /// all (wrong rank, channels, dtype, device or size), with the package's clear messages.
 pub fn choose(x: &Tensor, block: &BlockState, env: &Env) -> Result<Plan> {
-    if let Some(why) = env_reason(env) {
-        return Ok(Plan::module(why));
-    }
-    if !block.activation_plain {
-        return Ok(Plan::module(
-            "activation is not a plain nn.ReLU (or has hooks)",
-        ));
-    }
-    let spec = &block.spec;
-    let weight = match &block.body {
-        Body::Opaque(why) => return Ok(Plan::module(why.clone())),
-        Body::Fused(conv) => &conv.weight,
-        Body::Branches { conv, .. } => match conv.first() {
-            Some(branch) => &branch.conv.weight,
-            None => return Ok(Plan::module("the block has no conv branch")),
-        },
-    };
-    if is_exotic(x.device()) || is_exotic(weight.device()) {
-        return Ok(Plan::module(
-            "the input or weights are on a device the fast paths do not model",
-        ));
-    }
-    spec.check_input(x, weight, false)?;
-    if let Some(why) = checks::input_reason(x, env)? {
-        return Ok(Plan::module(why));
-    }
-    let kind = x.f_kind()?;
-    let se = match checks::se(&block.se, spec, x, kind, env)? {
-        Ok(se) => se,
-        Err(why) => return Ok(Plan::module(why)),
-    };
-    let plan = match &block.body {
-        Body::Fused(conv) => checks::fused(spec, conv, x, kind, env)?,
-        Body::Branches { conv, scale, skip } => {
-            match checks::branches(spec, conv, scale.as_deref(), skip.as_deref(), x, kind, env)? {
-                Ok(plan) => plan,
-                Err(why) => Plan::module(why),
-            }
+    let (work, reason, se) = match decide(x, block, env)? {
+        Decision::Fast((work, se)) => {
+            let reason = work.reason().to_string();
+            (work, reason, se)
         }
-        Body::Opaque(why) => Plan::module(why.clone()),
+        Decision::Module(why) => (Work::Module, why.to_string(), None),
     };
     Ok(Plan {
+        spec: block.spec,
+        work,
+        reason,
         se,
-        ..by_cost(plan, spec, x, weight)
+        input_size: x.size(),
     })
 }
 
-/// The plan as the cost rule ([`cost::judge`]) leaves it: kept, moved to another fast path, or
-/// handed to the module path when the fast path is expected to be slower.
-fn by_cost(plan: Plan, spec: &BlockSpec, x: &Tensor, weight: &Tensor) -> Plan {
+fn decide(
+    x: &Tensor,
+    block: &BlockState,
+    env: &Env,
+) -> Result<Decision<(Work, Option<SqueezeExcite>)>> {
+    if let Some(why) = env_reason(env) {
+        return Ok(Decision::refuse(why));
+    }
+    if !block.activation_plain {
+        return Ok(Decision::refuse(
+            "activation is not torch's nn.ReLU with its own forward (or has hooks)",
+        ));
+    }
+    let weight = match &block.body {
+        Body::Opaque(why) => return Ok(Decision::refuse(why.clone())),
+        Body::Fused(conv) => &conv.weight,
+        Body::Branches { conv, .. } => match conv.first() {
+            Some(branch) => &branch.conv.weight,
+            None => return Ok(Decision::refuse("the block has no conv branch")),
+        },
+    };
+    if is_exotic(x.device()) || is_exotic(weight.device()) {
+        return Ok(Decision::refuse(
+            "the input or weights are on a device the fast paths do not model",
+        ));
+    }
+    block.spec.check_input(x, weight, false)?;
+    fast!(checks::input(x, env));
+    let ctx = Ctx {
+        spec: &block.spec,
+        x,
+        kind: x.f_kind()?,
+        device: x.device(),
+        env,
+    };
+    let se = fast!(checks::se(&ctx, &block.se));
+    let work = match &block.body {
+        Body::Fused(conv) => fast!(checks::fused(&ctx, conv)),
+        Body::Branches { conv, scale, skip } => fast!(checks::branches(
+            &ctx,
+            conv,
+            scale.as_deref(),
+            skip.as_deref()
+        )),
+        Body::Opaque(why) => return Ok(Decision::refuse(why.clone())),
+    };
+    fast!(finite_for_eval(&work, x));
+    let work = fast!(now by_cost(work, &block.spec, x, weight));
+    Ok(Decision::Fast((work, se)))
+}
+
+/// The work as the cost rule ([`cost::judge`]) leaves it: kept, moved from the CPU kernel to
+/// libtorch's conv, or refused when the fast path is expected to be slower than the module path.
+fn by_cost(work: Work, spec: &BlockSpec, x: &Tensor, weight: &Tensor) -> Decision<Work> {
     let mut input = cost::Input::of(&x.size(), &x.stride());
     input.channels_last |= cost::Input::of(&weight.size(), &weight.stride()).channels_last;
     input.cuda = x.device().is_cuda();
-    match cost::judge(plan.path, spec, &input) {
-        cost::Cost::Faster => plan,
-        cost::Cost::Instead(path, why) => Plan {
-            path,
-            reason: format!("{}; {why}", plan.reason),
-            ..plan
-        },
-        cost::Cost::Slower(why) => {
-            Plan::module(format!("expected slower than the module path: {why}"))
+    match (cost::judge(work.path(), spec, &input), work) {
+        (cost::Cost::Faster, work) => Decision::Fast(work),
+        (cost::Cost::Instead(_, _), Work::Folded { branches, .. }) => {
+            Decision::Fast(Work::Folded {
+                branches,
+                cpu: false,
+            })
+        }
+        (cost::Cost::Instead(_, _), Work::Fused { weight, bias, .. }) => {
+            Decision::Fast(Work::Fused {
+                weight,
+                bias,
+                cpu: false,
+            })
+        }
+        (cost::Cost::Instead(_, why) | cost::Cost::Slower(why), _) => {
+            Decision::refuse(format!("expected slower than the module path: {why}"))
         }
     }
+}
+
+/// The folded and CPU-kernel eval paths sum the branches before an inf can meet another: where
+/// the reference gives NaN (inf - inf between branches) they could give inf. A non-finite input
+/// goes to the module path. (`Fused` is the reference's own one conv; the training paths hand
+/// non-finite batches over themselves.) The sum is finite only if every value is: one pass,
+/// no allocation; a finite input whose sum overflows goes to the module path too, still exact.
+fn finite_for_eval(work: &Work, x: &Tensor) -> Result<Decision<()>> {
+    let checked = matches!(work, Work::Folded { .. } | Work::Fused { cpu: true, .. });
+    if !checked {
+        return Ok(Decision::Fast(()));
+    }
+    let total = x.f_sum(x.f_kind()?)?.f_double_value(&[])?;
+    Ok(Decision::unless(
+        !total.is_finite(),
+        || {
+            "the input holds NaN or inf (or overflows a sum): the module path keeps the \
+             reference's NaN/inf pattern"
+                .to_string()
+        },
+        (),
+    ))
 }
 
 /// tch reports every device but CPU, CUDA and Vulkan (meta, XPU, ...) as MPS.
@@ -187,136 +361,38 @@ fn is_exotic(device: Device) -> bool {
     !matches!(device, Device::Cpu | Device::Cuda(_))
 }
 
-/// Runs an eval path of a plan (`Folded`, `FoldedCpu`, `Fused`, `FusedCpu`); `None` for the
-/// paths the shell runs.
-pub fn run_eval(spec: &BlockSpec, plan: &Plan, x: &Tensor) -> Result<Option<Tensor>> {
-    let se = plan.se.as_ref();
-    let cpu = matches!(plan.path, Path::FoldedCpu | Path::FusedCpu);
-    match (plan.path, &plan.branches, &plan.fused) {
-        (Path::Folded | Path::FoldedCpu, Some(branches), _) => {
-            Ok(Some(eval::forward_folded(spec, branches, se, x, cpu)?))
-        }
-        (Path::Fused | Path::FusedCpu, _, Some((weight, bias))) => {
-            Ok(Some(eval::forward_fused(spec, weight, bias, se, x, cpu)?))
-        }
-        _ => Ok(None),
-    }
-}
-
-/// Whether the float32 CPU kernel may serve an eval path: a depthwise block, the option on, a
-/// float32 CPU input, and no gradient wanted (the kernel is not differentiable).
-fn cpu_inference(spec: &BlockSpec, x: &Tensor, kind: Kind, env: &Env, tensors: &[&Tensor]) -> bool {
-    let wants_grad =
-        env.grad_enabled && (x.requires_grad() || tensors.iter().any(|t| t.requires_grad()));
-    env.options.cpu_kernel
-        && spec.is_depthwise()
-        && x.device() == Device::Cpu
-        && kind == Kind::Float
-        && !wants_grad
-}
-
-/// The squeeze-excite path of a standalone `SEBlock`: `Ok(Some(se))` when the native ops may
-/// run, `Ok(None)` for the module path.
+/// The squeeze-excite of a standalone `SEBlock` over `channels`: `Fast(se)` when the native ops
+/// may run, else the module path and why.
 pub fn choose_se(
     x: &Tensor,
     se: &SeState,
     channels: i64,
     env: &Env,
-) -> Result<Option<SqueezeExcite>> {
-    if env_reason(env).is_some() || x.dim() != 4 || is_exotic(x.device()) {
-        return Ok(None);
+) -> Result<Decision<SqueezeExcite>> {
+    if let Some(why) = env_reason(env) {
+        return Ok(Decision::refuse(why));
     }
-    if x.size()[1] != channels || checks::input_reason(x, env)?.is_some() {
-        return Ok(None);
+    if x.dim() != 4 || is_exotic(x.device()) || x.size()[1] != channels {
+        return Ok(Decision::refuse(
+            "the input is not a 4-D tensor of the SE's channels on CPU or CUDA",
+        ));
     }
+    fast!(checks::input(x, env));
     let spec = BlockSpec {
         in_channels: channels,
         out_channels: channels,
         use_se: true,
         ..BlockSpec::default()
     };
-    Ok(checks::se(se, &spec, x, x.f_kind()?, env)?.ok().flatten())
-}
-
-/// The branches of an unfused block's state, shape-checked but without the dispatcher's policy:
-/// a training backward runs on the state its forward was dispatched with.
-pub fn branches_of(block: &BlockState) -> Result<Branches> {
-    let Body::Branches { conv, scale, skip } = &block.body else {
-        return Err(config("a fused block has no branches"));
+    let ctx = Ctx {
+        spec: &spec,
+        x,
+        kind: x.f_kind()?,
+        device: x.device(),
+        env,
     };
-    let bn = |b: &state::BnState| -> Result<BatchNorm> {
-        let field = |t: &Option<Tensor>| {
-            t.as_ref()
-                .map(Tensor::shallow_clone)
-                .ok_or_else(|| config("a BN without affine parameters or running statistics"))
-        };
-        let momentum = match b.momentum {
-            state::Momentum::Value(m) => Some(m),
-            _ => None,
-        };
-        Ok(BatchNorm {
-            weight: field(&b.weight)?,
-            bias: field(&b.bias)?,
-            running_mean: field(&b.running_mean)?,
-            running_var: field(&b.running_var)?,
-            num_batches_tracked: b.num_batches_tracked.as_ref().map(Tensor::shallow_clone),
-            momentum,
-            eps: b
-                .eps
-                .ok_or_else(|| config("a BN eps that is not a number"))?,
-        })
-    };
-    let conv_bn = |b: &state::BranchState| -> Result<ConvBn> {
-        Ok(ConvBn {
-            weight: b.conv.weight.shallow_clone(),
-            bn: bn(&b.bn)?,
-        })
-    };
-    let branches = Branches {
-        conv: conv.iter().map(conv_bn).collect::<Result<_>>()?,
-        scale: scale.as_deref().map(conv_bn).transpose()?,
-        skip: skip.as_deref().map(bn).transpose()?,
-    };
-    crate::fuse::check_branches(&block.spec, &branches)?;
-    Ok(branches)
-}
-
-/// The SE of a state for an input `x` (4-D), shape-checked against its channels.
-pub fn se_of(se: &SeState, x: &Tensor) -> Result<Option<SqueezeExcite>> {
-    let (reduce, expand) = match se {
-        SeState::Absent { .. } => return Ok(None),
-        SeState::Opaque => return Err(config("se is neither our SEBlock nor nn.Identity")),
-        SeState::Present { reduce, expand, .. } => (reduce, expand),
-    };
-    let size = x.size();
-    if size.len() != 4 {
-        return Err(crate::error::Error::InputShape(format!(
-            "SE expects a 4-D input, got {size:?}"
-        )));
+    match fast!(checks::se(&ctx, se)) {
+        Some(se) => Ok(Decision::Fast(se)),
+        None => Ok(Decision::Module(Refusal::new("no SE"))),
     }
-    let c = size[1];
-    let r = reduce.weight.size().first().copied().unwrap_or(0);
-    let (Some(reduce_bias), Some(expand_bias)) = (&reduce.bias, &expand.bias) else {
-        return Err(config("SE convs need biases"));
-    };
-    let shapes = [
-        (&reduce.weight, vec![r, c, 1, 1]),
-        (reduce_bias, vec![r]),
-        (&expand.weight, vec![c, r, 1, 1]),
-        (expand_bias, vec![c]),
-    ];
-    for (t, shape) in &shapes {
-        if t.size() != *shape {
-            return Err(config(format!(
-                "an SE tensor has shape {:?}, expected {shape:?}",
-                t.size()
-            )));
-        }
-    }
-    Ok(Some(SqueezeExcite {
-        reduce_weight: reduce.weight.shallow_clone(),
-        reduce_bias: reduce_bias.shallow_clone(),
-        expand_weight: expand.weight.shallow_clone(),
-        expand_bias: expand_bias.shallow_clone(),
-    }))
 }

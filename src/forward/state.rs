@@ -90,8 +90,8 @@ pub enum SeState {
         expand: Box<ConvState>,
         plain: bool,
     },
-    /// Anything else.
-    Opaque,
+    /// Anything else (the reason names it).
+    Opaque(String),
 }
 
 /// What the block holds: its train-time branches, or the fused conv.
@@ -151,6 +151,9 @@ pub struct Env {
     pub saved_tensor_hooks: bool,
     pub forward_ad: bool,
     pub global_hooks: bool,
+    /// A torch function or stock module method the module path would call was replaced
+    /// (`nn.BatchNorm2d.forward = ...`, `F.conv2d = ...`).
+    pub patched_torch: bool,
     /// The input is not exactly `torch.Tensor` (a subclass: FakeTensor, a wrapper, a Parameter).
     pub input_subclass: bool,
     pub options: Options,

@@ -173,7 +173,11 @@ pub fn check_branches(spec: &BlockSpec, branches: &Branches) -> Result<()> {
             "the block's scale/skip branches do not match its spec",
         ));
     }
-    let first = &branches.conv[0].weight;
+    let first = &branches
+        .conv
+        .first()
+        .ok_or_else(|| config("a block needs at least one conv branch"))?
+        .weight;
     let (kind, device) = (first.f_kind()?, first.device());
     if !is_float(kind) {
         return Err(config(format!(

@@ -1,169 +1,122 @@
-//! Argument conversion: the tuples the nn.Module shells pass, turned into core types.
+//! Argument conversion: constructor arguments (strict: a bool is a bool, an int an int), input
+//! tensors, and the named branch tensors that re-parameterization folds.
 
-use pyo3::exceptions::PyTypeError;
 use pyo3::prelude::*;
-use pyo3::types::{PyFloat, PyInt, PyTuple};
+use pyo3::types::{PyBool, PyFloat, PyInt};
 use pyo3_tch::PyTensor;
 use tch::Tensor;
 
-use super::errors::not_a_tensor;
+use super::errors::{not_a_tensor, type_name};
 use crate::cpu::check_metadata;
 use crate::error::Error;
 use crate::fuse::{BatchNorm, Branches, ConvBn};
-use crate::spec::BlockSpec;
 
-/// `(weight, bias, running_mean, running_var, num_batches_tracked, momentum, eps)`.
-#[derive(FromPyObject)]
-pub struct PyBatchNorm(
-    PyTensor,
-    PyTensor,
-    PyTensor,
-    PyTensor,
-    Option<PyTensor>,
-    Option<f64>,
-    f64,
-);
-
-impl From<PyBatchNorm> for BatchNorm {
-    fn from(bn: PyBatchNorm) -> Self {
-        let PyBatchNorm(weight, bias, running_mean, running_var, count, momentum, eps) = bn;
-        BatchNorm {
-            weight: weight.0,
-            bias: bias.0,
-            running_mean: running_mean.0,
-            running_var: running_var.0,
-            num_batches_tracked: count.map(|c| c.0),
-            momentum,
-            eps,
-        }
-    }
+fn wrong_type(obj: &Bound<'_, PyAny>, name: &str, wanted: &str) -> PyErr {
+    let repr = obj.repr().map(|r| r.to_string()).unwrap_or_default();
+    Error::ArgumentType(format!(
+        "{name} must be {wanted}, got {} {repr}",
+        type_name(obj)
+    ))
+    .into()
 }
 
-/// `(conv_weight, batch_norm)`.
-#[derive(FromPyObject)]
-pub struct PyConvBn(PyTensor, PyBatchNorm);
-
-impl From<PyConvBn> for ConvBn {
-    fn from(branch: PyConvBn) -> Self {
-        ConvBn {
-            weight: branch.0 .0,
-            bn: branch.1.into(),
-        }
-    }
-}
-
-/// `(in_channels, out_channels, kernel_size, stride, padding, dilation, groups, use_se, num_conv_branches)`.
-pub struct PyBlockSpec(BlockSpec);
-
-const SPEC_NAMES: [&str; 9] = [
-    "in_channels",
-    "out_channels",
-    "kernel_size",
-    "stride",
-    "padding",
-    "dilation",
-    "groups",
-    "use_se",
-    "num_conv_branches",
-];
-
-impl<'py> FromPyObject<'py> for PyBlockSpec {
-    fn extract_bound(ob: &Bound<'py, PyAny>) -> PyResult<Self> {
-        let items = ob.downcast::<PyTuple>()?;
-        if items.len() != SPEC_NAMES.len() {
-            return Err(PyTypeError::new_err(format!(
-                "a block spec has {} fields, got {}",
-                SPEC_NAMES.len(),
-                items.len()
-            )));
-        }
-        let mut ints = [0i64; 9];
-        for (i, name) in SPEC_NAMES.iter().enumerate() {
-            if *name != "use_se" {
-                ints[i] = int_arg(&items.get_item(i)?, name)?;
-            }
-        }
-        let use_se = items.get_item(7)?.is_truthy()?;
-        Ok(PyBlockSpec(BlockSpec {
-            in_channels: ints[0],
-            out_channels: ints[1],
-            kernel_size: ints[2],
-            stride: ints[3],
-            padding: ints[4],
-            dilation: ints[5],
-            groups: ints[6],
-            use_se,
-            num_conv_branches: ints[8],
-        }))
-    }
-}
-
-impl PyBlockSpec {
-    /// The spec, after every check of [`BlockSpec::validate`] (a `ConfigError` otherwise).
-    pub fn validated(self) -> PyResult<BlockSpec> {
-        self.0.validate()?;
-        Ok(self.0)
-    }
-}
-
-/// An integer argument, or a `TypeError` (not an int) / `ConfigError` (beyond int64) naming it.
+/// An integer argument (a bool is not one), or a `ConfigError` naming it.
 pub fn int_arg(obj: &Bound<'_, PyAny>, name: &str) -> PyResult<i64> {
+    if obj.is_instance_of::<PyBool>() {
+        return Err(wrong_type(obj, name, "an integer"));
+    }
     if let Ok(value) = obj.extract::<i64>() {
         return Ok(value);
     }
     if obj.is_instance_of::<PyInt>() {
         return Err(Error::Config(format!("{name} is out of range, got {obj}")).into());
     }
-    Err(PyTypeError::new_err(format!(
-        "{name} must be an integer, got {} {}",
-        type_name(obj),
-        obj.repr()?
-    )))
+    Err(wrong_type(obj, name, "an integer"))
 }
 
-/// The name of `obj`'s type, for error messages.
-fn type_name(obj: &Bound<'_, PyAny>) -> String {
-    obj.get_type()
-        .name()
-        .map(|n| n.to_string())
-        .unwrap_or_else(|_| "?".into())
+/// A bool argument (`True` or `False`; not a string such as `"False"`), or a `ConfigError`.
+pub fn bool_arg(obj: &Bound<'_, PyAny>, name: &str) -> PyResult<bool> {
+    obj.extract::<bool>()
+        .map_err(|_| wrong_type(obj, name, "a bool (True or False)"))
 }
 
-/// A float argument, or a `TypeError` naming it.
+/// A float argument, or a `ConfigError` naming it.
 pub fn float_arg(obj: &Bound<'_, PyAny>, name: &str) -> PyResult<f64> {
-    let is_number = obj.is_instance_of::<PyInt>() || obj.is_instance_of::<PyFloat>();
+    let is_number = (obj.is_instance_of::<PyInt>() || obj.is_instance_of::<PyFloat>())
+        && !obj.is_instance_of::<PyBool>();
     match obj.extract::<f64>() {
         Ok(value) if is_number => Ok(value),
-        _ => Err(PyTypeError::new_err(format!(
-            "{name} must be a number, got {}",
-            type_name(obj)
-        ))),
+        _ => Err(wrong_type(obj, name, "a number")),
     }
 }
 
-/// A block spec as the tuple `MobileOneBlock.__init__` would pass (in the order above).
-pub type SpecTuple = (i64, i64, i64, i64, i64, i64, i64, bool, i64);
+/// The input tensor, or an `InputTypeError` naming what was passed instead.
+pub fn input_tensor(x: &Bound<'_, PyAny>) -> PyResult<Tensor> {
+    tensor_arg(x, "input")
+}
 
-/// The tuple form of a spec.
-pub fn spec_tuple(s: &BlockSpec) -> SpecTuple {
-    (
-        s.in_channels,
-        s.out_channels,
-        s.kernel_size,
-        s.stride,
-        s.padding,
-        s.dilation,
-        s.groups,
-        s.use_se,
-        s.num_conv_branches,
-    )
+/// A tensor argument, its metadata checked.
+pub fn tensor_arg(x: &Bound<'_, PyAny>, what: &str) -> PyResult<Tensor> {
+    let t = x
+        .extract::<PyTensor>()
+        .map(|t| t.0)
+        .map_err(|_| not_a_tensor(what, x))?;
+    check_metadata(&t, what)?;
+    Ok(t)
+}
+
+/// `FoldBn`: the tensors of a BatchNorm that re-parameterization folds.
+#[derive(FromPyObject)]
+pub struct PyFoldBn {
+    #[pyo3(item)]
+    weight: PyTensor,
+    #[pyo3(item)]
+    bias: PyTensor,
+    #[pyo3(item)]
+    running_mean: PyTensor,
+    #[pyo3(item)]
+    running_var: PyTensor,
+    #[pyo3(item)]
+    eps: f64,
+}
+
+impl From<PyFoldBn> for BatchNorm {
+    fn from(bn: PyFoldBn) -> Self {
+        BatchNorm {
+            weight: bn.weight.0,
+            bias: bn.bias.0,
+            running_mean: bn.running_mean.0,
+            running_var: bn.running_var.0,
+            num_batches_tracked: None,
+            momentum: None,
+            eps: bn.eps,
+        }
+    }
+}
+
+/// `FoldBranch`: a conv kernel and its BatchNorm.
+#[derive(FromPyObject)]
+pub struct PyFoldBranch {
+    #[pyo3(item)]
+    weight: PyTensor,
+    #[pyo3(item)]
+    bn: PyFoldBn,
+}
+
+impl From<PyFoldBranch> for ConvBn {
+    fn from(branch: PyFoldBranch) -> Self {
+        ConvBn {
+            weight: branch.weight.0,
+            bn: branch.bn.into(),
+        }
+    }
 }
 
 /// The branches of an unfused block, every tensor's metadata checked.
 pub fn branches(
-    conv: Vec<PyConvBn>,
-    scale: Option<PyConvBn>,
-    skip: Option<PyBatchNorm>,
+    conv: Vec<PyFoldBranch>,
+    scale: Option<PyFoldBranch>,
+    skip: Option<PyFoldBn>,
 ) -> PyResult<Branches> {
     let branches = Branches {
         conv: conv.into_iter().map(ConvBn::from).collect(),
@@ -179,24 +132,4 @@ pub fn branches(
         }
     }
     Ok(branches)
-}
-
-/// The input tensor, or an `InputTypeError` naming what was passed instead.
-pub fn input_tensor(x: &Bound<'_, PyAny>) -> PyResult<Tensor> {
-    let t = x
-        .extract::<PyTensor>()
-        .map(|t| t.0)
-        .map_err(|_| not_a_tensor("input", x))?;
-    check_metadata(&t, "the input")?;
-    Ok(t)
-}
-
-/// A tensor argument, its metadata checked.
-pub fn tensor_arg(x: &Bound<'_, PyAny>, what: &str) -> PyResult<Tensor> {
-    let t = x
-        .extract::<PyTensor>()
-        .map(|t| t.0)
-        .map_err(|_| not_a_tensor(what, x))?;
-    check_metadata(&t, what)?;
-    Ok(t)
 }

@@ -26,6 +26,7 @@ static INPUT_TYPE_ERROR: GILOnceCell<Py<PyType>> = GILOnceCell::new();
 static YAML_ERROR: GILOnceCell<Py<PyType>> = GILOnceCell::new();
 static FUSE_OVERFLOW_ERROR: GILOnceCell<Py<PyType>> = GILOnceCell::new();
 static TORCH_ERROR: GILOnceCell<Py<PyType>> = GILOnceCell::new();
+static ARGUMENT_TYPE_ERROR: GILOnceCell<Py<PyType>> = GILOnceCell::new();
 
 /// A subclass of `MobileOneError` and of a builtin, so `except ValueError` still catches it.
 fn subclass(
@@ -34,7 +35,16 @@ fn subclass(
     builtin: Bound<'_, PyType>,
     doc: &str,
 ) -> PyResult<Py<PyType>> {
-    let bases = PyTuple::new(py, [py.get_type::<MobileOneError>(), builtin])?;
+    subclass_of(py, name, [py.get_type::<MobileOneError>(), builtin], doc)
+}
+
+fn subclass_of<'py>(
+    py: Python<'py>,
+    name: &str,
+    bases: [Bound<'py, PyType>; 2],
+    doc: &str,
+) -> PyResult<Py<PyType>> {
+    let bases = PyTuple::new(py, bases)?;
     let namespace = PyDict::new(py);
     namespace.set_item("__module__", "mobileone_rs")?;
     namespace.set_item("__doc__", doc)?;
@@ -96,6 +106,16 @@ pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
         let cls = cell.get_or_try_init(py, || subclass(py, name, builtin(py), doc))?;
         m.add(name, cls.bind(py))?;
     }
+    // A wrong-typed constructor argument is a ConfigError (YOLOv9's yaml-layer hint catches it)
+    // and a TypeError (as Python reports a wrong type).
+    let config = CONFIG_ERROR.get(py).map(|c| c.bind(py).clone());
+    let config = config.ok_or_else(|| PyTypeError::new_err("ConfigError is not registered"))?;
+    let cls = ARGUMENT_TYPE_ERROR.get_or_try_init(py, || {
+        let bases = [config, py.get_type::<PyTypeError>()];
+        let doc = "A constructor argument of the wrong type (a str where a bool belongs, ...).";
+        subclass_of(py, "ArgumentTypeError", bases, doc)
+    })?;
+    m.add("ArgumentTypeError", cls.bind(py))?;
     Ok(())
 }
 
@@ -111,6 +131,7 @@ impl From<Error> for PyErr {
         let msg = err.to_string();
         match err {
             Error::Config(_) => raise(&CONFIG_ERROR, msg),
+            Error::ArgumentType(_) => raise(&ARGUMENT_TYPE_ERROR, msg),
             Error::InputShape(_) => raise(&INPUT_SHAPE_ERROR, msg),
             Error::InputType(_) => raise(&INPUT_TYPE_ERROR, msg),
             Error::Yaml(_) => raise(&YAML_ERROR, msg),
@@ -130,12 +151,19 @@ impl From<Error> for PyErr {
 
 /// The error for an argument that should have been a tensor.
 pub fn not_a_tensor(what: &str, obj: &Bound<'_, PyAny>) -> PyErr {
-    let type_name = obj
-        .get_type()
+    Error::InputType(format!(
+        "{what} must be a torch.Tensor, got {}",
+        type_name(obj)
+    ))
+    .into()
+}
+
+/// The name of `obj`'s type, for error messages.
+pub fn type_name(obj: &Bound<'_, PyAny>) -> String {
+    obj.get_type()
         .name()
         .map(|n| n.to_string())
-        .unwrap_or_else(|_| "?".into());
-    Error::InputType(format!("{what} must be a torch.Tensor, got {type_name}")).into()
+        .unwrap_or_else(|_| "?".into())
 }
 
 /// Calls in flight under [`guarded`]: while any runs, the panic hook stays silent (the panic

@@ -1,36 +1,35 @@
 //! The Python binding layer: the only place that touches pyo3 / pyo3-tch. Every call converts
 //! its arguments, runs the core with the GIL released under a panic guard, and maps the core's
-//! error once (`errors`). `convert` and `state` turn the shells' tuples into core types.
+//! error once (`errors`). `spec` is the validated block spec, `state` reads the shells'
+//! observations by name, `plan` is the dispatcher's verdict that runs a call's path, `convert`
+//! the remaining arguments.
 
 mod convert;
 mod errors;
+mod plan;
+mod spec;
 mod state;
 
 use pyo3::prelude::*;
 use pyo3_tch::PyTensor;
-use tch::Tensor;
 
-use crate::error::{config, Result};
-use crate::forward::{self, Path};
+use crate::error::Result;
+use crate::forward::{self, decision::Decision};
 use crate::fuse;
 use crate::spec::stage::{self, StageSpec};
 use crate::spec::{self as block_spec, yaml};
-use crate::train::{self, TrainPath};
-use convert::{PyBatchNorm, PyBlockSpec, PyConvBn, SpecTuple};
+use convert::{PyFoldBn, PyFoldBranch};
 use errors::guarded;
+use plan::PyPlan;
+use spec::PyBlockSpec;
+use state::PyCallEnv;
 
 /// Runs `f` with the GIL released and every panic turned into an error.
 fn released<T: Send>(py: Python<'_>, f: impl FnOnce() -> Result<T> + Send) -> PyResult<T> {
     Ok(py.allow_threads(|| guarded(f))?)
 }
 
-/// Validates a block's constructor arguments; raises `ConfigError` naming the first bad one.
-#[pyfunction]
-fn validate_block(spec: PyBlockSpec) -> PyResult<()> {
-    spec.validated().map(|_| ())
-}
-
-/// The seed's SE reduced width `int(in_channels * rd_ratio)`; raises `ConfigError` when it is 0.
+/// The reference's SE reduced width `int(in_channels * rd_ratio)`; `ConfigError` when it is 0.
 #[pyfunction]
 fn se_reduced_channels(
     in_channels: &Bound<'_, PyAny>,
@@ -41,27 +40,27 @@ fn se_reduced_channels(
     Ok(block_spec::se_reduced_channels(in_channels, rd_ratio)?)
 }
 
-/// The block specs of a `MobileOne` stage, in order.
+/// The block specs of a `MobileOne` stage, in order; `ConfigError` names a wrong argument.
 #[pyfunction]
 fn stage_plan(
     in_channels: &Bound<'_, PyAny>,
     out_channels: &Bound<'_, PyAny>,
     num_blocks_per_stage: &Bound<'_, PyAny>,
     num_conv_branches: &Bound<'_, PyAny>,
-    use_se: bool,
+    use_se: &Bound<'_, PyAny>,
     num_se: &Bound<'_, PyAny>,
-) -> PyResult<Vec<SpecTuple>> {
+) -> PyResult<Vec<PyBlockSpec>> {
     let spec = StageSpec {
         in_channels: convert::int_arg(in_channels, "in_channels")?,
         out_channels: convert::int_arg(out_channels, "out_channels")?,
         num_blocks: convert::int_arg(num_blocks_per_stage, "num_blocks_per_stage")?,
         num_conv_branches: convert::int_arg(num_conv_branches, "num_conv_branches")?,
-        use_se,
+        use_se: convert::bool_arg(use_se, "use_se")?,
         num_se: convert::int_arg(num_se, "num_se")?,
     };
     Ok(stage::plan_stage(&spec)?
-        .iter()
-        .map(convert::spec_tuple)
+        .into_iter()
+        .map(PyBlockSpec)
         .collect())
 }
 
@@ -76,144 +75,23 @@ fn check_input(
 ) -> PyResult<()> {
     let x = convert::input_tensor(x)?;
     let weight = convert::tensor_arg(weight, "the block's weight")?;
-    let spec = spec.validated()?;
-    released(py, move || spec.check_input(&x, &weight, autocast))
+    released(py, move || spec.0.check_input(&x, &weight, autocast))
 }
 
-/// `(path, reason)`: the path `block_forward` takes for this input and state, and why.
-#[pyfunction]
-fn forward_path(
+/// The plan of a block's forward on `x`: its path, why, and what it runs on. Raises for inputs
+/// the block cannot take at all (rank, channels, dtype, device, size).
+#[pyfunction(name = "plan")]
+fn dispatch(
     py: Python<'_>,
     x: &Bound<'_, PyAny>,
     block: &Bound<'_, PyAny>,
-    env: &Bound<'_, PyAny>,
-) -> PyResult<(&'static str, String)> {
-    let x = convert::input_tensor(x)?;
-    let (block, env) = (state::block(block)?, state::env(env)?);
-    released(py, move || {
-        let plan = forward::choose(&x, &block, &env)?;
-        Ok((plan.path.name(), plan.reason))
-    })
-}
-
-/// A block forward's result: the output of a path run here, or the name of one the shell runs
-/// (`"module"`, `"train_*"`).
-#[derive(IntoPyObject)]
-enum Forwarded {
-    Output(PyTensor),
-    Path(&'static str),
-}
-
-/// The forward of a block: runs the eval paths here and returns their output; for the module
-/// and training paths returns the path's name.
-#[pyfunction]
-fn block_forward(
-    py: Python<'_>,
-    x: &Bound<'_, PyAny>,
-    block: &Bound<'_, PyAny>,
-    env: &Bound<'_, PyAny>,
-) -> PyResult<Forwarded> {
-    let x = convert::input_tensor(x)?;
-    let (block, env) = (state::block(block)?, state::env(env)?);
-    released(py, move || {
-        let plan = forward::choose(&x, &block, &env)?;
-        Ok(match forward::run_eval(&block.spec, &plan, &x)? {
-            Some(out) => Forwarded::Output(PyTensor(out)),
-            None => Forwarded::Path(plan.path.name()),
-        })
-    })
-}
-
-fn train_path_named(name: &str) -> Result<TrainPath> {
-    [
-        TrainPath::Gram,
-        TrainPath::DepthwiseCpu,
-        TrainPath::DepthwiseRecompute,
-    ]
-    .into_iter()
-    .find(|p| p.name() == name)
-    .ok_or_else(|| config(format!("unknown training path {name:?}")))
-}
-
-/// The exact train-time branch sum (before SE and ReLU) on the training path `path`, updating
-/// the running statistics; `(sum, saved)`, or `None` when the batch statistics are not finite
-/// (nothing updated: the shell runs the module path). The dispatcher must pick `path` for this
-/// state, else `ConfigError`.
-#[pyfunction]
-fn train_forward(
-    py: Python<'_>,
-    x: &Bound<'_, PyAny>,
-    block: &Bound<'_, PyAny>,
-    env: &Bound<'_, PyAny>,
-    path: &str,
-) -> PyResult<Option<(PyTensor, Vec<PyTensor>)>> {
-    let x = convert::input_tensor(x)?;
-    let (block, env) = (state::block(block)?, state::env(env)?);
-    let path = train_path_named(path)?;
-    let out = released(py, move || {
-        let plan = forward::choose(&x, &block, &env)?;
-        let (Path::Train(chosen), Some(branches)) = (plan.path, plan.branches) else {
-            return Err(config(format!(
-                "the dispatcher picks {:?} here, not {}",
-                plan.path.name(),
-                path.name()
-            )));
-        };
-        if chosen != path {
-            return Err(config(format!(
-                "the dispatcher picks {}, not {}",
-                chosen.name(),
-                path.name()
-            )));
-        }
-        train::forward(&block.spec, &branches, &x, path)
-    })?;
-    Ok(out.map(|f| {
-        (
-            PyTensor(f.output),
-            f.saved.into_iter().map(PyTensor).collect(),
-        )
-    }))
-}
-
-/// The gradients of [`train_forward`] (input, then per branch kernel, BN weight, BN bias), for
-/// the block state captured at that forward; `None` when `grad` or the saved tensors do not fit.
-#[pyfunction]
-fn train_backward(
-    py: Python<'_>,
-    grad: &Bound<'_, PyAny>,
-    x: &Bound<'_, PyAny>,
-    block: &Bound<'_, PyAny>,
-    path: &str,
-    saved: Vec<Bound<'_, PyAny>>,
-) -> PyResult<Option<Vec<PyTensor>>> {
-    let grad = convert::tensor_arg(grad, "grad")?;
+    env: PyCallEnv,
+) -> PyResult<PyPlan> {
     let x = convert::input_tensor(x)?;
     let block = state::block(block)?;
-    let path = train_path_named(path)?;
-    let saved = saved
-        .iter()
-        .map(|t| convert::tensor_arg(t, "a saved tensor"))
-        .collect::<PyResult<Vec<Tensor>>>()?;
-    let grads = released(py, move || {
-        let branches = forward::branches_of(&block)?;
-        if x.dim() != 4 || x.size()[1] != block.spec.in_channels {
-            return Ok(None);
-        }
-        train::backward(&block.spec, &branches, &x, &saved, &grad, path)
-    })?;
-    Ok(grads.map(|g| g.into_iter().map(PyTensor).collect()))
-}
-
-/// SE (when the state has one) then ReLU, as a block applies them after its branch sum.
-#[pyfunction]
-fn se_relu(py: Python<'_>, x: &Bound<'_, PyAny>, se: &Bound<'_, PyAny>) -> PyResult<PyTensor> {
-    let x = convert::input_tensor(x)?;
-    let se = state::se(se)?;
-    released(py, move || {
-        let se = forward::se_of(&se, &x)?;
-        Ok(PyTensor(forward::se::activate(x, se.as_ref())?))
-    })
+    let env = env.into();
+    let plan = released(py, move || forward::choose(&x, &block, &env))?;
+    Ok(plan.into())
 }
 
 /// The squeeze-excite forward of a standalone `SEBlock` of `channels`, or `None` when the state
@@ -224,31 +102,34 @@ fn se_forward(
     x: &Bound<'_, PyAny>,
     se: &Bound<'_, PyAny>,
     channels: i64,
-    env: &Bound<'_, PyAny>,
+    env: PyCallEnv,
 ) -> PyResult<Option<PyTensor>> {
     let x = convert::input_tensor(x)?;
-    let (se, env) = (state::se(se)?, state::env(env)?);
+    let (se, env) = (state::se(se)?, env.into());
     released(py, move || {
-        let Some(se) = forward::choose_se(&x, &se, channels, &env)? else {
-            return Ok(None);
-        };
-        Ok(Some(PyTensor(forward::se::forward(&se, &x)?)))
+        match forward::choose_se(&x, &se, channels, &env)? {
+            Decision::Fast(se) => Ok(Some(PyTensor(forward::se::forward(&se, &x)?))),
+            Decision::Module(_) => Ok(None),
+        }
     })
 }
 
 /// The `(kernel, bias)` of the one conv equal to every branch in eval mode, in the weights'
 /// dtype (computed in at least float32). Raises `FuseOverflowError` when it does not fit.
 #[pyfunction]
-#[pyo3(signature = (spec, conv, scale, skip))]
+#[pyo3(signature = (spec, convs, scale, skip))]
 fn fuse_block(
     py: Python<'_>,
     spec: PyBlockSpec,
-    conv: Vec<PyConvBn>,
-    scale: Option<PyConvBn>,
-    skip: Option<PyBatchNorm>,
+    convs: Vec<PyFoldBranch>,
+    scale: Option<PyFoldBranch>,
+    skip: Option<PyFoldBn>,
 ) -> PyResult<(PyTensor, PyTensor)> {
-    let spec = spec.validated()?;
-    let branches = convert::branches(conv, scale, skip)?;
+    let spec = crate::spec::BlockSpec {
+        num_conv_branches: convs.len() as i64,
+        ..spec.0
+    };
+    let branches = convert::branches(convs, scale, skip)?;
     let (kernel, bias) = released(py, move || {
         let _guard = tch::no_grad_guard();
         fuse::check_branches(&spec, &branches)?;
@@ -290,15 +171,12 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     errors::install_panic_hook();
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;
     m.add("TORCH_VERSION_BUILT", "2.13")?;
-    m.add_function(wrap_pyfunction!(validate_block, m)?)?;
+    m.add_class::<PyBlockSpec>()?;
+    m.add_class::<PyPlan>()?;
     m.add_function(wrap_pyfunction!(se_reduced_channels, m)?)?;
     m.add_function(wrap_pyfunction!(stage_plan, m)?)?;
     m.add_function(wrap_pyfunction!(check_input, m)?)?;
-    m.add_function(wrap_pyfunction!(forward_path, m)?)?;
-    m.add_function(wrap_pyfunction!(block_forward, m)?)?;
-    m.add_function(wrap_pyfunction!(train_forward, m)?)?;
-    m.add_function(wrap_pyfunction!(train_backward, m)?)?;
-    m.add_function(wrap_pyfunction!(se_relu, m)?)?;
+    m.add_function(wrap_pyfunction!(dispatch, m)?)?;
     m.add_function(wrap_pyfunction!(se_forward, m)?)?;
     m.add_function(wrap_pyfunction!(fuse_block, m)?)?;
     m.add_function(wrap_pyfunction!(yaml_mobileone_layers, m)?)?;

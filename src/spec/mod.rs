@@ -17,7 +17,7 @@ pub const MAX_GEOMETRY: i64 = 255;
 pub const SE_RD_RATIO: f64 = 0.0625;
 
 /// The constructor arguments of a `MobileOneBlock`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub struct BlockSpec {
     pub in_channels: i64,
     pub out_channels: i64,

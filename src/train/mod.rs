@@ -57,6 +57,20 @@ pub fn count_batch(bn: &BatchNorm) -> Result<f64> {
     Ok(factor)
 }
 
+/// The trainable tensors of `branches`, in the order of [`backward`]'s gradients after the
+/// input's: per conv branch then the scale branch its kernel, BN weight and BN bias; the skip's
+/// BN weight and bias.
+pub fn parameters(branches: &Branches) -> Vec<&Tensor> {
+    let mut params = Vec::new();
+    for c in branches.conv.iter().chain(branches.scale.iter()) {
+        params.extend([&c.weight, &c.bn.weight, &c.bn.bias]);
+    }
+    if let Some(skip) = &branches.skip {
+        params.extend([&skip.weight, &skip.bias]);
+    }
+    params
+}
+
 /// One branch seen uniformly: its kernel (`None` for the BN skip) and its BatchNorm.
 pub(crate) struct Branch<'a> {
     pub weight: Option<&'a Tensor>,

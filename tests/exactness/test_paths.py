@@ -59,7 +59,7 @@ def test_options_select_the_paths():
         assert _path(block) == "train_depthwise"
     assert _path(mobileone_rs.MobileOneBlock(**DW, cpu_kernel=False)) == "train_depthwise"
     low = mobileone_rs.MobileOneBlock(**DW, low_memory=False)
-    assert _path(low, explain=True) == ("module", ("low_memory=False: depthwise blocks train through the seed's "
+    assert _path(low, explain=True) == ("module", ("low_memory=False: depthwise blocks train through the reference's "
                                                   "branches"))
     assert _path(mobileone_rs.MobileOneBlock(**DW, fast=False)) == "module"
     with mobileone_rs.module_path():
@@ -89,11 +89,11 @@ STATES = {
     "hook on a BN": (lambda b: b.rbr_conv[0].bn.register_forward_hook(lambda *a: None), "module", "hooks"),
     "hook on a conv": (lambda b: b.rbr_scale.conv.register_forward_pre_hook(lambda *a: None), "module", "hooks"),
     "BN subclass": (lambda b: setattr(b.rbr_conv[0], "bn", type("Norm", (nn.BatchNorm2d,), {})(8)), "module",
-                    "not an nn.BatchNorm2d"),
+                    "not torch's nn.BatchNorm2d"),
     "reflect padding": (lambda b: setattr(b.rbr_conv[0].conv, "padding_mode", "reflect"), "module", "padding_mode"),
     "conv bias": (lambda b: setattr(b.rbr_conv[0].conv, "bias", nn.Parameter(torch.zeros(8))), "module", "bias"),
     "other activation": (lambda b: setattr(b, "activation", nn.SiLU()), "module", "activation"),
-    "no skip": (lambda b: setattr(b, "rbr_skip", None), "module", "branches differ"),
+    "no skip": (lambda b: setattr(b, "rbr_skip", None), "module", "skip branch differs"),
     "running stats need grad": (lambda b: b.rbr_skip.running_var.requires_grad_(True), "module", "in place"),
     "double BN stats": (lambda b: setattr(b.rbr_skip, "running_var", b.rbr_skip.running_var.double()), "module",
                         "dtype"),

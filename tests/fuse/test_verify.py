@@ -106,7 +106,7 @@ def _perturb(block: torch.nn.Module) -> None:
 @pytest.fixture
 def broken_fold(monkeypatch):
     """Makes every reparameterize_model that verify may call damage block BROKEN of its result."""
-    real = mobileone_rs.modules.reparameterize_model
+    real = mobileone_rs.reparameterize.reparameterize_model
     calls = []
 
     def damaged(model, *args, **kwargs):
@@ -115,7 +115,7 @@ def broken_fold(monkeypatch):
         calls.append(1)
         return fused
 
-    for owner in (mobileone_rs.verify, mobileone_rs.modules, mobileone_rs):
+    for owner in (mobileone_rs.verify, mobileone_rs.reparameterize, mobileone_rs):
         monkeypatch.setattr(owner, "reparameterize_model", damaged, raising=False)
     return calls
 

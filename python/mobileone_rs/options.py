@@ -1,0 +1,71 @@
+"""A block's fast-path options, and scopes that override them on one thread."""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+from collections.abc import Iterator
+from typing import NamedTuple
+
+
+class Options(NamedTuple):
+    """A block's fast-path options.
+
+    Attributes:
+        fast: run fast paths at all (False: the reference's module path always).
+        low_memory: depthwise blocks train without storing branch outputs (False: through the
+            reference's branches, which store them).
+        cpu_kernel: depthwise blocks use the CPU kernels (training in float32/64, inference in
+            float32) on CPU tensors (False: libtorch's ops).
+    """
+
+    fast: bool = True
+    low_memory: bool = True
+    cpu_kernel: bool = True
+
+
+class _Override(NamedTuple):
+    fast: bool | None = None
+    low_memory: bool | None = None
+    cpu_kernel: bool | None = None
+
+
+_scope = threading.local()
+
+
+def effective(options: Options) -> Options:
+    """A block's options with this thread's :func:`fast_paths` scope applied."""
+    override: _Override | None = getattr(_scope, "override", None)
+    if override is None:
+        return options
+    return Options(*(mine if theirs is None else theirs for mine, theirs in zip(options, override)))
+
+
+@contextlib.contextmanager
+def fast_paths(
+    enabled: bool | None = None, low_memory: bool | None = None, cpu_kernel: bool | None = None
+) -> Iterator[None]:
+    """Overrides every block's options on this thread for the scope; ``None`` keeps a block's own.
+
+    Example: ``with fast_paths(cpu_kernel=False): model(x)`` runs libtorch's ops where the CPU
+    kernels would run.
+    """
+    previous: _Override = getattr(_scope, "override", _Override())
+    _scope.override = _Override(
+        previous.fast if enabled is None else enabled,
+        previous.low_memory if low_memory is None else low_memory,
+        previous.cpu_kernel if cpu_kernel is None else cpu_kernel,
+    )
+    try:
+        yield
+    finally:
+        _scope.override = previous
+
+
+def module_path() -> contextlib.AbstractContextManager[None]:
+    """Inside this context, blocks on this thread run the reference's module-by-module path.
+
+    That path calls every branch's conv and BN as the reference does; it is the independent
+    reference that :func:`mobileone_rs.verify_reparameterization` compares fused blocks against.
+    """
+    return fast_paths(enabled=False)
