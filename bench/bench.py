@@ -224,7 +224,8 @@ def publish(meta: dict, rows: list[Row], out: Path) -> None:
     chain = [row for row in rows if row.workload.startswith("chain ")]
     blocks = [row for row in rows if not row.workload.startswith("chain ")]
     title = f"mobileone_rs {meta['git']} vs reference, {meta['device_name']}, {meta['torch_threads']} threads"
-    report.write_plot(out / "bench.png", chain, blocks, title)
+    if chain or blocks:
+        report.write_plot(out / "bench.png", chain, blocks, title)
     print(f"# {title}; torch {meta['torch']}; median of {meta['repeats']} runs each (chain forwards: "
           f"{max(meta['repeats'], FORWARD_REPEATS) if not meta['quick'] else meta['repeats']}), alternated\n")
     print(report.markdown_table(rows))

@@ -77,9 +77,11 @@ pub enum Cost {
     Slower(String),
 }
 
-/// Slower than the module path by this fraction of its work or more: refused. Below 1, so that
-/// a path the model calls even is refused (the bench's rule is "never above 1.0").
-const MARGIN: f64 = 0.9;
+/// A training path runs only below this fraction of the module path's modelled work: below 1,
+/// so that a path the model calls even is refused (the bench's rule is "never above 1.0"). The
+/// Gram path's weights fit the measurements within ~10%, the depthwise kernel's within ~25%.
+const GRAM_MARGIN: f64 = 0.9;
+const DEPTHWISE_MARGIN: f64 = 0.8;
 
 /// The cost rule for `path` on a block of `spec` and an input of `input`'s sizes and layout.
 pub fn judge(path: Path, spec: &BlockSpec, input: &Input) -> Cost {
@@ -115,15 +117,15 @@ pub fn judge(path: Path, spec: &BlockSpec, input: &Input) -> Cost {
 /// Module-path work against the training path's, both in conv multiply-adds.
 fn compare(path: TrainPath, spec: &BlockSpec, input: &Input) -> Cost {
     let module = module_train_work(spec, input);
-    let fast = match path {
-        TrainPath::Gram => gram_work(spec, input),
-        _ => depthwise_cpu_work(spec, input),
+    let (fast, margin) = match path {
+        TrainPath::Gram => (gram_work(spec, input), GRAM_MARGIN),
+        _ => (depthwise_cpu_work(spec, input), DEPTHWISE_MARGIN),
     };
-    if fast <= MARGIN * module {
+    if fast <= margin * module {
         return Cost::Faster;
     }
     Cost::Slower(format!(
-        "{} would do about {:.2}x the module path's work on {}x{}x{}x{}",
+        "{} would do about {:.2}x the module path's work on {}x{}x{}x{} (it runs below {margin}x)",
         path.name(),
         fast / module,
         input.n,
