@@ -206,15 +206,15 @@ pub(crate) fn output_shape(spec: &BlockSpec, x: &Tensor) -> [i64; 4] {
     [size[0], spec.out_channels, out(2), out(3)]
 }
 
-/// Whether a backward's inputs fit its forward: each saved tensor has its expected shape and
-/// `x`'s dtype and device, and `grad` the block's output size.
+/// Whether a backward's inputs fit its forward: each saved tensor has its expected shape, the
+/// dtype `kind` and `x`'s device, and `grad` the block's output size.
 pub(crate) fn saved_fit(
     spec: &BlockSpec,
     x: &Tensor,
     grad: &Tensor,
+    kind: tch::Kind,
     saved: &[(&Tensor, Vec<i64>)],
 ) -> Result<bool> {
-    let kind = x.f_kind()?;
     for (t, shape) in saved {
         if t.size() != *shape || t.f_kind()? != kind || t.device() != x.device() {
             return Ok(false);
