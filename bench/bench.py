@@ -1,4 +1,4 @@
-"""Side-by-side benchmark of mobileone_rs against the pure-PyTorch reference (the seed's code).
+"""Side-by-side benchmark of mobileone_rs against the pure-PyTorch reference (the reference's code).
 
 Run as ``.venv/bin/python bench/bench.py`` (``make bench``); ``--help`` lists the options and
 bench/README.md explains the workloads and how to read the output. Every figure is a ratio

@@ -1,6 +1,6 @@
 """The main job: build the MobileOne stages of a YOLOv9 model yaml, train, fuse, check, report.
 
-Run ``python -m mobileone_rs.demo`` (the seed's ``yolov9-c-mobileone.yaml`` by default). The yaml is
+Run ``python -m mobileone_rs.demo`` (the reference's ``yolov9-c-mobileone.yaml`` by default). The yaml is
 parsed in Rust (serde_yaml); channels are resolved by YOLOv9's rule
 ``make_divisible(c2 * width_multiple, 8)``.
 """
@@ -107,7 +107,7 @@ def print_table(rows: list[dict], batch: int) -> None:
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m mobileone_rs.demo", description=__doc__.splitlines()[0])
     parser.add_argument("--yaml", help="model yaml, a path or a packaged name such as yolov9-c-mobileone-s0.yaml "
-                                       "(default: the seed's yolov9-c-mobileone.yaml)")
+                                       "(default: the reference's yolov9-c-mobileone.yaml)")
     parser.add_argument("--img", type=int, default=320, help="image size in pixels (default 320)")
     parser.add_argument("--batch", type=int, default=2, help="batch size (default 2)")
     parser.add_argument("--steps", type=int, default=3, help="training steps (default 3)")

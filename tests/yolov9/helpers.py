@@ -30,7 +30,7 @@ SEED_YAML = REPO / "python" / "mobileone_rs" / "data" / "yolov9-c-mobileone.yaml
 SEED_YAML_SHA256 = "48425549059563d26188decd86b063589d4625a26f3acf9c6646740e55766e8f"
 SHARED_SEED = REPO.parent / "shared" / "seed"
 
-# The model table the seed prints for yolov9-c-mobileone (nc=1), copied from the seed text verbatim.
+# The model table the reference prints for yolov9-c-mobileone (nc=1), copied from the reference text verbatim.
 SEED_TABLE = """
   0 -1 1 0 models.common.Silence []
   1 -1 1 1856 models.common.Conv [3, 64, 3, 2]
@@ -231,13 +231,13 @@ def default_dtype(dtype: torch.dtype):
 
 
 def seed_mobileone_args() -> dict[int, list]:
-    """``{layer: arguments}`` of the seed table's MobileOne rows, as parse_model passes them."""
+    """``{layer: arguments}`` of the reference table's MobileOne rows, as parse_model passes them."""
     rows = parse_model_table(SEED_TABLE)
     return {i: ast.literal_eval(args) for i, _, _, _, name, args in rows if name == "MobileOne"}
 
 
 def oracle_twin(model: nn.Module) -> nn.Module:
-    """A copy of a YOLOv9 model whose MobileOne layers are the oracle's (the seed's code), same weights.
+    """A copy of a YOLOv9 model whose MobileOne layers are the oracle's (the reference's code), same weights.
 
     The oracle's blocks run branch by branch in plain PyTorch: the twin's eval output is the
     independent reference for the package's unfused and fused outputs.
