@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 FLOAT64_BOUND = 1e-9  # float64 rounding after ~100 chained layers
-FLOAT32_BOUND = 1e-4  # float32 rounding: fused vs unfused, ONNX Runtime vs torch
+FLOAT32_BOUND = 1e-3  # float32 rounding: fused vs unfused, ONNX Runtime vs torch (the docs' bound; ~1e-5 seen)
 
 
 def rel_error(actual: list, expected: list) -> float:
