@@ -19,7 +19,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-
 from mobileone_rs.yolov9 import deploy_check as check
 
 

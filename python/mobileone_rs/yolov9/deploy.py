@@ -25,7 +25,7 @@ from .deploy_graph import DUAL_HEADS, SINGLE_HEADS, DeployError, check_dual_head
 from .deploy_model import build_deploy_model, fuse_model, fused_parts, load_checkpoint, main_output
 from .deploy_report import DeployReport, yaml_text
 
-__all__ = ["DeployError", "DeployReport", "deploy", "main"]
+__all__ = ["DeployError", "DeployReport", "deploy", "deploy_model", "main"]
 
 
 def _main_outputs(model, x, head):
@@ -38,6 +38,21 @@ def _deploy_model(model, stripped, dtype):
     source = copy.deepcopy(model).to(dtype)
     single = source if stripped is None else build_deploy_model(source, stripped)
     return fuse_model(single, dtype)
+
+
+def deploy_model(model, dtype: torch.dtype = torch.float32):
+    """The fused single-head model of a YOLOv9 training model (left unchanged), fused in ``dtype``.
+
+    What :func:`deploy` saves, without the files and the checks: the main branch by graph analysis of
+    ``model.yaml``, the kept layers' own modules, every MobileOne block, RepConvN and Conv+BN fused.
+    A model without an auxiliary head is fused only. Raises ``DeployError`` on a head it does not cover.
+    """
+    head = head_kind(model.yaml)
+    stripped = None
+    if head not in SINGLE_HEADS:
+        check_dual_head(head)
+        stripped = strip_dual_head(model.yaml)
+    return _deploy_model(model, stripped, dtype)
 
 
 def _verify(model, stripped, head, img) -> tuple[object, dict[str, float]]:
