@@ -12,10 +12,7 @@ from tests.yolov9 import helpers as h
 
 @pytest.fixture(scope="module")
 def patched(tmp_path_factory):
-    copy = h.copy_yolo9(tmp_path_factory.mktemp("yolo9-copy"))
-    result = h.run_patch(copy)
-    assert result.returncode == 0, result.stderr
-    return copy
+    return h.patched_copy(tmp_path_factory.mktemp("yolo9-copy"))
 
 
 @pytest.fixture(scope="module")

@@ -23,6 +23,7 @@ from copy import deepcopy
 from pathlib import Path
 
 import torch
+from mobileone_rs.yolov9 import deploy_model
 from torch import nn
 
 REPO = Path(__file__).resolve().parents[2]
@@ -127,6 +128,14 @@ def subprocess_env(copy_root: Path) -> dict[str, str]:
     return env
 
 
+def patched_copy(destination: Path) -> Path:
+    """A copy of the installed yolo9 package in ``destination``, patched by the real command line."""
+    copy = copy_yolo9(destination)
+    result = run_patch(copy)
+    assert result.returncode == 0, result.stderr
+    return copy
+
+
 def run_patch(path: Path, *flags: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
     """``python -m mobileone_rs.yolov9 patch PATH FLAGS`` in a subprocess, text captured."""
     command = [sys.executable, "-m", "mobileone_rs.yolov9", "patch", str(path), *flags]
@@ -219,15 +228,7 @@ def captured_yolo_log():
 # Models and tensors.
 
 
-@contextlib.contextmanager
-def default_dtype(dtype: torch.dtype):
-    """YOLOv9's fuse_conv_and_bn builds its new Conv2d in the default dtype: float64 fusing needs this."""
-    previous = torch.get_default_dtype()
-    torch.set_default_dtype(dtype)
-    try:
-        yield
-    finally:
-        torch.set_default_dtype(previous)
+default_dtype = deploy_model.default_dtype  # one definition: the package's
 
 
 def seed_mobileone_args() -> dict[int, list]:

@@ -39,10 +39,7 @@ FUSED_BOUND = {torch.float64: 1e-9, torch.float32: 1e-3}
 @pytest.fixture(scope="module")
 def patched(tmp_path_factory) -> Path:
     """A copy of the installed yolo9 package, patched by the real command line."""
-    copy = h.copy_yolo9(tmp_path_factory.mktemp("yolo9-copy"))
-    result = h.run_patch(copy)
-    assert result.returncode == 0, result.stderr
-    return copy
+    return h.patched_copy(tmp_path_factory.mktemp("yolo9-copy"))
 
 
 @pytest.fixture(scope="module")

@@ -18,7 +18,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..modules import MobileOneBlock, reparameterize_model
+from ..modules import MobileOneBlock
+from ..reparameterize import reparameterize_model
 from .deploy_graph import DUAL_HEADS, DeployError, Stripped
 
 YOLO_LOGGER = "yolov5"  # YOLOv9's LOGGER name (utils/general.py)
