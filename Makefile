@@ -24,9 +24,14 @@ $(VENV)/.installed: pyproject.toml requirements-dev.txt requirements-yolov9.txt
 
 venv: $(VENV)/.installed ## create .venv: torch 2.13, maturin, test tools, YOLOv9 (yolo9) for its tests
 
+# maturin develop pip-installs the package's dependencies each time: PIP_QUIET=1 hides the ~30
+# "Requirement already satisfied" lines. It also rewrites the extension's rpath when patchelf is
+# there; without it, its warning is harmless: `import mobileone_rs` imports torch, which loads libtorch.
+build: SHELL := /bin/bash
 build: venv ## build the extension into .venv (release)
 	rm -f python/mobileone_rs/_native.cpython-*.so  # a per-CPython build would shadow the abi3 one
-	maturin develop --release -q
+	set -o pipefail; PIP_QUIET=1 maturin develop --release -q 2>&1 \
+	  | sed -e 's/^.*Failed to set rpath.*patchelf.*$$/note: no patchelf, rpath not rewritten (harmless: torch loads libtorch first)/'
 
 test-rust: venv ## cargo tests of the core (no Python linked)
 	cargo test --release --no-default-features -q

@@ -1,4 +1,4 @@
-"""Side-by-side benchmark of mobileone_rs against the pure-PyTorch reference (the seed's code).
+"""Side-by-side benchmark of mobileone_rs against the pure-PyTorch reference (the reference's code).
 
 Run as ``.venv/bin/python bench/bench.py`` (``make bench``); ``--help`` lists the options and
 bench/README.md explains the workloads and how to read the output. Every figure is a ratio
@@ -19,6 +19,7 @@ from pathlib import Path
 
 import memory
 import mobileone_rs
+import models
 import report
 import timing
 import torch
@@ -47,7 +48,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--quick", action="store_true", help="smoke run: 3 repeats, input 160 (unless set)")
     parser.add_argument("--device", default="cpu", help="cpu (default) or cuda")
     parser.add_argument("--repeats", type=int, help="timed runs per side (default 5, --quick 3)")
-    parser.add_argument("--only", choices=("a", "b"), help="a: the chained stages; b: the single blocks")
+    parser.add_argument("--only", choices=("a", "b", "c"),
+                        help="a: the chained stages; b: the single blocks; c: the models and cost-rule shapes")
     parser.add_argument("--size", type=int, help="chain input height=width (default 320, --quick 160)")
     parser.add_argument("--batch", type=int, help="chain batch (default 2 on CPU, 16 on CUDA)")
     parser.add_argument("--threads", type=int, help="torch.set_num_threads (default: torch's own choice)")
@@ -200,6 +202,8 @@ def run_workloads(args, start: float) -> list[Row]:
         rows.append(chain_memory(args, name, start))
     if args.only in (None, "b"):
         rows += block_rows(args, start)
+    if args.only in (None, "c"):
+        rows += models.model_rows(args, lambda message: log(message, start))
     return rows
 
 
@@ -215,13 +219,19 @@ def measure(args) -> tuple[dict, list[Row]]:
 
 def publish(meta: dict, rows: list[Row], out: Path) -> None:
     """Writes the plot and prints the table, the load and CPU-time notes."""
+    model_rows = [row for row in rows if row.metric.endswith((" vs module path", " vs reference"))]
+    rows = [row for row in rows if row not in model_rows]
     chain = [row for row in rows if row.workload.startswith("chain ")]
     blocks = [row for row in rows if not row.workload.startswith("chain ")]
     title = f"mobileone_rs {meta['git']} vs reference, {meta['device_name']}, {meta['torch_threads']} threads"
-    report.write_plot(out / "bench.png", chain, blocks, title)
+    if chain or blocks:
+        report.write_plot(out / "bench.png", chain, blocks, title)
     print(f"# {title}; torch {meta['torch']}; median of {meta['repeats']} runs each (chain forwards: "
           f"{max(meta['repeats'], FORWARD_REPEATS) if not meta['quick'] else meta['repeats']}), alternated\n")
     print(report.markdown_table(rows))
+    if model_rows:
+        print("\n(c) models and cost-rule shapes: ours vs the module path and vs the reference (<= 1.0)\n")
+        print(report.markdown_table(model_rows))
     print(f"\n{report.load_note(meta['load_before'], meta['load_after'])}")
     print(report.cpu_time_note(chain))
     print(f"\ntotal runtime {meta['runtime_s']:.0f} s; results in {out}")

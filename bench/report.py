@@ -7,6 +7,8 @@ import statistics
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from mobileone_rs.files import replacing, write_text
+
 MIB = 1024 * 1024
 # Ratio of medians vs paired ratio: beyond this factor apart, the load changed during the metric.
 NOISY_SPREAD = 1.2
@@ -114,7 +116,7 @@ def cpu_time_note(rows: list[Row]) -> str:
 def write_json(path: Path, meta: dict, rows: list[Row]) -> None:
     """Writes the run's metadata and every row (samples included)."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps({"meta": meta, "results": [row.summary() for row in rows]}, indent=2) + "\n")
+    write_text(path, json.dumps({"meta": meta, "results": [row.summary() for row in rows]}, indent=2) + "\n")
 
 
 def read_json(path: Path) -> tuple[dict, list[Row]]:
@@ -167,5 +169,6 @@ def write_plot(path: Path, chain_rows: list[Row], block_rows: list[Row], title: 
     fig.suptitle(title, fontsize=10)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
+    with replacing(path) as tmp:  # whole or not at all, as every file the package writes
+        fig.savefig(tmp, dpi=120, format=path.suffix.lstrip(".") or "png")
     plt.close(fig)

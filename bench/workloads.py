@@ -1,6 +1,6 @@
-"""The benchmark workloads: the seed's chained MobileOne stages and each block configuration in them.
+"""The benchmark workloads: the reference's chained MobileOne stages and each block configuration in them.
 
-Both sides are built from one set of weights: the reference (``tests/oracle.py``, the seed's code)
+Both sides are built from one set of weights: the reference (``tests/oracle.py``, the reference's code)
 is constructed and its BatchNorms randomized, then its state_dict is loaded into ours (same keys).
 """
 

@@ -11,8 +11,9 @@
 //!   fused kernel and bias of a block.
 //! - [`train`]: the exact train-time paths that never store a branch output (pointwise Gram,
 //!   depthwise patch moments or recompute) and the BatchNorm algebra they share.
-//! - [`forward`]: the one dispatcher that picks a block's path from the complete state, the
-//!   fused and folded eval forwards, and squeeze-excite.
+//! - [`forward`]: the one dispatcher that picks a block's path from the complete state, the cost
+//!   rule that keeps a fast path only where it is expected to beat the module path, the fused and
+//!   folded eval forwards, and squeeze-excite.
 //! - `python` (feature `python`): the pyo3 bindings: argument conversion, GIL release, one
 //!   error mapping, the `#[pymodule]`.
 #![deny(unsafe_op_in_unsafe_fn)]

@@ -1,1 +1,1 @@
-"""pytest suite for mobileone_rs; `tests.oracle` is the seed's math in plain PyTorch."""
+"""pytest suite for mobileone_rs; `tests.oracle` is the reference's math in plain PyTorch."""

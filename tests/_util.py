@@ -12,8 +12,8 @@ TOLERANCE = {torch.float64: 1e-10, torch.float32: 1e-5}
 # float32 gradients sum many more terms (BN backward, SE), so they get one more decade.
 GRAD_TOLERANCE = {torch.float64: 1e-10, torch.float32: 1e-4}
 
-# The four MobileOne stages of the seed's yolov9-c-mobileone.yaml, as parse_model calls them,
-# with the parameter counts of the seed's printed model table.
+# The four MobileOne stages of the reference's yolov9-c-mobileone.yaml, as parse_model calls them,
+# with the parameter counts of the reference's printed model table.
 SEED_STAGES = {
     "layer2": ((64, 64, 2, 4, False, 0), 40192, 64, 32),
     "layer3": ((64, 128, 8, 4, False, 0), 548416, 64, 16),
@@ -105,7 +105,7 @@ def eval_output(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
 
 
 def fused_copy_of(reference: nn.Module) -> nn.Module:
-    """The oracle's fused model for a reference (the seed's deep-copying reparameterize_model)."""
+    """The oracle's fused model for a reference (the reference's deep-copying reparameterize_model)."""
     return oracle.reparameterize_model(reference)
 
 

@@ -1,12 +1,12 @@
-"""Independent pure-PyTorch oracle: the seed's MobileOne code with its indentation restored.
+"""Independent pure-PyTorch oracle: the reference's MobileOne code with its indentation restored.
 
-The seed (`/work/shared/seed/mobileone-yolov9.seed.txt`, after Apple's ml-mobileone,
+The reference (`/work/shared/seed/mobileone-yolov9.seed.txt`, after Apple's ml-mobileone,
 https://arxiv.org/abs/2206.04040) lost its indentation when the page was copied. This file
-restores it statement for statement, with the seed's attribute names, so that its state_dict
+restores it statement for statement, with the reference's attribute names, so that its state_dict
 keys are the ones the package under test must produce.
 
-Deliberate deviation from the seed (the only one):
-  (a) The seed's ``_conv_bn`` drops ``dilation``, so its train-time kxk branches are never
+Deliberate deviation from the reference (the only one):
+  (a) The reference's ``_conv_bn`` drops ``dilation``, so its train-time kxk branches are never
       dilated while the fused ``reparam_conv`` (built from ``rbr_conv[0].conv.dilation``) is.
       Here ``_conv_bn`` takes ``dilation`` and the kxk conv branches get the block's dilation;
       the 1x1 scale branch keeps dilation 1 (a 1x1 kernel is unaffected by it). ``reparam_conv``
@@ -122,7 +122,7 @@ class MobileOneBlock(nn.Module):
             )
             rbr_conv = []
             for _ in range(self.num_conv_branches):
-                # Deviation (a): the seed omits dilation here.
+                # Deviation (a): the reference omits dilation here.
                 rbr_conv.append(self._conv_bn(kernel_size=kernel_size, padding=padding, dilation=dilation))
             self.rbr_conv = nn.ModuleList(rbr_conv)
             self.rbr_scale = None
@@ -248,7 +248,7 @@ class MobileOneBlock(nn.Module):
 
 
 class MobileOne(nn.Module):
-    """One MobileOne stage as the seed's YOLOv9 yaml uses it. https://arxiv.org/pdf/2206.04040.pdf"""
+    """One MobileOne stage as the reference's YOLOv9 yaml uses it. https://arxiv.org/pdf/2206.04040.pdf"""
 
     def __init__(
         self,

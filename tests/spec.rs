@@ -1,4 +1,4 @@
-//! Block validation, the stage plan and the seed's yaml.
+//! Block validation, the stage plan and the user's yaml.
 
 use mobileone_rs::spec::yaml::{make_divisible, mobileone_layers};
 use mobileone_rs::BlockSpec;

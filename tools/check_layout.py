@@ -3,7 +3,7 @@
 - src/: the top-level modules form an acyclic graph; ``unsafe`` appears only under src/cpu/; no
   source file is longer than MAX_LINES; every module folder opens (mod.rs) with a ``//!`` paragraph
   saying what it owns; no process-wide switch (a static atomic) steers the fast paths.
-- python/: one copy of the seed yaml (the package data); the native module has a stub; the shells
+- python/: one copy of the user's yaml (the package data); the native module has a stub; the shells
   reach the native forward through the one dispatcher.
 - tests/: test files live in area folders, not at the top.
 
@@ -91,7 +91,7 @@ def check() -> list[str]:
     yamls = [p for p in ROOT.rglob("yolov9-c-mobileone.yaml")
              if not any(part.startswith(".") or part in ("target", "dist") for part in p.relative_to(ROOT).parts)]
     if yamls != [package / "data" / "yolov9-c-mobileone.yaml"]:
-        problems.append(f"seed yaml: expected one copy in the package data, found {yamls}")
+        problems.append(f"user's yaml: expected one copy in the package data, found {yamls}")
     if not (package / "_native.pyi").exists() or not (package / "py.typed").exists():
         problems.append("python: _native.pyi or py.typed missing")
     shells = (package / "modules.py").read_text()

@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import functools
 import os
-import pickle
 import re
 from collections import OrderedDict
 from collections.abc import Mapping
@@ -38,14 +37,10 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from ._native import MobileOneError
 from .backbone import VARIANTS, mobileone
+from .checkpoint_files import CheckpointError, load_checkpoint, naming_the_file
 
 __all__ = ["SOURCES", "CheckpointError", "ConvertedCheckpoint", "convert_checkpoint", "load_checkpoint"]
-
-
-class CheckpointError(MobileOneError, ValueError):
-    """A checkpoint that cannot be read or mapped onto Apple's names exactly."""
 
 
 _BN = r"(weight|bias|running_mean|running_var|num_batches_tracked)"
@@ -153,38 +148,6 @@ class ConvertedCheckpoint(OrderedDict):
         arch = f"MobileOne-{self.variant.upper()}" if self.variant else "not one of Apple's S0-S4"
         head = f"{self.num_classes}-class classifier" if self.num_classes is not None else "no classifier"
         return f"{self.source} schema, {mode}, {arch}, {head}, {len(self)} tensors"
-
-
-def load_checkpoint(path: str | os.PathLike, weights_only: bool = True) -> Mapping:
-    """Read a checkpoint file: ``.safetensors`` through safetensors, anything else with ``torch.load``.
-
-    ``weights_only=True`` (the default) unpickles tensors and plain containers only; pass False only
-    for a file you trust (it can run code).
-    """
-    path = os.fspath(path)
-    if not os.path.isfile(path):
-        raise CheckpointError(f"{path}: no such file")
-    if path.endswith(".safetensors"):
-        try:
-            from safetensors.torch import load_file
-        except ImportError as exc:
-            raise CheckpointError(f"{path}: reading .safetensors needs the safetensors package") from exc
-        return load_file(path, device="cpu")
-    try:
-        return torch.load(path, map_location="cpu", weights_only=weights_only)
-    except (pickle.UnpicklingError, RuntimeError, EOFError) as exc:
-        # torch reports every weights_only failure as one long text; the line after "WeightsUnpickler
-        # error:" says what failed, and only "Unsupported global" means pickled objects.
-        text = str(exc)
-        tail = text.split("WeightsUnpickler error:", 1)[-1]
-        detail = next((line.strip() for line in tail.splitlines() if line.strip()), type(exc).__name__)
-        if weights_only and "Unsupported global" in text:
-            raise CheckpointError(
-                f"{path}: torch.load(weights_only=True) refused it ({detail}). If you trust the file, load it "
-                "yourself with torch.load(path, weights_only=False) and pass the dict (or --trust-pickle on "
-                "the command line)"
-            ) from exc
-        raise CheckpointError(f"{path}: not a readable torch checkpoint ({detail})") from exc
 
 
 def _state_dict(obj) -> Mapping:
@@ -296,7 +259,7 @@ def _find_variant(state: Mapping, fused: bool | None) -> str | None:
     return None
 
 
-def convert_checkpoint(obj, source: str = "auto") -> ConvertedCheckpoint:
+def convert_checkpoint(obj, source: str = "auto", weights_only: bool = True) -> ConvertedCheckpoint:
     """A MobileOne checkpoint's tensors under Apple's names (``mobileone(variant)`` loads them strictly).
 
     Args:
@@ -304,6 +267,7 @@ def convert_checkpoint(obj, source: str = "auto") -> ConvertedCheckpoint:
             dict nesting one under ``state_dict`` / ``model`` (at any depth), or a module. Keys may carry
             ``module.`` (DDP) and ``backbone.`` (mmpretrain's ImageClassifier) prefixes.
         source: ``"auto"`` (detect), ``"apple"``, ``"timm"`` or ``"mmpretrain"``.
+        weights_only: for a path, ``torch.load``'s: pass False only for a file you trust.
 
     Returns:
         A :class:`ConvertedCheckpoint`: the tensors (not copied) in the checkpoint's order, with the
@@ -311,10 +275,15 @@ def convert_checkpoint(obj, source: str = "auto") -> ConvertedCheckpoint:
 
     Raises:
         CheckpointError: the file cannot be read, or any key has no Apple name (all such keys are
-            listed: nothing is dropped).
+            listed: nothing is dropped). For a path, the message starts with it.
     """
     if isinstance(obj, (str, os.PathLike)):
-        obj = load_checkpoint(obj)
+        with naming_the_file(obj):
+            return _converted(load_checkpoint(obj, weights_only=weights_only), source)
+    return _converted(obj, source)
+
+
+def _converted(obj, source: str) -> ConvertedCheckpoint:
     state = _strip_wrappers(_state_dict(obj))
     if not state:
         raise CheckpointError("the state dict is empty")

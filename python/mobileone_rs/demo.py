@@ -1,6 +1,6 @@
 """The main job: build the MobileOne stages of a YOLOv9 model yaml, train, fuse, check, report.
 
-Run ``python -m mobileone_rs.demo`` (the seed's ``yolov9-c-mobileone.yaml`` by default). The yaml is
+Run ``python -m mobileone_rs.demo`` (the reference's ``yolov9-c-mobileone.yaml`` by default). The yaml is
 parsed in Rust (serde_yaml); channels are resolved by YOLOv9's rule
 ``make_divisible(c2 * width_multiple, 8)``.
 """
@@ -9,12 +9,10 @@ from __future__ import annotations
 
 import argparse
 import copy
-import os
 import statistics
 import sys
 import time
 from dataclasses import astuple
-from importlib import resources
 
 import torch
 from torch import nn
@@ -25,21 +23,10 @@ from .backbone import yaml_stages
 from .modules import MobileOne
 from .reparameterize import reparameterize_model
 from .verify import verify_reparameterization
+from .yolov9.yamls import packaged_yaml, read_yaml
 
 SEED_YAML = "yolov9-c-mobileone.yaml"
 MIN_OUTPUT = 2  # smallest stage output (pixels per side) the demo trains and checks
-
-
-def read_yaml(path: str | None) -> str:
-    """The text of ``path`` (a bare packaged name such as ``yolov9-c-mobileone-s0.yaml`` reads the
-    package's copy), or of the seed's yaml shipped with the package."""
-    if path:
-        packaged = resources.files("mobileone_rs").joinpath("data", path)
-        if not os.path.exists(path) and os.path.basename(path) == path and packaged.is_file():
-            return packaged.read_text(encoding="utf-8")
-        with open(path, encoding="utf-8") as f:
-            return f.read()
-    return resources.files("mobileone_rs").joinpath("data", SEED_YAML).read_text(encoding="utf-8")
 
 
 def build_stages(text: str) -> list[tuple[int, tuple, int, MobileOne]]:
@@ -120,7 +107,7 @@ def print_table(rows: list[dict], batch: int) -> None:
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m mobileone_rs.demo", description=__doc__.splitlines()[0])
     parser.add_argument("--yaml", help="model yaml, a path or a packaged name such as yolov9-c-mobileone-s0.yaml "
-                                       "(default: the seed's yolov9-c-mobileone.yaml)")
+                                       "(default: the reference's yolov9-c-mobileone.yaml)")
     parser.add_argument("--img", type=int, default=320, help="image size in pixels (default 320)")
     parser.add_argument("--batch", type=int, default=2, help="batch size (default 2)")
     parser.add_argument("--steps", type=int, default=3, help="training steps (default 3)")
@@ -128,7 +115,7 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-class UsageError(Exception):
+class UsageError(MobileOneError):
     """An argument the demo cannot run with; the message says which and why."""
 
 
@@ -165,14 +152,16 @@ def check_arguments(args, first_stride: int, stages: int, last_layer: int) -> No
 def run(args) -> int:
     """Runs the demo and prints its table; exit 1 if fused != unfused."""
     torch.manual_seed(0)
-    stages = build_stages(read_yaml(args.yaml))
+    stages = build_stages(read_yaml(args.yaml) if args.yaml else packaged_yaml(SEED_YAML))
     if not stages:
         raise UsageError(f"{args.yaml or SEED_YAML} has no MobileOne layer")
     first_layer, _, first_stride, _ = stages[0]
     check_arguments(args, first_stride, len(stages), stages[-1][0])
     x = torch.randn(args.batch, stages[0][1][0], args.img // first_stride, args.img // first_stride)
     chain = nn.Sequential(*[s for *_, s in stages])
-    print(f"{len(stages)} MobileOne stages from layer {first_layer}; input {tuple(x.shape)}")
+    print(f"{len(stages)} MobileOne stages from layer {first_layer}; stage input {tuple(x.shape)} (batch, "
+          f"channels, height, width: a {args.img}x{args.img} image after the stride-{first_stride} layers before "
+          f"layer {first_layer})")
     losses = train(chain, x, args.steps)
     print("training losses:", " ".join(f"{v:.4f}" for v in losses))
     rows = []
@@ -194,7 +183,7 @@ def main(argv=None) -> int:
     args = _parser().parse_args(argv)
     try:
         return run(args)
-    except (UsageError, MobileOneError) as err:
+    except MobileOneError as err:  # UsageError, YamlError, ConfigError, ...
         print(f"error: {err}", file=sys.stderr)
     except OSError as err:
         print(f"error: cannot read {err.filename or args.yaml}: {err.strerror or err}", file=sys.stderr)

@@ -25,9 +25,10 @@ def replacing(path: str | os.PathLike) -> Iterator[Path]:
     """Yields a temporary path beside ``path``; on a clean exit it replaces ``path``.
 
     Example: ``with replacing(out) as tmp: torch.save(obj, tmp)``. On an exception the temporary
-    file is removed and ``path`` keeps its old content (or stays absent).
+    file is removed and ``path`` keeps its old content (or stays absent). A symbolic link is
+    written through: its target file is replaced, the link stays.
     """
-    target = Path(path)
+    target = Path(os.path.realpath(path)) if os.path.islink(path) else Path(path)
     try:
         fd, name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
     except OSError as err:
@@ -38,6 +39,9 @@ def replacing(path: str | os.PathLike) -> Iterator[Path]:
         yield tmp
         _keep_mode(target, tmp)
         os.replace(tmp, target)
+    except WriteError:  # another file's, from a nested replacing(): it names that file
+        tmp.unlink(missing_ok=True)
+        raise
     except OSError as err:
         tmp.unlink(missing_ok=True)
         raise WriteError(f"cannot write {target}: {err.strerror or err}") from err

@@ -278,14 +278,8 @@ class MobileOne(nn.Module):
         self.inference_mode = _require_bool(inference_mode, "inference_mode")
         self.use_se = use_se
         self.num_conv_branches = num_conv_branches
-        try:
-            plan = _native.stage_plan(in_channels, out_channels, num_blocks_per_stage, num_conv_branches,
-                                      use_se, num_se)
-        except _native.ConfigError as err:  # under YOLOv9's parse_model: name the yaml layer
-            from .yolov9 import hints
-
-            hints.reraise_with_yaml_layer(err, type(self).__name__)
-            raise
+        plan = _native.stage_plan(in_channels, out_channels, num_blocks_per_stage, num_conv_branches,
+                                  use_se, num_se)
         self.stage = nn.Sequential(*[self._block(spec, inference_mode, options) for spec in plan])
 
     @staticmethod

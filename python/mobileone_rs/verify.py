@@ -97,7 +97,7 @@ def _has_unfused(model: nn.Module) -> bool:
 def verify_reparameterization(model: nn.Module, example_input) -> ReparamReport:
     """Compares ``reparameterize_model(model)`` with ``model`` in eval mode, without changing it.
 
-    The reference runs every branch module by module (the seed's path, see :func:`module_path`).
+    The reference runs every branch module by module (the reference's path, see :func:`module_path`).
     Each unfused MobileOne block is compared with its fused copy on the input it saw, and the whole
     model on ``example_input``. ``model``'s train/eval flags and statistics are left as they were.
     A model with nothing to fuse (already re-parameterized) gives a report with ``checked=False``

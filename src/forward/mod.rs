@@ -12,6 +12,7 @@
 //! `se` the squeeze-excite ops.
 
 mod checks;
+pub mod cost;
 pub mod decision;
 pub mod eval;
 pub mod se;
@@ -302,7 +303,35 @@ fn decide(
         Body::Opaque(why) => return Ok(Decision::refuse(why.clone())),
     };
     fast!(finite_for_eval(&work, x));
+    let work = fast!(now by_cost(work, &block.spec, x, weight));
     Ok(Decision::Fast((work, se)))
+}
+
+/// The work as the cost rule ([`cost::judge`]) leaves it: kept, moved from the CPU kernel to
+/// libtorch's conv, or refused when the fast path is expected to be slower than the module path.
+fn by_cost(work: Work, spec: &BlockSpec, x: &Tensor, weight: &Tensor) -> Decision<Work> {
+    let mut input = cost::Input::of(&x.size(), &x.stride());
+    input.channels_last |= cost::Input::of(&weight.size(), &weight.stride()).channels_last;
+    input.cuda = x.device().is_cuda();
+    match (cost::judge(work.path(), spec, &input), work) {
+        (cost::Cost::Faster, work) => Decision::Fast(work),
+        (cost::Cost::Instead(_, _), Work::Folded { branches, .. }) => {
+            Decision::Fast(Work::Folded {
+                branches,
+                cpu: false,
+            })
+        }
+        (cost::Cost::Instead(_, _), Work::Fused { weight, bias, .. }) => {
+            Decision::Fast(Work::Fused {
+                weight,
+                bias,
+                cpu: false,
+            })
+        }
+        (cost::Cost::Instead(_, why) | cost::Cost::Slower(why), _) => {
+            Decision::refuse(format!("expected slower than the module path: {why}"))
+        }
+    }
 }
 
 /// The folded and CPU-kernel eval paths sum the branches before an inf can meet another: where

@@ -1,4 +1,4 @@
-//! The squeeze-excite module of MobileOne blocks (arXiv 1709.01507), with the seed's ops.
+//! The squeeze-excite module of MobileOne blocks (arXiv 1709.01507), with the reference's ops.
 
 use tch::Tensor;
 
@@ -13,7 +13,7 @@ pub struct SqueezeExcite {
     pub expand_bias: Tensor,
 }
 
-/// The seed's SE: average pool over the whole map, reduce, ReLU, expand, sigmoid, then scale
+/// The reference's SE: average pool over the whole map, reduce, ReLU, expand, sigmoid, then scale
 /// the input's channels. The caller has checked the shapes.
 pub fn forward(se: &SqueezeExcite, x: &Tensor) -> Result<Tensor> {
     let size = x.size();

@@ -120,7 +120,7 @@ pub struct BlockState {
 /// The block's fast-path options (constructor arguments, attributes, or a scope's override).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Options {
-    /// Any fast path at all; off means the seed's module path always.
+    /// Any fast path at all; off means the reference's module path always.
     pub fast: bool,
     /// Depthwise blocks train without storing branch outputs; off runs the module path.
     pub low_memory: bool,

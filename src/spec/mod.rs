@@ -13,7 +13,7 @@ use crate::error::{config, Error, Result};
 pub const MAX_CHANNELS: i64 = 1 << 16;
 /// Largest kernel size, stride, dilation or branch count accepted.
 pub const MAX_GEOMETRY: i64 = 255;
-/// The seed's squeeze-excite reduction ratio.
+/// The reference's squeeze-excite reduction ratio.
 pub const SE_RD_RATIO: f64 = 0.0625;
 
 /// The constructor arguments of a `MobileOneBlock`.
@@ -56,7 +56,7 @@ fn check_range(name: &str, value: i64, min: i64, max: i64) -> Result<()> {
 }
 
 impl BlockSpec {
-    /// Whether the block has a BN skip branch (the seed's rule).
+    /// Whether the block has a BN skip branch (the reference's rule).
     pub fn has_skip(&self) -> bool {
         self.in_channels == self.out_channels && self.stride == 1
     }
@@ -194,7 +194,7 @@ fn check_input_type(x: &Tensor, weight: &Tensor, autocast: bool) -> Result<()> {
     Ok(())
 }
 
-/// `int(channels * rd_ratio)`, the seed's SE reduced width, which must be at least 1.
+/// `int(channels * rd_ratio)`, the reference's SE reduced width, which must be at least 1.
 pub fn se_reduced_channels(channels: i64, rd_ratio: f64) -> Result<i64> {
     if !(rd_ratio.is_finite() && rd_ratio > 0.0 && rd_ratio <= 1.0) {
         return Err(config(format!(

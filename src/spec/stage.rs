@@ -1,5 +1,5 @@
 //! The MobileOne stage plan: pairs of depthwise 3x3 and pointwise 1x1 blocks, the first pair with
-//! stride 2, squeeze-excite in the last `num_se` pairs (the seed's `_make_stage`).
+//! stride 2, squeeze-excite in the last `num_se` pairs (the reference's `_make_stage`).
 
 use super::{BlockSpec, MAX_CHANNELS, MAX_GEOMETRY};
 use crate::error::{config, Result};
@@ -56,7 +56,7 @@ impl StageSpec {
         Ok(())
     }
 
-    /// How many of the last pairs carry SE (the seed ignores `num_se` without `use_se`).
+    /// How many of the last pairs carry SE (the reference ignores `num_se` without `use_se`).
     pub fn se_pairs(&self) -> i64 {
         if self.use_se {
             self.num_se

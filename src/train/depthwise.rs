@@ -134,12 +134,42 @@ pub(super) fn forward(
         let a_b = a.f_get(i as i64)?.f_reshape([-1, 1, 1, 1])?;
         kernel = kernel.f_add(&full_kernel(spec, b, x)?.f_mul(&a_b)?)?;
     }
-    let (s, p, d) = (spec.stride, spec.padding, spec.dilation);
-    let output = x.f_conv2d(&kernel, Some(&bias), [s, s], [p, p], [d, d], spec.groups)?;
+    let output = centred_conv(spec, x, &kernel, &bias)?;
     Ok(Some(TrainForward {
         output,
         saved: vec![mean, var, a],
     }))
+}
+
+/// The folded conv `conv(x, kernel) + bias`, run on the input minus its channel means `mu`: the
+/// means' share (`conv` of the constant planes `mu`, which differs from `mu * sum(kernel)` only
+/// where the kernel overlaps the padding) and the bias are formed in float64 on one image and
+/// added last. On inputs with a common offset, a conv of the raw input would sum terms far larger
+/// than the output; and one that starts from the bias rounds every term at the bias's scale.
+fn centred_conv(spec: &BlockSpec, x: &Tensor, kernel: &Tensor, bias: &Tensor) -> Result<Tensor> {
+    let [n, c, h, w] = x.size()[..] else {
+        return Ok(x.f_conv2d(kernel, Some(bias), [1, 1], [0, 0], [1, 1], 1)?);
+    };
+    let (s, p, d) = (spec.stride, spec.padding, spec.dilation);
+    let column = wide_sum(x)?
+        .f_div_scalar((n * h * w) as f64)?
+        .f_reshape([1, c, 1, 1])?;
+    let planes = Tensor::f_ones([1, c, h, w], (tch::Kind::Double, x.device()))?
+        .f_mul(&column.f_to_kind(tch::Kind::Double)?)?;
+    let wide = |t: &Tensor| t.f_to_kind(tch::Kind::Double);
+    let share = planes
+        .f_conv2d(
+            &wide(kernel)?,
+            Some(&wide(bias)?),
+            [s, s],
+            [p, p],
+            [d, d],
+            spec.groups,
+        )?
+        .f_to_kind(x.f_kind()?)?;
+    Ok(x.f_sub(&column)?
+        .f_conv2d(kernel, None::<&Tensor>, [s, s], [p, p], [d, d], spec.groups)?
+        .f_add_(&share)?)
 }
 
 /// BN backward of one branch, in place on its centred output `yc`:
@@ -179,7 +209,7 @@ pub(super) fn backward(
     let list = branch_list(branches);
     let stats = vec![list.len() as i64, spec.in_channels];
     let expected = [(mean, stats.clone()), (var, stats.clone()), (a, stats)];
-    if !saved_fit(spec, x, grad, &expected)? {
+    if !saved_fit(spec, x, grad, x.f_kind()?, &expected)? {
         return Ok(None);
     }
     let count = output_count(spec, x)? as f64;

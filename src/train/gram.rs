@@ -1,6 +1,13 @@
 //! Pointwise blocks (1x1, stride 1, dense): every branch's batch statistics from one Gram matrix
 //! of the centred input, the forward as one 1x1 conv with the folded kernel, and an analytic
 //! backward.
+//!
+//! Precision: these are differences of large sums wherever channels are strongly correlated or
+//! share an offset (a branch's batch variance `k^T Sigma k` lies far below `|k|^T |Sigma| |k|`,
+//! and the input gradient is the difference of two nearly equal maps). So every long sum runs in
+//! float64 on the input minus its channel means, whatever the input's dtype, as `F.batch_norm`'s
+//! CPU kernels accumulate in float64; only the results (and the folded conv, on the centred
+//! input) are in the input's dtype.
 
 use tch::{Kind, Tensor};
 
@@ -12,13 +19,15 @@ use crate::error::Result;
 use crate::fuse::{self, Branches};
 use crate::spec::BlockSpec;
 
-/// The `(out, in)` matrix of a 1x1 branch; for the skip the identity, on the device of `like`
-/// (a per-channel vector).
+const DIMS: [i64; 3] = [0, 2, 3];
+
+/// The `(out, in)` float64 matrix of a 1x1 branch; for the skip the identity, on the device of
+/// `like` (a float64 per-channel vector).
 fn gram_kernel(b: &Branch<'_>, like: &Tensor) -> Result<Tensor> {
     match b.weight {
-        Some(w) => Ok(w.f_flatten(1, -1)?),
+        Some(w) => Ok(w.f_flatten(1, -1)?.f_to_kind(Kind::Double)?),
         None => Ok(
-            fuse::identity_kernel(like.numel() as i64, 1, 1, like, like.f_kind()?)?
+            fuse::identity_kernel(like.numel() as i64, 1, 1, like, Kind::Double)?
                 .f_flatten(1, -1)?,
         ),
     }
@@ -29,21 +38,36 @@ fn batched(t: &Tensor) -> Result<Tensor> {
     Ok(t.f_reshape([s[0], s[1], s[2] * s[3]])?)
 }
 
+/// A float64 copy of `t` (never an alias, even when `t` is float64).
+fn wide_copy(t: &Tensor) -> Result<Tensor> {
+    Ok(t.f_to_dtype(Kind::Double, false, true)?)
+}
+
+/// `x - mu` in float64, `mu` the float64 channel means.
+fn centred(x: &Tensor, mu: &Tensor) -> Result<Tensor> {
+    let mut xc = wide_copy(x)?;
+    let _ = xc.f_sub_(&mu.f_reshape([1, -1, 1, 1])?)?;
+    Ok(xc)
+}
+
+/// `sum_n a_n b_n^T` over the batch of two `(N, rows, H, W)` tensors: a `(rows_a, rows_b)` matrix.
+fn product_sum(a: &Tensor, b: &Tensor) -> Result<Tensor> {
+    Ok(batched(a)?
+        .f_bmm(&batched(b)?.f_transpose(1, 2)?)?
+        .f_sum_dim_intlist([0i64].as_slice(), false, None::<Kind>)?)
+}
+
 pub(super) fn forward(
     spec: &BlockSpec,
     branches: &Branches,
     x: &Tensor,
 ) -> Result<Option<TrainForward>> {
     let size = x.size();
-    let (c, count) = (spec.in_channels, size[0] * size[2] * size[3]);
+    let (c, count, kind) = (spec.in_channels, size[0] * size[2] * size[3], x.f_kind()?);
     let list = branch_list(branches);
-    let mu = x.f_mean_dim([0i64, 2, 3].as_slice(), false, None::<Kind>)?;
-    let centred = batched(&x.f_sub(&mu.f_reshape([1, c, 1, 1])?)?)?;
-    let sigma = centred
-        .f_bmm(&centred.f_transpose(1, 2)?)?
-        .f_sum_dim_intlist([0i64].as_slice(), false, None::<Kind>)?
-        .f_div_scalar(count as f64)?;
-    drop(centred);
+    let mu = wide_copy(x)?.f_mean_dim(DIMS.as_slice(), false, None::<Kind>)?;
+    let xc = centred(x, &mu)?;
+    let sigma = product_sum(&xc, &xc)?.f_div_scalar(count as f64)?;
     let kernels = list
         .iter()
         .map(|b| gram_kernel(b, &mu))
@@ -65,8 +89,8 @@ pub(super) fn forward(
         return Ok(None);
     }
     update_running(&list, &mean, &var, count)?;
-    let a = bn_scale(&list, &var)?;
-    let beta = stack_bn(&list, |bn| &bn.bias)?;
+    let a = bn_scale(&list, &var)?.f_to_kind(Kind::Double)?;
+    let beta = stack_bn(&list, |bn| &bn.bias)?.f_to_kind(Kind::Double)?;
     let bias =
         beta.f_sub(&a.f_mul(&mean)?)?
             .f_sum_dim_intlist([0i64].as_slice(), false, None::<Kind>)?;
@@ -74,15 +98,22 @@ pub(super) fn forward(
     for (i, k) in kernels.iter().enumerate().skip(1) {
         w_eff = w_eff.f_add(&k.f_mul(&a.f_get(i as i64)?.f_unsqueeze(1)?)?)?;
     }
+    // The conv reads the centred input, so the means' share moves into the bias; the bias is
+    // added after the conv, as BN adds its shift after the branch convs: a conv that starts its
+    // sums from a large bias rounds every small term at the bias's scale.
+    let shifted_bias = bias.f_add(&w_eff.f_mv(&mu)?)?;
     let o = spec.out_channels;
-    let output = x.f_conv2d(
-        &w_eff.f_reshape([o, c, 1, 1])?,
-        Some(&bias),
-        [1, 1],
-        [0, 0],
-        [1, 1],
-        1,
-    )?;
+    let output = xc
+        .f_to_kind(kind)?
+        .f_conv2d(
+            &w_eff.f_to_kind(kind)?.f_reshape([o, c, 1, 1])?,
+            None::<&Tensor>,
+            [1, 1],
+            [0, 0],
+            [1, 1],
+            1,
+        )?
+        .f_add_(&shifted_bias.f_to_kind(kind)?.f_reshape([1, o, 1, 1])?)?;
     Ok(Some(TrainForward {
         output,
         saved: vec![mu, sigma, var, a, w_eff],
@@ -99,11 +130,8 @@ pub(super) fn backward(
     let [mu, sigma, var, a, w_eff] = saved else {
         return Ok(None);
     };
-    let (c, o, nb) = (
-        spec.in_channels,
-        spec.out_channels,
-        branch_list(branches).len() as i64,
-    );
+    let list = branch_list(branches);
+    let (c, o, nb) = (spec.in_channels, spec.out_channels, list.len() as i64);
     let expected = [
         (mu, vec![c]),
         (sigma, vec![c, c]),
@@ -111,21 +139,16 @@ pub(super) fn backward(
         (a, vec![nb, o]),
         (w_eff, vec![o, c]),
     ];
-    if !saved_fit(spec, x, grad, &expected)? {
+    if !saved_fit(spec, x, grad, Kind::Double, &expected)? {
         return Ok(None);
     }
     let size = x.size();
-    let (c, o, count) = (
-        spec.in_channels,
-        spec.out_channels,
-        (size[0] * size[2] * size[3]) as f64,
-    );
-    let list = branch_list(branches);
-    let g_sum = grad.f_sum_dim_intlist([0i64, 2, 3].as_slice(), false, None::<Kind>)?;
-    let p = batched(grad)?
-        .f_bmm(&batched(x)?.f_transpose(1, 2)?)?
-        .f_sum_dim_intlist([0i64].as_slice(), false, None::<Kind>)?;
-    let p_centred = p.f_sub(&g_sum.f_outer(mu)?)?;
+    let (count, kind) = ((size[0] * size[2] * size[3]) as f64, x.f_kind()?);
+    let xc = centred(x, mu)?;
+    let mut gc = wide_copy(grad)?;
+    let g_sum = gc.f_sum_dim_intlist(DIMS.as_slice(), false, None::<Kind>)?;
+    let _ = gc.f_sub_(&g_sum.f_div_scalar(count)?.f_reshape([1, -1, 1, 1])?)?;
+    let p_centred = product_sum(&gc, &xc)?;
     let std = add_eps(&list, var)?.f_sqrt()?;
     let mut q = sigma.f_zeros_like()?;
     let mut grads = Vec::with_capacity(3 * list.len() + 1);
@@ -145,31 +168,19 @@ pub(super) fn backward(
             let dw = p_centred
                 .f_mul(&a_b.f_unsqueeze(1)?)?
                 .f_sub(&ck.f_mm(&scaled_sigma)?)?;
-            grads.push(dw.f_reshape(w.size())?);
+            grads.push(dw.f_reshape(w.size())?.f_to_kind(kind)?);
         }
-        grads.push(s_b.f_div(&std_b)?);
-        grads.push(g_sum.shallow_clone());
+        grads.push(s_b.f_div(&std_b)?.f_to_kind(kind)?);
+        grads.push(g_sum.f_to_kind(kind)?);
     }
-    let w_t = w_eff.f_transpose(0, 1)?.f_contiguous()?;
-    let shift = q.f_mv(mu)?.f_sub(&w_t.f_mv(&g_sum.f_div_scalar(count)?)?)?;
-    let from_grad = grad.f_conv2d(
-        &w_t.f_reshape([c, o, 1, 1])?,
-        None::<&Tensor>,
-        [1, 1],
-        [0, 0],
-        [1, 1],
-        1,
-    )?;
-    let dx = x
-        .f_conv2d(
-            &q.f_neg()?.f_reshape([c, c, 1, 1])?,
-            Some(&shift),
-            [1, 1],
-            [0, 0],
-            [1, 1],
-            1,
-        )?
-        .f_add_(&from_grad)?;
+    // dx = W^T (g - mean g) - Q (x - mu): two nearly equal maps where BN removes most of the
+    // gradient, so both are formed and subtracted in float64.
+    let mut from_grad = w_eff.f_transpose(0, 1)?.f_matmul(&batched(&gc)?)?;
+    drop(gc);
+    let dx = from_grad
+        .f_sub_(&q.f_matmul(&batched(&xc)?)?)?
+        .f_reshape(size.as_slice())?
+        .f_to_kind(kind)?;
     grads.insert(0, dx);
     Ok(Some(grads))
 }

@@ -158,8 +158,8 @@ pub struct TrainForward {
 
 /// The train-time branch sum (before SE and ReLU) on batch statistics, with every BN's running
 /// statistics updated. `None` when the batch statistics are not finite (NaN or inf in the input):
-/// nothing was updated, and the caller runs the seed's module path, whose NaNs land where the
-/// seed's do.
+/// nothing was updated, and the caller runs the reference's module path, whose NaNs land where the
+/// reference's do.
 pub fn forward(
     spec: &BlockSpec,
     branches: &Branches,
@@ -176,7 +176,7 @@ pub fn forward(
 
 /// The gradients of a training step: input first, then for every branch in order (conv..., scale,
 /// skip) its kernel (none for the skip), BN weight and BN bias. `None` when the saved tensors
-/// or `grad` do not fit (the caller differentiates the seed's math instead).
+/// or `grad` do not fit (the caller differentiates the reference's math instead).
 pub fn backward(
     spec: &BlockSpec,
     branches: &Branches,
@@ -206,15 +206,15 @@ pub(crate) fn output_shape(spec: &BlockSpec, x: &Tensor) -> [i64; 4] {
     [size[0], spec.out_channels, out(2), out(3)]
 }
 
-/// Whether a backward's inputs fit its forward: each saved tensor has its expected shape and
-/// `x`'s dtype and device, and `grad` the block's output size.
+/// Whether a backward's inputs fit its forward: each saved tensor has its expected shape, the
+/// dtype `kind` and `x`'s device, and `grad` the block's output size.
 pub(crate) fn saved_fit(
     spec: &BlockSpec,
     x: &Tensor,
     grad: &Tensor,
+    kind: tch::Kind,
     saved: &[(&Tensor, Vec<i64>)],
 ) -> Result<bool> {
-    let kind = x.f_kind()?;
     for (t, shape) in saved {
         if t.size() != *shape || t.f_kind()? != kind || t.device() != x.device() {
             return Ok(false);

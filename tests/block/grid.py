@@ -88,7 +88,7 @@ def pair(case: BlockCase, dtype):
 
 def assert_train_step_matches(ours, reference, x, dtype, steps: int = 1) -> None:
     # float32 gradients of nearly cancelling sums (e.g. a 1x1 scale kernel) carry rounding that
-    # the seed's own float32 math shares, so in float32 both are measured against a float64 run
+    # the reference's own float32 math shares, so in float32 both are measured against a float64 run
     # of the oracle: ours must stay within the bound, or within 4x the oracle's own error.
     truth = copy.deepcopy(reference).double() if dtype == torch.float32 else None
     for _ in range(steps):

@@ -103,7 +103,7 @@ def test_state_dict_keys_match_oracle(case):
 
 @pytest.mark.parametrize("stride, out_channels", [(1, 8), (2, 4)], ids=["wider", "stride2"])
 def test_padded_pointwise_block_without_skip_matches_oracle(stride, out_channels, dtype):
-    # k=1 with padding 1 only works in the seed when there is no skip branch to mismatch.
+    # k=1 with padding 1 only works in the reference when there is no skip branch to mismatch.
     case = {"in_channels": 4, "out_channels": out_channels, "kernel_size": 1, "stride": stride, "padding": 1}
     ours, reference = build_pair("MobileOneBlock", dtype=dtype, num_conv_branches=2, **case)
     x = random_input((2, 4, 7, 6), dtype)
@@ -132,7 +132,7 @@ def test_eval_forward_with_gradients_matches_oracle(fused):
 
     got, expected = eval_grads(ours), eval_grads(reference)
     assert got.keys() == expected.keys()
-    # The seed's re-parameterization detaches its weights (ours stay trainable): for fused blocks
+    # The reference's re-parameterization detaches its weights (ours stay trainable): for fused blocks
     # the output and the input gradient are compared.
     compared = [key for key, value in expected.items() if value is not None]
     assert {"output", "input.grad"} <= set(compared) and (fused or len(compared) > 3)

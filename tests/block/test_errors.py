@@ -50,7 +50,7 @@ CONFIG_ERRORS = {
     "se-block-width-zero": (r"(?i)\bSE\b|squeeze|reduc|channel", lambda: mobileone_rs.SEBlock(8)),
     "even-kernel-2": (r"(?i)kernel", lambda: BLOCK(4, 4, 2, padding=1)),
     "even-kernel-4": (r"(?i)kernel", lambda: BLOCK(4, 4, 4, padding=2)),
-    # The seed accepts these and fails at forward time with mismatched branch sizes.
+    # The reference accepts these and fails at forward time with mismatched branch sizes.
     "padding-not-same": (r"(?i)padding", lambda: BLOCK(4, 4, 3, padding=0)),
     "padding-ignores-dilation": (r"(?i)padding", lambda: BLOCK(4, 8, 3, padding=1, dilation=2)),
     "zero-kernel": (r"(?i)kernel", lambda: BLOCK(4, 4, 0)),

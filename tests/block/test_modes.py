@@ -29,7 +29,7 @@ def test_non_contiguous_input(fused):
     x = random_input((2, 16, 7, 9)).transpose(2, 3)
     assert not x.is_contiguous()
     got, expected = train_step(ours, x), train_step(reference, x.contiguous())
-    # The seed's fused parameters are detached, so only output and input grad compare there.
+    # The reference's fused parameters are detached, so only output and input grad compare there.
     names = ["output", "input.grad"] if fused else list(expected)
     for name in names:
         assert_close(got[name], expected[name], F64, name)

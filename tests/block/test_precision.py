@@ -49,6 +49,6 @@ def test_cpu_autocast_output_matches_oracle(key, state):
     x = _input(key)
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
         got, expected = ours(x), reference(x)
-    # The seed's branch sum promotes a bfloat16 conv output plus a float32 BN skip to float32.
+    # The reference's branch sum promotes a bfloat16 conv output plus a float32 BN skip to float32.
     assert got.dtype == expected.dtype
     assert_close(got, expected, BOUND[torch.bfloat16], f"autocast {state}")

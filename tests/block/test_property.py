@@ -66,7 +66,7 @@ def _output_size(size: int, config: dict) -> int:
 )
 def test_random_block_matches_oracle(config, shape, bn, seed):
     batch, height, width = shape
-    # Train-mode BN needs more than one value per channel (the seed raises there too).
+    # Train-mode BN needs more than one value per channel (the reference raises there too).
     assume(batch * _output_size(height, config) * _output_size(width, config) > 1)
     torch.manual_seed(seed)
     ours, reference = build_pair("MobileOneBlock", **config)
@@ -297,7 +297,7 @@ def bad_inputs(draw, config: dict, state: str):
         height, width = draw(st.sampled_from([(0, 5), (5, 0), (0, 0)]))
         return torch.zeros(2, channels, height, width, dtype=torch.float64), InputShapeError, "empty"
     if kind == "single" and state == "train":
-        # The seed's BN raises this ValueError (after counting the batch); so do ours.
+        # The reference's BN raises this ValueError (after counting the batch); so do ours.
         return torch.zeros(1, channels, 1, 1, dtype=torch.float64), ValueError, "one value per channel"
     value = draw(st.sampled_from(NON_TENSORS))
     return value, InputTypeError, type(value).__name__

@@ -1,1 +1,1 @@
-"""Exact by construction: every fast path equals the seed's module path, over states and tools."""
+"""Exact by construction: every fast path equals the reference's module path, over states and tools."""

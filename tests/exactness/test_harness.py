@@ -1,9 +1,9 @@
 """Differential harness: block configs x module-state perturbations x optimizer steps against the
-oracle (the seed's math in plain PyTorch), float64 <= 1e-10 on outputs, input and parameter
+oracle (the reference's math in plain PyTorch), float64 <= 1e-10 on outputs, input and parameter
 gradients and every buffer after every step.
 
 Each perturbation is applied identically to ours and the oracle's copy (same weights): what the
-seed's module-by-module forward does with that state is the expected behaviour, whichever path
+reference's module-by-module forward does with that state is the expected behaviour, whichever path
 the dispatcher picks for ours. Cases: len(CONFIGS) x len(PERTURBATIONS) unfused and
 len(CONFIGS) x len(FUSED_PERTURBATIONS) fused, each over STEPS optimizer steps.
 """
@@ -183,7 +183,7 @@ def test_fused_block_matches_oracle(config, perturbation):
 
 
 def _seed_fused(reference):
-    """The oracle fused, with its parameters trainable again (the seed detaches them; ours keep
+    """The oracle fused, with its parameters trainable again (the reference detaches them; ours keep
     them trainable, so both train the same way)."""
     from tests import oracle
 

@@ -1,6 +1,6 @@
-"""One named regression test per item of the "exact by construction" issue: each reproduces a way
-the fast paths once differed from the seed's module path (or crashed) and checks ours against
-the oracle now. float64 unless the item is about another dtype.
+"""Regression tests, one per way the fast paths once differed from the reference's module path (or
+crashed): each reproduces the state or call and checks ours against the oracle now. float64 unless
+the case is about another dtype.
 """
 
 from __future__ import annotations
@@ -67,7 +67,7 @@ def _no_panic(error: BaseException) -> None:
 # 1 ---------------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("kwargs", [DEPTHWISE, DEPTHWISE_S2, POINTWISE], ids=["dw", "dw-s2", "pw"])
-def test_item01_frozen_bn_in_a_training_model(kwargs):
+def test_frozen_bn_in_a_training_model(kwargs):
     ours, reference = build_pair("MobileOneBlock", **kwargs)
     for model in (ours, reference):
         model.train()
@@ -81,7 +81,7 @@ def test_item01_frozen_bn_in_a_training_model(kwargs):
 
 
 @pytest.mark.parametrize("kwargs", [DEPTHWISE, POINTWISE], ids=["dw", "pw"])
-def test_item01_eval_model_with_some_bns_training(kwargs):
+def test_eval_model_with_some_bns_training(kwargs):
     ours, reference = build_pair("MobileOneBlock", **kwargs)
     for model in (ours, reference):
         model.eval()
@@ -95,7 +95,7 @@ def test_item01_eval_model_with_some_bns_training(kwargs):
 # 2 ---------------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("kwargs", [DEPTHWISE, POINTWISE], ids=["dw", "pw"])
-def test_item02_untracked_bn_keeps_its_buffers(kwargs):
+def test_untracked_bn_keeps_its_buffers(kwargs):
     ours, reference = build_pair("MobileOneBlock", **kwargs)
     for model in (ours, reference):
         for bn in _bns(model):
@@ -117,7 +117,7 @@ def _outcome(model, x):
 
 @pytest.mark.parametrize("shape", [(1, 8, 2, 2), (1, 8, 1, 2), (1, 8, 1, 1), (2, 8, 1, 1)], ids=str)
 @pytest.mark.parametrize("kwargs", [DEPTHWISE, DEPTHWISE_S2, POINTWISE], ids=["dw", "dw-s2", "pw"])
-def test_item03_one_value_per_channel_per_bn(kwargs, shape):
+def test_one_value_per_channel_per_bn(kwargs, shape):
     ours, reference = build_pair("MobileOneBlock", **kwargs)
     ours.train(), reference.train()
     x = random_input(shape)
@@ -134,7 +134,7 @@ def test_item03_one_value_per_channel_per_bn(kwargs, shape):
 
 @pytest.mark.parametrize("grad_mode", [torch.enable_grad, torch.no_grad], ids=["grad", "no-grad"])
 @pytest.mark.parametrize("fused", [False, True], ids=["eval", "fused"])
-def test_item04_forward_ad_through_depthwise_float32(fused, grad_mode):
+def test_forward_ad_through_depthwise_float32(fused, grad_mode):
     ours, reference = build_pair("MobileOneBlock", dtype=torch.float32, **DEPTHWISE)
     if fused:
         ours, reference = mobileone_rs.reparameterize_model(ours), oracle.reparameterize_model(reference)
@@ -155,7 +155,7 @@ def test_item04_forward_ad_through_depthwise_float32(fused, grad_mode):
 
 @pytest.mark.parametrize("low", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
 @pytest.mark.parametrize("train", [True, False], ids=["train", "eval"])
-def test_item05_cpu_autocast_output_dtype(low, train):
+def test_cpu_autocast_output_dtype(low, train):
     ours, reference = build_pair("MobileOne", 8, 16, 2, 2, True, 1, dtype=torch.float32)
     for model in (ours, reference):
         model.train(train)
@@ -172,7 +172,7 @@ def test_item05_cpu_autocast_output_dtype(low, train):
 # 6 ---------------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("kwargs", [DEPTHWISE, POINTWISE], ids=["dw", "pw"])
-def test_item06_nan_input_reaches_the_statistics_as_in_the_seed(kwargs):
+def test_nan_input_reaches_the_statistics_as_in_the_seed(kwargs):
     ours, reference = build_pair("MobileOneBlock", **kwargs)
     ours.train(), reference.train()
     x = random_input((2, 8, 7, 6))
@@ -198,7 +198,7 @@ EDITS = {
 
 @pytest.mark.parametrize("edit", list(EDITS))
 @pytest.mark.parametrize("train", [True, False], ids=["train", "eval"])
-def test_item07_conv_attributes_edited_in_place(edit, train):
+def test_conv_attributes_edited_in_place(edit, train):
     ours, reference = build_pair("MobileOneBlock", **DEPTHWISE)
     for model in (ours, reference):
         EDITS[edit](model)
@@ -219,7 +219,7 @@ def test_item07_conv_attributes_edited_in_place(edit, train):
 
 
 @pytest.mark.parametrize("edit", ["padding_mode", "dilation"])
-def test_item07_reparam_conv_attributes_edited_in_place(edit):
+def test_reparam_conv_attributes_edited_in_place(edit):
     ours, reference = build_pair("MobileOneBlock", **DEPTHWISE)
     ours, reference = mobileone_rs.reparameterize_model(ours), oracle.reparameterize_model(reference)
     for model in (ours, reference):
@@ -251,7 +251,7 @@ def _error_of(fn):
 
 @pytest.mark.parametrize("edit", list(SHAPE_EDITS))
 @pytest.mark.parametrize("train", [True, False], ids=["train", "eval"])
-def test_item08_wrong_shaped_parameters_raise_as_in_the_seed(edit, train):
+def test_wrong_shaped_parameters_raise_as_in_the_seed(edit, train):
     ours, reference = build_pair("MobileOneBlock", **DEPTHWISE)
     for model in (ours, reference):
         SHAPE_EDITS[edit](model)
@@ -263,7 +263,7 @@ def test_item08_wrong_shaped_parameters_raise_as_in_the_seed(edit, train):
     assert isinstance(got, (type(expected), mobileone_rs.MobileOneError)), (got, expected)
 
 
-def test_item08_wrong_shaped_reparam_conv():
+def test_wrong_shaped_reparam_conv():
     ours = mobileone_rs.reparameterize_model(build_pair("MobileOneBlock", **DEPTHWISE)[0])
     ours.reparam_conv.weight = nn.Parameter(torch.randn(8, 2, 3, 3).double())
     with pytest.raises(RuntimeError) as info:
@@ -275,7 +275,7 @@ def test_item08_wrong_shaped_reparam_conv():
 
 @pytest.mark.parametrize("state", ["train", "eval", "fused"])
 @pytest.mark.parametrize("kwargs", [DEPTHWISE, POINTWISE], ids=["dw", "pw"])
-def test_item09_empty_batch(kwargs, state):
+def test_empty_batch(kwargs, state):
     ours, reference = build_pair("MobileOneBlock", dtype=torch.float32, **kwargs)
     if state == "fused":
         ours, reference = mobileone_rs.reparameterize_model(ours), oracle.reparameterize_model(reference)
@@ -291,7 +291,7 @@ def test_item09_empty_batch(kwargs, state):
 # 10 --------------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("kwargs", [DEPTHWISE, POINTWISE], ids=["dw", "pw"])
-def test_item10_zero_eps_raises_in_training_as_in_the_seed(kwargs):
+def test_zero_eps_raises_in_training_as_in_the_seed(kwargs):
     ours, reference = build_pair("MobileOneBlock", **kwargs)
     for model in (ours, reference):
         model.train()
@@ -305,7 +305,7 @@ def test_item10_zero_eps_raises_in_training_as_in_the_seed(kwargs):
 
 # 11 --------------------------------------------------------------------------------------------
 
-def test_item11_block_built_under_inference_mode_then_trained():
+def test_block_built_under_inference_mode_then_trained():
     with torch.inference_mode():
         ours = mobileone_rs.MobileOneBlock(**DEPTHWISE)
         reference = oracle.copy_weights(ours, oracle.MobileOneBlock(**DEPTHWISE))
@@ -317,7 +317,7 @@ def test_item11_block_built_under_inference_mode_then_trained():
 @pytest.mark.parametrize("kwargs", [DEPTHWISE, POINTWISE,
                                     {"in_channels": 8, "out_channels": 8, "kernel_size": 3, "padding": 1, "groups": 4}],
                          ids=["dw", "pw", "grouped"])
-def test_item11_func_grad_through_a_training_block(kwargs):
+def test_func_grad_through_a_training_block(kwargs):
     ours, reference = build_pair("MobileOneBlock", **kwargs)
     x = random_input((2, 8, 7, 6))
 
@@ -326,7 +326,7 @@ def test_item11_func_grad_through_a_training_block(kwargs):
             return torch.func.functional_call(model, (params, buffers), (x,)).square().sum()
         return f
 
-    # Buffers captured from outside: the seed's BN mutates them, which torch.func refuses.
+    # Buffers captured from outside: the reference's BN mutates them, which torch.func refuses.
     errors = [_error_of(lambda m=m: torch.func.grad(loss(m))(dict(m.named_parameters()), {}, x))
               for m in (ours, reference)]
     assert type(errors[0]) is type(errors[1]) and str(errors[0]) == str(errors[1]), errors
@@ -341,7 +341,7 @@ def test_item11_func_grad_through_a_training_block(kwargs):
         assert_close(results[0][1][key], value, F64, key)
 
 
-def test_item11_expanded_running_mean():
+def test_expanded_running_mean():
     ours, reference = build_pair("MobileOneBlock", **DEPTHWISE)
     for model in (ours, reference):
         model.rbr_conv[0].bn.running_mean = torch.zeros(1, dtype=torch.float64).expand(8)
@@ -353,7 +353,7 @@ def test_item11_expanded_running_mean():
 @pytest.mark.parametrize("grad_mode", [torch.enable_grad, torch.no_grad], ids=["grad", "no-grad"])
 @pytest.mark.parametrize("fused", [False, True], ids=["eval", "fused"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["f32", "f64"])
-def test_item12_vmap_over_an_eval_block(fused, dtype, grad_mode):
+def test_vmap_over_an_eval_block(fused, dtype, grad_mode):
     ours, reference = build_pair("MobileOneBlock", dtype=dtype, **DEPTHWISE)
     if fused:
         ours, reference = mobileone_rs.reparameterize_model(ours), oracle.reparameterize_model(reference)
@@ -368,7 +368,7 @@ def test_item12_vmap_over_an_eval_block(fused, dtype, grad_mode):
 
 @pytest.mark.parametrize("train", [True, False], ids=["train", "eval"])
 @pytest.mark.parametrize("kwargs", [DEPTHWISE, DEPTHWISE_S2, POINTWISE], ids=["dw", "dw-s2", "pw"])
-def test_item13_non_reentrant_checkpoint(kwargs, train):
+def test_non_reentrant_checkpoint(kwargs, train):
     ours, reference = build_pair("MobileOneBlock", **kwargs)
     results = []
     for model in (ours, reference):
@@ -386,7 +386,7 @@ def test_item13_non_reentrant_checkpoint(kwargs, train):
 # 14 --------------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("kwargs", [DEPTHWISE, DEPTHWISE_S2, POINTWISE], ids=["dw", "dw-s2", "pw"])
-def test_item14_double_backward_in_training(kwargs):
+def test_double_backward_in_training(kwargs):
     ours, reference = build_pair("MobileOneBlock", **kwargs)
     results = []
     for model in (ours, reference):
@@ -405,7 +405,7 @@ def test_item14_double_backward_in_training(kwargs):
 # 15 --------------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("train", [True, False], ids=["train", "eval"])
-def test_item15_fx_symbolic_trace_and_feature_extraction(train):
+def test_fx_symbolic_trace_and_feature_extraction(train):
     from torchvision.models.feature_extraction import create_feature_extractor
 
     ours, reference = build_pair("MobileOne", 8, 16, 2, 2, True, 1)
@@ -422,7 +422,7 @@ def test_item15_fx_symbolic_trace_and_feature_extraction(train):
         assert_close(extractor(x)["pw"], reference.stage[:2](x), F64, "feature extractor")
 
 
-def test_item15_jit_trace_of_a_training_block():
+def test_jit_trace_of_a_training_block():
     ours, reference = build_pair("MobileOneBlock", **DEPTHWISE)
     ours.train(), reference.train()
     x = random_input((2, 8, 7, 6))
@@ -433,7 +433,7 @@ def test_item15_jit_trace_of_a_training_block():
 # 16 --------------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("state", ["train", "eval", "fused"])
-def test_item16_misaligned_input_memory(state):
+def test_misaligned_input_memory(state):
     ours, reference = build_pair("MobileOneBlock", dtype=torch.float32, **DEPTHWISE)
     if state == "fused":
         ours, reference = mobileone_rs.reparameterize_model(ours), oracle.reparameterize_model(reference)
@@ -452,7 +452,7 @@ def _plan_of(block, x):
     return block._plan(x, probes.call_env(x, block.options))
 
 
-def test_item16_backward_with_a_grad_the_kernel_cannot_read():
+def test_backward_with_a_grad_the_kernel_cannot_read():
     block = mobileone_rs.MobileOneBlock(**DEPTHWISE).double()
     x = random_input((2, 8, 7, 6))
     plan = _plan_of(block, x)
@@ -468,7 +468,7 @@ def test_item16_backward_with_a_grad_the_kernel_cannot_read():
 @pytest.mark.parametrize("field, value", [("stride", 0), ("kernel_size", 0), ("dilation", 0),
                                           ("num_conv_branches", 0), ("in_channels", -1), ("groups", 10**30),
                                           ("use_se", "False"), ("padding", 1.0), ("stride", True)])
-def test_item16_native_spec_extraction_validates(field, value):
+def test_native_spec_extraction_validates(field, value):
     fields = {**mobileone_rs.MobileOneBlock(**DEPTHWISE).spec.as_dict(), field: value}
     with pytest.raises(mobileone_rs.ConfigError, match=field):
         _native.BlockSpec(**fields)
@@ -486,7 +486,7 @@ def test_a_plan_runs_only_the_input_and_path_it_was_made_for():
             call()
 
 
-def test_item16_unsafe_code_states_its_invariants():
+def test_unsafe_code_states_its_invariants():
     """Structural: SIMD kernels behind a proof token, OS-specific dlopen behind cfg(linux) with
     libc's constants; unsafe_op_in_unsafe_fn denied and every unsafe block documented (clippy's
     undocumented_unsafe_blocks, denied crate-wide: `make lint` runs clippy with -D warnings)."""
@@ -501,7 +501,7 @@ def test_item16_unsafe_code_states_its_invariants():
     assert not re.search(r"\n    pub fn \w+", avx), "an AVX2 kernel is callable from safe code"
 
 
-def test_item16_no_panic_from_any_native_entry_on_garbage():
+def test_no_panic_from_any_native_entry_on_garbage():
     x = torch.randn(2, 8, 7, 6)
     nested = torch.nested.nested_tensor([torch.randn(8, 7, 6), torch.randn(8, 5, 6)])
     block = mobileone_rs.MobileOneBlock(**DEPTHWISE)
@@ -536,7 +536,7 @@ def test_item16_no_panic_from_any_native_entry_on_garbage():
         assert isinstance(error, (TypeError, ValueError, RuntimeError, OverflowError, KeyError)), repr(error)
 
 
-def test_item16_panic_hook_is_silent_only_inside_native_calls(capfd):
+def test_panic_hook_is_silent_only_inside_native_calls(capfd):
     # A native call that fails must print nothing (no "thread panicked", no backtrace).
     os.environ.pop("RUST_BACKTRACE", None)
     with pytest.raises(mobileone_rs.MobileOneError):
@@ -554,7 +554,7 @@ def _raise(*_args, **_kwargs):
 
 @pytest.mark.parametrize("kwargs", [DEPTHWISE, POINTWISE], ids=["dw", "pw"])
 @pytest.mark.parametrize("train", [True, False], ids=["train", "eval"])
-def test_item13_python_exceptions_from_callbacks_come_back_as_themselves(kwargs, train):
+def test_python_exceptions_from_callbacks_come_back_as_themselves(kwargs, train):
     from torch.utils._python_dispatch import TorchDispatchMode
 
     class Raising(TorchDispatchMode):

@@ -51,7 +51,7 @@ def _expected(reference, x):
 
 @pytest.mark.filterwarnings("ignore::DeprecationWarning", "ignore::FutureWarning")
 def test_oracle_jit_trace_runs_on_a_new_shape():
-    """The seed's SE traces its pooling size from the input, so its traced graph is shape-generic."""
+    """The reference's SE traces its pooling size from the input, so its traced graph is shape-generic."""
     _, reference = _fused_pair("se")
     with torch.no_grad():
         traced = torch.jit.trace(reference, random_input(EXAMPLE_SHAPE))
@@ -71,7 +71,7 @@ def test_jit_trace_of_fused_stage_runs_on_a_new_shape(key, shape):
 
 
 # ------------------------------------------------------------------------------------------------
-# torch.export (non-strict). The seed's SE pools with kernel_size=[h, w] taken from the input, which
+# torch.export (non-strict). The reference's SE pools with kernel_size=[h, w] taken from the input, which
 # torch.export specialises, so a stage with SE exports with a dynamic batch only (as the oracle's).
 
 DYNAMIC_DIMS = {"no-se": (0, 2, 3), "se": (0,)}
@@ -84,7 +84,7 @@ def _export(model, key: str):
 
 @pytest.mark.parametrize("key", list(STAGES))
 def test_oracle_exports_with_the_same_dynamic_dims(key):
-    """The test's dynamic dims are what the seed's code supports, so ours is held to no more."""
+    """The test's dynamic dims are what the reference's code supports, so ours is held to no more."""
     _, reference = _fused_pair(key)
     x = random_input(NEW_SHAPES["new-spatial" if key == "no-se" else "new-batch"], seed=3)
     assert_close(_export(reference, key).module()(x), _expected(reference, x), F64, "oracle export")

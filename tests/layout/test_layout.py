@@ -1,5 +1,5 @@
 """The structural rules hold: acyclic src/ modules, unsafe code only in src/cpu, files under the
-size limit, folder docs, one seed yaml, tests in area folders (tools/check_layout.py); and the
+size limit, folder docs, one copy of the user's yaml, tests in area folders (tools/check_layout.py); and the
 native module matches its stub (mypy.stubtest)."""
 
 from __future__ import annotations

@@ -1,1 +1,1 @@
-"""Self-checks of the oracle (the seed's math in plain PyTorch)."""
+"""Self-checks of the oracle (the reference's math in plain PyTorch)."""

@@ -167,5 +167,5 @@ class _Opaque:
 
 def test_a_file_that_is_not_a_checkpoint(tmp_path):
     (tmp_path / "notes.pth").write_bytes(b"not a checkpoint\n")
-    with pytest.raises(CheckpointError, match="not a readable torch checkpoint"):
+    with pytest.raises(CheckpointError, match="notes.pth: a text file starting 'not a checkpoint', not a"):
         convert_checkpoint(tmp_path / "notes.pth")

@@ -1,1 +1,1 @@
-"""The seed's MobileOne stages."""
+"""The reference's MobileOne stages."""

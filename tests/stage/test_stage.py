@@ -1,4 +1,4 @@
-"""The seed's four MobileOne stages: parameter counts, keys, training, fused == unfused (float64)."""
+"""The reference's four MobileOne stages: parameter counts, keys, training, fused == unfused (float64)."""
 
 import copy
 
@@ -64,7 +64,7 @@ def test_trained_stage_fused_equals_unfused(name):
     ours, _ = build_pair("MobileOne", *SEED_STAGES[name][0])
     sgd_steps(ours, _stage_input(name))
     # The reference is the oracle holding ours' trained weights, so fused is checked
-    # against the seed's unfused eval forward, never against ours.
+    # against the reference's unfused eval forward, never against ours.
     reference = oracle.copy_weights(ours, oracle.MobileOne(*SEED_STAGES[name][0]).double())
     x = _stage_input(name, seed=7)
     expected = eval_output(reference, x)
@@ -82,7 +82,7 @@ def _with_gradient_rounding(model: nn.Module, seed: int) -> nn.Module:
     input, along that input (per channel, ``d * max|g| / max|x| * x`` with ``|d|`` up to float64's
     unit roundoff). That direction is the ill-conditioned one: the next BN-normalized block is
     nearly blind to it, so the gradients of earlier scales (BN weights) are O(eps) sums there,
-    and an exact backward's rounding along it, e.g. the seed's cancelling scale-branch backward,
+    and an exact backward's rounding along it, e.g. the reference's cancelling scale-branch backward,
     shows in them far above its size elsewhere."""
     gen = torch.Generator().manual_seed(seed)
     unit = torch.finfo(torch.float64).eps

@@ -1,7 +1,7 @@
 """A depthwise training step against an extended-precision (numpy long double) recomputation of
-the seed's math: ours must be at least as accurate as float64 allows, on every output.
+the reference's math: ours must be at least as accurate as float64 allows, on every output.
 
-The seed's own float64 code is measured the same way (not asserted: it is the reference, not the
+The reference's own float64 code is measured the same way (not asserted: it is the reference, not the
 subject); ours is held to a bound a few ulps wide, including the scale kernel's gradient, which
 BN makes an O(eps) difference of large terms.
 """
@@ -33,7 +33,7 @@ def _patches(x: np.ndarray, k: int, stride: int, pad: int) -> np.ndarray:
 
 
 def _wide_step(reference: nn.Module, x: torch.Tensor, upstream: torch.Tensor) -> dict:
-    """The seed's training step of one depthwise block (no SE), in long double."""
+    """The reference's training step of one depthwise block (no SE), in long double."""
     k, stride, pad = reference.kernel_size, reference.stride, reference.kernel_size // 2
     xs = x.numpy().astype(WIDE)
     patches = _patches(xs, k, stride, pad)
@@ -100,4 +100,4 @@ def test_depthwise_training_step_is_float64_exact(stride):
     assert len(exact) == 2 + 5
     for key, value in exact.items():
         ours_err, seed_err = _error(got[key], value), _error(seed[key], value)
-        assert ours_err <= BOUND, f"{key}: ours {ours_err:.1e} (the seed's float64 code: {seed_err:.1e})"
+        assert ours_err <= BOUND, f"{key}: ours {ours_err:.1e} (the reference's float64 code: {seed_err:.1e})"

@@ -23,6 +23,7 @@ from copy import deepcopy
 from pathlib import Path
 
 import torch
+from mobileone_rs.yolov9 import deploy_model
 from torch import nn
 
 REPO = Path(__file__).resolve().parents[2]
@@ -30,7 +31,7 @@ SEED_YAML = REPO / "python" / "mobileone_rs" / "data" / "yolov9-c-mobileone.yaml
 SEED_YAML_SHA256 = "48425549059563d26188decd86b063589d4625a26f3acf9c6646740e55766e8f"
 SHARED_SEED = REPO.parent / "shared" / "seed"
 
-# The model table the seed prints for yolov9-c-mobileone (nc=1), copied from the seed text verbatim.
+# The model table the reference prints for yolov9-c-mobileone (nc=1), copied from the reference text verbatim.
 SEED_TABLE = """
   0 -1 1 0 models.common.Silence []
   1 -1 1 1856 models.common.Conv [3, 64, 3, 2]
@@ -127,6 +128,14 @@ def subprocess_env(copy_root: Path) -> dict[str, str]:
     return env
 
 
+def patched_copy(destination: Path) -> Path:
+    """A copy of the installed yolo9 package in ``destination``, patched by the real command line."""
+    copy = copy_yolo9(destination)
+    result = run_patch(copy)
+    assert result.returncode == 0, result.stderr
+    return copy
+
+
 def run_patch(path: Path, *flags: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
     """``python -m mobileone_rs.yolov9 patch PATH FLAGS`` in a subprocess, text captured."""
     command = [sys.executable, "-m", "mobileone_rs.yolov9", "patch", str(path), *flags]
@@ -219,25 +228,17 @@ def captured_yolo_log():
 # Models and tensors.
 
 
-@contextlib.contextmanager
-def default_dtype(dtype: torch.dtype):
-    """YOLOv9's fuse_conv_and_bn builds its new Conv2d in the default dtype: float64 fusing needs this."""
-    previous = torch.get_default_dtype()
-    torch.set_default_dtype(dtype)
-    try:
-        yield
-    finally:
-        torch.set_default_dtype(previous)
+default_dtype = deploy_model.default_dtype  # one definition: the package's
 
 
 def seed_mobileone_args() -> dict[int, list]:
-    """``{layer: arguments}`` of the seed table's MobileOne rows, as parse_model passes them."""
+    """``{layer: arguments}`` of the reference table's MobileOne rows, as parse_model passes them."""
     rows = parse_model_table(SEED_TABLE)
     return {i: ast.literal_eval(args) for i, _, _, _, name, args in rows if name == "MobileOne"}
 
 
 def oracle_twin(model: nn.Module) -> nn.Module:
-    """A copy of a YOLOv9 model whose MobileOne layers are the oracle's (the seed's code), same weights.
+    """A copy of a YOLOv9 model whose MobileOne layers are the oracle's (the reference's code), same weights.
 
     The oracle's blocks run branch by branch in plain PyTorch: the twin's eval output is the
     independent reference for the package's unfused and fused outputs.

@@ -1,7 +1,7 @@
 """YOLOv9 with MobileOne, end to end, on a patched copy of the real YOLOv9 code (PyPI ``yolo9``).
 
-The seed's yolov9-c-mobileone.yaml is built by YOLOv9's own ``Model``; the numbers it must reproduce are
-the seed's printed table and summary (independent of this package). Then: YOLOv9's fuse(), its training
+The reference's yolov9-c-mobileone.yaml is built by YOLOv9's own ``Model``; the numbers it must reproduce are
+the reference's printed table and summary (independent of this package). Then: YOLOv9's fuse(), its training
 pieces (initialize_weights, smart_optimizer, ComputeLoss, ModelEMA), its checkpoint format and
 attempt_load, and an ONNX export as export.py does it. YOLOv9's own scripts (train_dual.py, val_dual.py,
 detect_dual.py, export.py) run in test_journey.py, as docs/yolov9.md has a newcomer run them.
@@ -39,10 +39,7 @@ FUSED_BOUND = {torch.float64: 1e-9, torch.float32: 1e-3}
 @pytest.fixture(scope="module")
 def patched(tmp_path_factory) -> Path:
     """A copy of the installed yolo9 package, patched by the real command line."""
-    copy = h.copy_yolo9(tmp_path_factory.mktemp("yolo9-copy"))
-    result = h.run_patch(copy)
-    assert result.returncode == 0, result.stderr
-    return copy
+    return h.patched_copy(tmp_path_factory.mktemp("yolo9-copy"))
 
 
 @pytest.fixture(scope="module")
@@ -56,7 +53,7 @@ def yolo(patched):
 
 @pytest.fixture(scope="module")
 def built(yolo):
-    """The seed's model as ``Model(cfg, ch=3, nc=1)`` builds it, with what YOLOv9 printed meanwhile."""
+    """The reference's model as ``Model(cfg, ch=3, nc=1)`` builds it, with what YOLOv9 printed meanwhile."""
     with h.captured_yolo_log() as log:
         model = yolo.yolo.Model(str(h.SEED_YAML), ch=3, nc=1)
     return SimpleNamespace(model=model, log="\n".join(log))
@@ -73,7 +70,7 @@ def fused(model: nn.Module, dtype=torch.float32) -> nn.Module:
 
 
 # ----------------------------------------------------------------------------------------------
-# The seed's numbers.
+# The reference's numbers.
 
 
 def test_seed_yaml_is_the_shared_contract():
@@ -82,7 +79,7 @@ def test_seed_yaml_is_the_shared_contract():
     if shared.exists():
         assert h.file_sha256(shared) == h.SEED_YAML_SHA256
     seed_text = h.SHARED_SEED / "mobileone-yolov9.seed.txt"
-    if seed_text.exists():  # our transcription of the printed table is the seed's
+    if seed_text.exists():  # our transcription of the printed table is the reference's
         seed_rows = h.parse_model_table(
             seed_text.read_text(encoding="utf-8").split("yolov9-c-mobileone:")[-1]
         )
@@ -128,7 +125,7 @@ def test_fuse_reparameterizes_and_matches_the_seed_totals(built):
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["f64", "f32"])
 def test_unfused_fused_and_reparameterized_match_the_oracle(built, dtype):
-    """The whole detector in eval mode, against a twin whose MobileOne layers are the seed's code."""
+    """The whole detector in eval mode, against a twin whose MobileOne layers are the reference's code."""
     model = oracle.randomize_bn_stats(deepcopy(built.model), torch.Generator().manual_seed(0))
     model = model.to(dtype).eval()
     assert {m.eps for m in model.modules() if isinstance(m, nn.BatchNorm2d)} == {1e-3}

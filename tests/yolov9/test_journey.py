@@ -1,4 +1,4 @@
-"""docs/yolov9.md's journey, run as written: patch, model file, train, validate, detect, export.
+"""docs/yolov9.md's journey, run as written: patch, model file, train, validate, detect, export, deploy.
 
 The tree is upstream-shaped (:mod:`tests.yolov9.upstream_tree`: upstream's layout and upstream's text
 wherever the patch's runtime edits apply). Every block of the guide marked ``<!-- test: run -->`` runs
@@ -99,7 +99,7 @@ def run_step(block_code: str, language: str, root: Path, env: dict, data: Path) 
     outputs = []
     for command in shell_commands(block_code):
         started = time.perf_counter()
-        if command.startswith("python ") and " -m " not in command.split("#")[0]:
+        if command.startswith("python ") and (" -m " not in command.split("#")[0] or "mobileone_rs.deploy" in command):
             result = h.run_python(scaled_down(command, data)[1:], cwd=root, env=env)
         else:
             result = subprocess.run(
@@ -111,6 +111,17 @@ def run_step(block_code: str, language: str, root: Path, env: dict, data: Path) 
     return outputs
 
 
+def _script(command: str) -> str:
+    """The key of a command's output: its script (``val.py``, ``-m mobileone_rs.deploy``), ``val.py onnx``
+    for val.py on the INT8 ONNX file, the command itself for a non-Python one."""
+    if not command.startswith("python "):
+        return command
+    words = shlex.split(command, comments=True)
+    if words[1] == "-m":
+        return f"-m {words[2]}"
+    return f"{words[1]} onnx" if any(w.endswith(".onnx") for w in words) else words[1]
+
+
 @pytest.fixture(scope="module")
 def journey(tmp_path_factory):
     """The guide's marked blocks, run in order on a fresh upstream-shaped tree."""
@@ -119,26 +130,28 @@ def journey(tmp_path_factory):
     data = h.write_synthetic_dataset(tmp / "data", count=4, size=2 * IMG)
     images = root / "data" / "images"  # upstream ships data/images/horses.jpg
     images.mkdir(parents=True)
-    shutil.copy(data.parent / "images" / "train" / "img0.jpg", images / "img0.jpg")
+    for name in ("img0.jpg", "img1.jpg"):  # deploy's --int8 needs two: one to calibrate, one held out
+        shutil.copy(data.parent / "images" / "train" / name, images / name)
     env = journey_env(tmp)
     steps = [b for b in code_blocks(GUIDE) if b.marked]
-    assert [b.language for b in steps] == ["bash", "bash", "bash", "bash", "python"]
+    assert [b.language for b in steps] == ["bash", "bash", "bash", "bash", "python", "bash"]
     outputs = [out for block in steps for out in run_step(block.code, block.language, root, env, data)]
-    by_script = {shlex.split(c)[1] if c.startswith("python ") else c: out for c, out in outputs}
+    by_script = {_script(c): out for c, out in outputs}
     return SimpleNamespace(root=root, env=env, outputs=outputs, log=by_script)
 
 
 def test_every_command_of_the_guide_ran(journey):
     scripts = [shlex.split(c)[1] for c, _ in journey.outputs if c.startswith("python ")]
-    assert scripts == ["-m", "models/yolo.py", "train_dual.py", "val_dual.py", "detect_dual.py", "export.py"]
-    assert journey.outputs[-1][0] == "<python block>"
+    assert scripts == ["-m", "models/yolo.py", "train_dual.py", "val_dual.py", "detect_dual.py", "export.py",
+                       "-m", "val.py", "detect.py", "val.py"]
+    assert journey.outputs[-5][0] == "<python block>"
     for command, output in journey.outputs:
         assert "Traceback" not in output, f"{command}:\n{output[-4000:]}"
         assert "attempting AutoUpdate" not in output, f"{command} tried to pip-install:\n{output[-4000:]}"
 
 
 def test_patch_made_the_model_and_runtime_edits(journey):
-    out = journey.log["-m"]
+    out = journey.log["-m mobileone_rs.yolov9"]
     assert "patched:" in out
     for edit in MODEL_EDITS + RUNTIME_EDITS:
         assert edit in out, edit
@@ -228,3 +241,32 @@ def test_the_guides_python_export_snippet(journey):
     graph = onnx.load(str(path))
     onnx.checker.check_model(graph)
     assert graph.opset_import[0].version == 12 and not Path(f"{path}.data").exists()
+
+
+DEPLOY = Path("deploy")
+
+
+def test_deploy_writes_a_verified_single_head_model_onnx_and_int8(journey):
+    import json
+
+    out = journey.log["-m mobileone_rs.deploy"]
+    assert out.startswith(f"{WEIGHTS}: DualDDetect -> DDetect")
+    names = {"best-deploy.yaml", "best-deploy.pt", "best-deploy.onnx", "best-deploy-int8.onnx", "report.json"}
+    assert {p.name for p in (journey.root / DEPLOY).iterdir()} == names
+    report = json.loads((journey.root / DEPLOY / "report.json").read_text())
+    assert report["models"]["deploy"]["params"] == 17_744_803  # the hand conversion's count (nc=1)
+    assert max(v for k, v in report["errors"].items() if k.startswith("float64")) <= 1e-9
+    assert (report["int8"]["calibration_images"], report["int8"]["heldout_images"]) == (1, 1)
+
+
+def test_val_and_detect_run_single_head_on_the_deploy_checkpoint(journey):
+    val = journey.log["val.py"]
+    assert "Fusing layers" in val and h.parse_summary(val)[-1][0] == 17_744_803
+    assert re.search(r"^\s+all\s+4\s+6\s", val, re.MULTILINE), val[-3000:]
+    assert list((journey.root / "runs" / "detect" / "exp2").glob("*.jpg"))  # exp: detect_dual.py's
+
+
+def test_val_runs_the_int8_onnx_in_onnxruntime(journey):
+    out = journey.log["val.py onnx"]
+    assert "best-deploy-int8.onnx for ONNX Runtime inference" in out
+    assert re.search(r"^\s+all\s+4\s+6\s", out, re.MULTILINE), out[-3000:]

@@ -1,4 +1,4 @@
-"""``python -m mobileone_rs.yolov9 patch``: the seed's three edits on a copy of the installed yolo9 package.
+"""``python -m mobileone_rs.yolov9 patch``: the model edits on a copy of the installed yolo9 package.
 
 The command runs in-process through ``main()`` except where the ``python -m`` entry point itself is
 under test; every import of a patched copy happens in a subprocess, so this file never imports yolo9.
@@ -50,7 +50,11 @@ def _added_and_removed(diff: str) -> tuple[list[str], list[str]]:
     ]
 
 
-def test_patch_prints_a_diff_of_exactly_the_three_edits(copy_dir: Path):
+LAYER = "m_ = nn.Sequential(*(m(*args) for _ in range(n))) if n > 1 else m(*args)  # module"
+
+
+def test_patch_prints_a_diff_of_exactly_the_model_edits(copy_dir: Path):
+    """The reference's three edits, and the try/except that names the yaml layer in a ConfigError."""
     before = _files(copy_dir)
     result = h.run_patch(copy_dir, "--model-only")
     assert result.returncode == 0, result.stderr
@@ -61,8 +65,14 @@ def test_patch_prints_a_diff_of_exactly_the_three_edits(copy_dir: Path):
         "if hasattr(m, 'reparameterize'):",
         "m.reparameterize()",
         "ELAN1, RepNCSPELAN4, SPPELAN, MobileOne, MobileOneBlock}:",
+        "try:",
+        LAYER,
+        "except Exception as e:  # mobileone_rs: a MobileOne ConfigError names its yaml layer",
+        "from mobileone_rs.yolov9.hints import raise_with_yaml_layer",
+        "raise_with_yaml_layer(e, i, m, args, d)",
+        "raise",
     ]
-    assert [line.strip() for line in removed] == ["ELAN1, RepNCSPELAN4, SPPELAN}:"]
+    assert [line.strip() for line in removed] == ["ELAN1, RepNCSPELAN4, SPPELAN}:", LAYER]
     after = _files(copy_dir)
     assert after["common.py"] == before["common.py"].replace(
         "from torch.cuda import amp\n\nfrom yolo9.utils import TryExcept\n",
@@ -298,19 +308,21 @@ def test_help_is_plain_text_and_lists_every_edit():
     assert result.stdout.startswith("usage: python -m mobileone_rs.yolov9 patch")
     text = " ".join(result.stdout.split())
     for edit in (
-        "import mobileone_rs", "parse_model channel set", "fuse reparameterize", "torch.load weights_only=False",
+        "import mobileone_rs", "parse_model channel set", "fuse reparameterize", "parse_model yaml-layer hint",
+        "torch.load weights_only=False",
         "fonts offline", "Pillow 10 text size", "NumPy 2 trapezoid", "ONNX TorchScript exporter",
-        "requirements pins", "--model-only", "--check", "--dry-run",
+        "requirements pins", "fused-weights warning", "--model-only", "--check", "--dry-run",
     ):
         assert edit in text, edit
 
 
 def test_the_yolo9_package_gets_only_what_it_lacks(copy_dir: Path):
-    """yolo9 fixed torch.load, fonts, getsize and trapz itself: only the ONNX exporter edit is left."""
+    """yolo9 fixed torch.load, fonts, getsize and trapz itself: model edits, ONNX, the fused warning."""
     result = patch(copy_dir)
     assert result.returncode == 0, result.stderr
     summary = result.stdout.strip().splitlines()[-1]
     assert summary == (
         f"{copy_dir}: patched: import mobileone_rs (models/common.py); parse_model channel set "
-        "(models/yolo.py); fuse reparameterize (models/yolo.py); ONNX TorchScript exporter (export.py)"
+        "(models/yolo.py); fuse reparameterize (models/yolo.py); parse_model yaml-layer hint (models/yolo.py); "
+        "ONNX TorchScript exporter (export.py); fused-weights warning (utils/general.py)"
     )

@@ -88,7 +88,7 @@ def test_upstream_gets_every_runtime_edit_and_nothing_else(upstream):
         ],
     )
     general = changes["utils/general.py"]
-    assert general.edits == (rt.WEIGHTS_ONLY, rt.FONTS)
+    assert general.edits == (rt.WEIGHTS_ONLY, rt.FONTS, rt.FUSED_WARNING)
     compile(general.new, "general.py", "exec")
     assert "        try:\n            torch.hub.download_url_to_file(url, str(file), progress=progress)\n" in general.new
     assert "if not font.exists() and not file.exists() and font.name not in _FONTS_NOT_DOWNLOADED:" in general.new

@@ -1,32 +1,31 @@
-"""Errors raised while YOLOv9's ``parse_model`` builds a layer: which yaml layer, and what is missing.
+"""The yaml layer in errors raised while YOLOv9's ``parse_model`` builds a layer.
 
-``MobileOne(...)`` does not know it is being built from a yaml row. When a ``ConfigError`` comes out
-of it under YOLOv9's ``parse_model`` (found on the call stack by its name and locals, without
-importing YOLOv9), the message gains the yaml layer (index, module, the row's arguments) and, when
-the stage got the row's arguments without the input channels prepended, the patch edit that is missing.
+``MobileOne(...)`` does not know it is being built from a yaml row. The patch command wraps the line
+of ``parse_model`` that builds each layer (``m_ = ... m(*args) ...``) so that a ``ConfigError`` coming
+out of it is raised again with the yaml layer (index, module, the row's arguments) and, when the layer
+got the row's arguments without the input channels prepended, the patch edit that is missing
+(:func:`add_yaml_layer_hint` makes that edit, :func:`raise_with_yaml_layer` is what it calls).
 """
 
 from __future__ import annotations
 
-import sys
+import ast
 
 from .._native import ConfigError
+from .source_text import indent_of, lines, replace_lines
 
 PATCH_COMMAND = "python -m mobileone_rs.yolov9 patch PATH"
+HINT_FUNCTION = "raise_with_yaml_layer"
+# The except clause the edit adds around the layer's construction (the try line and body go before it).
+_HANDLER = (
+    "except Exception as e:  # mobileone_rs: a MobileOne ConfigError names its yaml layer",
+    f"    from mobileone_rs.yolov9.hints import {HINT_FUNCTION}",
+    f"    {HINT_FUNCTION}(e, i, m, args, d)",
+    "    raise",
+)
 
 
-def _parse_model_frame():
-    """The innermost frame of a function named ``parse_model`` with YOLOv9's loop locals, or None."""
-    frame = sys._getframe(1)
-    while frame is not None:
-        names = frame.f_locals
-        if frame.f_code.co_name == "parse_model" and {"i", "args", "d"} <= names.keys():
-            return frame
-        frame = frame.f_back
-    return None
-
-
-def _yaml_row(layers: dict, index: int):
+def _yaml_row(layers, index: int):
     """Row ``index`` of the model dict's backbone + head (``[from, number, module, args]``), or None."""
     try:
         rows = list(layers.get("backbone", [])) + list(layers.get("head", []))
@@ -35,23 +34,82 @@ def _yaml_row(layers: dict, index: int):
         return None
 
 
-def reraise_with_yaml_layer(error: ConfigError, module: str) -> None:
-    """Raises ``error`` again with the yaml layer it came from, when YOLOv9's parse_model is building.
+def raise_with_yaml_layer(error: BaseException, index, module, passed, model_dict) -> None:
+    """Raises a ``ConfigError`` again with the yaml layer it came from; returns for any other error.
 
-    Does nothing (the caller re-raises ``error`` as it is) outside ``parse_model``.
+    Called by the patched ``parse_model`` (see :func:`add_yaml_layer_hint`) with its loop's row index
+    ``i``, module ``m``, the arguments ``args`` the module got and the model dict ``d``.
     """
-    frame = _parse_model_frame()
-    if frame is None:
+    if not isinstance(error, ConfigError):
         return
-    index, passed = frame.f_locals["i"], frame.f_locals["args"]
-    row = _yaml_row(frame.f_locals["d"], index)
+    name = getattr(module, "__name__", str(module))
+    row = _yaml_row(model_dict, index)
     yaml_args = row[3] if isinstance(row, (list, tuple)) and len(row) == 4 else None
-    where = f"{module} {list(yaml_args)}" if yaml_args is not None else module
+    where = f"{name} {list(yaml_args)}" if isinstance(yaml_args, (list, tuple)) else name
     message = f"yaml layer {index} ({where}): {error}"
-    if yaml_args is not None and len(passed) <= len(yaml_args):
+    if isinstance(yaml_args, (list, tuple)) and len(passed) <= len(yaml_args):
         message += (
-            f". parse_model called {module}({', '.join(map(repr, passed))}): the yaml row's arguments without "
+            f". parse_model called {name}({', '.join(map(repr, passed))}): the yaml row's arguments without "
             f"the input channels in front, so every argument shifted by one. models/yolo.py's parse_model "
-            f"lacks {module} in its channel set (model edit 2): run `{PATCH_COMMAND}`"
+            f"lacks {name} in its channel set (model edit 2): run `{PATCH_COMMAND}`"
         )
-    raise ConfigError(message) from error
+    raise type(error)(message) from error  # the same class: an ArgumentTypeError stays a TypeError
+
+
+# ----------------------------------------------------------------------------------------------
+# The patch edit.
+
+
+def _calls(tree: ast.AST, name: str) -> bool:
+    return any(
+        isinstance(n, ast.Call) and name in (getattr(n.func, "id", None), getattr(n.func, "attr", None))
+        for n in ast.walk(tree)
+    )
+
+
+def _builds_layer(node: ast.stmt) -> bool:
+    """``m_ = ... m(*args) ...``: the statement of parse_model that builds a layer."""
+    return (
+        isinstance(node, ast.Assign)
+        and len(node.targets) == 1
+        and getattr(node.targets[0], "id", None) == "m_"
+        and any(
+            isinstance(c, ast.Call)
+            and getattr(c.func, "id", None) == "m"
+            and any(isinstance(a, ast.Starred) and getattr(a.value, "id", None) == "args" for a in c.args)
+            for c in ast.walk(node.value)
+        )
+    )
+
+
+def _layer_statement(parse_model: ast.FunctionDef) -> ast.Assign | None:
+    """The one layer-building statement of a loop over the rows (``i``) of the model dict ``d``."""
+    names = {n.id for n in ast.walk(parse_model) if isinstance(n, ast.Name)}
+    params = {a.arg for a in parse_model.args.args}
+    found = [n for n in ast.walk(parse_model) if isinstance(n, ast.stmt) and _builds_layer(n)]
+    if len(found) != 1 or "d" not in params or "i" not in names:
+        return None
+    return found[0]
+
+
+def add_yaml_layer_hint(text: str) -> str:
+    """Return ``models/yolo.py`` with parse_model's layer construction wrapped so that a ConfigError
+    names its yaml layer; unchanged when already so, or when parse_model has no such statement."""
+    tree = ast.parse(text)
+    parse_model = next(
+        (n for n in tree.body if isinstance(n, ast.FunctionDef) and n.name == "parse_model"), None
+    )
+    if parse_model is None or _calls(parse_model, HINT_FUNCTION):
+        return text
+    statement = _layer_statement(parse_model)
+    if statement is None:
+        return text
+    indent = indent_of(text, statement.lineno)
+    step = "    " if not indent.startswith("\t") else "\t"
+    body = [line.rstrip("\r\n") for line in lines(text)[statement.lineno - 1 : statement.end_lineno]]
+    wrapped = [
+        f"{indent}try:",
+        *(step + line for line in body),
+        *(indent + line.replace("    ", step, 1) for line in _HANDLER),
+    ]
+    return replace_lines(text, statement.lineno, statement.end_lineno, wrapped)

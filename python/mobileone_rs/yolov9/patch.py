@@ -1,6 +1,6 @@
 """Patch a YOLOv9 source tree so that its model yaml files can name ``MobileOne`` and its scripts run.
 
-The seed article's three model edits (https://github.com/WongKinYiu/yolov9 layout), made by text so
+The reference article's three model edits (https://github.com/WongKinYiu/yolov9 layout), made by text so
 that a reviewer sees exactly what changed:
 
 1. ``models/common.py`` imports ``MobileOne, MobileOneBlock, reparameterize_model`` from this package,
@@ -11,7 +11,13 @@ that a reviewer sees exactly what changed:
    them (``MobileOneBlock`` is the stem layer of the pretrained ``yolov9-c-mobileone-s*.yaml``).
 3. ``BaseModel.fuse`` re-parameterizes every module that can: ``m.reparameterize()``.
 
-These alone make the model build, train and fuse. Unless ``--model-only`` is given, the runtime edits
+These alone make the model build, train and fuse. A fourth model edit helps when a yaml row is wrong:
+
+4. ``parse_model`` builds each layer inside ``try``; a ``ConfigError`` from MobileOne is raised again
+   naming the yaml layer (index, module, the row's arguments): :mod:`mobileone_rs.yolov9.hints`.
+
+A file that starts with a UTF-8 byte-order mark keeps it. Every file is written whole or not at all,
+and none is changed unless all can be (:func:`apply_patch`). Unless ``--model-only`` is given, the runtime edits
 of :mod:`mobileone_rs.yolov9.runtime` follow: they make YOLOv9's own scripts (train, val, detect,
 export) run under torch 2.13 with today's Pillow, NumPy and albumentations, offline.
 
@@ -23,25 +29,25 @@ PATH is a YOLOv9 checkout (the folder holding ``models/``) or an installed copy 
 package directory. The edits are located with :mod:`ast`, so they do not depend on whitespace, and
 each one is skipped when already present: a second run changes nothing.
 
-This module imports neither torch nor the native extension of its own accord.
+The command line is :mod:`mobileone_rs.yolov9.cli`; reading and writing the files (all or none, a
+byte-order mark kept) :mod:`mobileone_rs.yolov9.tree`.
 """
 
 from __future__ import annotations
 
-import argparse
 import ast
-import difflib
 import sys
-from dataclasses import dataclass
 from pathlib import Path
 
 from . import runtime as _yolov9_runtime
+from .hints import add_yaml_layer_hint
 from .source_text import indent_of as _indent_of
 from .source_text import insert_after_line as _insert_after_line
 from .source_text import lines as _lines
 from .source_text import offset as _offset
+from .tree import FileChange, NotYolov9Error, apply_patch, read_source
 
-__all__ = ["FileChange", "NotYolov9Error", "apply_patch", "main", "plan_patch", "summary"]
+__all__ = ["FileChange", "NotYolov9Error", "apply_patch", "plan_patch"]
 
 IMPORT_LINE = "from mobileone_rs import MobileOne, MobileOneBlock, reparameterize_model"
 REPARAM_LINES = ("if hasattr(m, 'reparameterize'):", "m.reparameterize()")
@@ -52,32 +58,7 @@ YOLO = Path("models") / "yolo.py"
 # Top-level packages of a YOLOv9 tree: upstream imports ``utils.x``, ``models.x``; PyPI's yolo9 ``yolo9.x``.
 PROJECT_PACKAGES = frozenset({"utils", "models", "yolo9", "export"})
 
-EXIT_OK, EXIT_NEEDS_PATCH, EXIT_REFUSED = 0, 1, 2
-
-
-class NotYolov9Error(Exception):
-    """The files under PATH are not a YOLOv9 tree this tool knows how to patch."""
-
-
-@dataclass(frozen=True)
-class FileChange:
-    """One file's text before and after, with the names of the edits applied to it."""
-
-    path: Path
-    relative: Path
-    old: str
-    new: str
-    edits: tuple[str, ...]
-
-    def diff(self) -> str:
-        """A unified diff in ``git diff`` form, paths relative to PATH."""
-        lines = difflib.unified_diff(
-            _lines(self.old),
-            _lines(self.new),
-            fromfile=f"a/{self.relative.as_posix()}",
-            tofile=f"b/{self.relative.as_posix()}",
-        )
-        return "".join(line if line.endswith("\n") else line + "\n" for line in lines)
+YAML_LAYER_HINT = "parse_model yaml-layer hint"
 
 
 # ----------------------------------------------------------------------------------------------
@@ -268,28 +249,28 @@ def add_reparameterize_to_fuse(text: str) -> str:
 
 
 # ----------------------------------------------------------------------------------------------
-# Planning, applying, command line.
+# Planning.
 
 
-def _read(root: Path, relative: Path) -> str:
+def _read(root: Path, relative: Path) -> tuple[str, bool]:
     path = root / relative
     if not path.is_file():
         hint = " (PATH is the folder that holds models/, not models/ itself)" if root.name == "models" else ""
         raise NotYolov9Error(f"{path} not found: {root} does not look like a YOLOv9 tree{hint}")
     try:
-        with open(path, encoding="utf-8", newline="") as f:
-            return f.read()
+        return read_source(path)
     except (OSError, UnicodeDecodeError) as exc:
         raise NotYolov9Error(f"cannot read {path}: {exc}") from exc
 
 
-def _change(root: Path, relative: Path, old: str, steps) -> FileChange | None:
+def _change(root: Path, relative: Path, source: tuple[str, bool], steps) -> FileChange | None:
+    old, bom = source
     new, edits = old, []
     for name, step in steps:
         edited = step(new)
         if edited != new:
             new, edits = edited, edits + [name]
-    return FileChange(root / relative, relative, old, new, tuple(edits)) if edits else None
+    return FileChange(root / relative, relative, old, new, tuple(edits), bom) if edits else None
 
 
 def _check_root(root: Path) -> None:
@@ -299,11 +280,10 @@ def _check_root(root: Path) -> None:
         raise NotYolov9Error(f"{root} is a file: PATH is the YOLOv9 checkout, the folder that holds models/")
 
 
-def _read_optional(root: Path, relative: Path) -> str | None:
-    """The text of a file a runtime edit looks at, or None when it cannot be read as UTF-8."""
+def _read_optional(root: Path, relative: Path) -> tuple[str, bool] | None:
+    """A file a runtime edit looks at (as :func:`read_source`), or None when it cannot be read as UTF-8."""
     try:
-        with open(root / relative, encoding="utf-8", newline="") as f:
-            return f.read()
+        return read_source(root / relative)
     except (OSError, UnicodeDecodeError):
         return None
 
@@ -326,7 +306,11 @@ def plan_patch(root: str | Path, runtime: bool = True) -> list[FileChange]:
     texts = {COMMON: _read(root, COMMON), YOLO: _read(root, YOLO)}
     steps: dict[Path, list] = {
         COMMON: [("import mobileone_rs", add_package_import)],
-        YOLO: [("parse_model channel set", add_to_channel_set), ("fuse reparameterize", add_reparameterize_to_fuse)],
+        YOLO: [
+            ("parse_model channel set", add_to_channel_set),
+            ("fuse reparameterize", add_reparameterize_to_fuse),
+            (YAML_LAYER_HINT, add_yaml_layer_hint),
+        ],
     }
     if runtime:
         for relative, name, step in _yolov9_runtime.runtime_steps(root):
@@ -338,76 +322,7 @@ def plan_patch(root: str | Path, runtime: bool = True) -> list[FileChange]:
     return [c for c in changes if c is not None]
 
 
-def apply_patch(changes: list[FileChange]) -> None:
-    """Writes every change's new text."""
-    for change in changes:
-        with open(change.path, "w", encoding="utf-8", newline="") as f:
-            f.write(change.new)
-
-
-def summary(changes: list[FileChange]) -> str:
-    """One ``edit (files)`` item per edit, in the order the edits are made."""
-    files: dict[str, list[str]] = {}
-    for change in changes:
-        for edit in change.edits:
-            files.setdefault(edit, []).append(change.relative.as_posix())
-    return "; ".join(
-        f"{edit} ({', '.join(where) if len(where) <= 2 else f'{len(where)} files'})" for edit, where in files.items()
-    )
-
-
-DESCRIPTION = (
-    "Patch a YOLOv9 source tree: its model yaml files can name MobileOne (three edits to models/), and "
-    "its scripts run under torch 2.13 with today's Pillow, NumPy and albumentations, offline."
-)
-PATCH_EPILOG = (
-    "model edits: import mobileone_rs (models/common.py), parse_model channel set and fuse reparameterize "
-    "(models/yolo.py). Runtime edits (skipped with --model-only): torch.load weights_only=False, fonts "
-    "offline, Pillow 10 text size, NumPy 2 trapezoid, ONNX TorchScript exporter, requirements pins. "
-    "Exit status: 0 done (or nothing to do), 1 --check found edits to make, 2 PATH refused."
-)
-
-
-def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m mobileone_rs.yolov9", description=DESCRIPTION)
-    sub = parser.add_subparsers(dest="command", required=True)
-    patch = sub.add_parser(
-        "patch", help="patch a YOLOv9 tree (prints the diff; idempotent)", description=DESCRIPTION, epilog=PATCH_EPILOG
-    )
-    patch.add_argument("path", type=Path, help="the YOLOv9 checkout (the folder that holds models/) or the yolo9 package")
-    mode = patch.add_mutually_exclusive_group()
-    mode.add_argument("--dry-run", action="store_true", help="print the diff, write nothing")
-    mode.add_argument("--check", action="store_true", help="exit 1 if the tree needs patching, write nothing")
-    patch.add_argument("--model-only", action="store_true", help="only the three model edits, no runtime edits")
-    return parser
-
-
-def main(argv: list[str] | None = None) -> int:
-    """Command-line entry point; returns the process exit status."""
-    args = _parser().parse_args(argv)
-    try:
-        changes = plan_patch(args.path, runtime=not args.model_only)
-    except NotYolov9Error as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return EXIT_REFUSED
-    if not changes:
-        print(f"{args.path}: already patched, nothing to change")
-        return EXIT_OK
-    if args.check:
-        print(f"{args.path}: needs patching: {summary(changes)}")
-        return EXIT_NEEDS_PATCH
-    print("".join(c.diff() for c in changes), end="")
-    if args.dry_run:
-        print(f"{args.path}: dry run, would patch: {summary(changes)}")
-        return EXIT_OK
-    try:
-        apply_patch(changes)
-    except OSError as exc:
-        print(f"error: cannot write {exc.filename}: {exc.strerror}", file=sys.stderr)
-        return EXIT_REFUSED
-    print(f"{args.path}: patched: {summary(changes)}")
-    return EXIT_OK
-
-
 if __name__ == "__main__":
+    from .cli import main
+
     sys.exit(main())

@@ -6,7 +6,7 @@ as its backbone, layer for layer: layer 1 is ``stage0``, layers 2-5 are ``stage1
 Usage::
 
     python -m mobileone_rs.pretrained --weights CKPT --cfg YAML --out init.pt
-    python -m mobileone_rs.pretrained --write-yamls PATH     # into PATH/models/detect/
+    python -m mobileone_rs.pretrained --write-yamls PATH [--force]  # into PATH/models/detect/
 
 The first form converts CKPT (Apple's ``mobileone_sX_unfused.pth.tar``, timm's
 ``mobileone_sX.apple_in1k`` weights, or mmpretrain's ``mobileone-sX_8xb32_in1k`` checkpoint) and writes
@@ -27,7 +27,8 @@ from torch import nn
 
 from .._native import MobileOneError
 from ..backbone import Variant, get_variant, yaml_stages
-from ..checkpoints import CheckpointError, ConvertedCheckpoint, convert_checkpoint, load_checkpoint
+from ..checkpoints import CheckpointError, ConvertedCheckpoint, convert_checkpoint
+from ..files import check_writable, replacing
 from ..modules import MobileOne, MobileOneBlock
 from .yamls import YAML_NAMES, read_yaml, write_yamls
 
@@ -95,7 +96,7 @@ _FUSED_REFUSAL = (
 
 
 def _convert(args) -> ConvertedCheckpoint:
-    converted = convert_checkpoint(load_checkpoint(args.weights, weights_only=not args.trust_pickle), args.source)
+    converted = convert_checkpoint(args.weights, args.source, weights_only=not args.trust_pickle)
     print(f"{args.weights}: {converted.summary()}")
     if converted.fused:
         raise CheckpointError(_FUSED_REFUSAL.format(path=args.weights, v=converted.variant or "sX"))
@@ -110,15 +111,18 @@ def _convert(args) -> ConvertedCheckpoint:
 
 
 def _write_init(args) -> None:
+    check_writable([args.out])  # before reading the checkpoint
     converted = _convert(args)
     model, counts = yolov9_backbone(converted, read_yaml(args.cfg))
     total = len(model.state_dict())
-    torch.save({
+    checkpoint = {
         "epoch": -1, "best_fitness": None, "model": model, "ema": None, "updates": None, "optimizer": None,
         "opt": None, "git": None, "date": datetime.datetime.now().isoformat(),
         "mobileone_rs": {"weights": str(args.weights), "source": converted.source, "variant": converted.variant,
                          "tensors": total},
-    }, args.out)
+    }
+    with replacing(args.out) as tmp:  # whole or not at all: an old init.pt stays until the new one is written
+        torch.save(checkpoint, tmp)
     print(f"{'Apple':<8} {'YOLOv9':<9} tensors")
     for stage, (layer, count) in counts.items():
         print(f"{stage:<8} model.{layer:<3} {count:>7}")
@@ -139,6 +143,8 @@ def _parser() -> argparse.ArgumentParser:
                                       "yolov9-c-mobileone-s0.yaml)")
     parser.add_argument("--out", default="init.pt", help="checkpoint to write (default init.pt)")
     parser.add_argument("--source", default="auto", choices=["auto", "apple", "timm", "mmpretrain"])
+    parser.add_argument("--force", action="store_true",
+                        help="with --write-yamls: overwrite yamls that differ from ours (e.g. edited ones)")
     parser.add_argument("--trust-pickle", action="store_true",
                         help="load CKPT with weights_only=False (only for a file you trust)")
     return parser
@@ -150,13 +156,13 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         if args.write_yamls:
-            for path in write_yamls(args.write_yamls):
-                print(f"wrote {path}")
+            for path, written in write_yamls(args.write_yamls, force=args.force):
+                print(f"wrote {path}" if written else f"{path}: up to date")
             return EXIT_OK
         if not args.cfg:
             parser.error("--weights needs --cfg")
         _write_init(args)
-    except MobileOneError as exc:  # CheckpointError, YamlError (the model yaml)
+    except MobileOneError as exc:  # CheckpointError, YamlError (the model yaml), WriteError
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_REFUSED
     return EXIT_OK

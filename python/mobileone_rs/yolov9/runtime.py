@@ -22,6 +22,9 @@ what it lacks) and is idempotent.
   ``--opset`` and writes an external ``.onnx.data`` file).
 - ``requirements pins``: ``requirements.txt`` gets the bounds YOLOv9's code needs (albumentations < 2,
   setuptools < 81, Pillow >= 9.2).
+- ``fused-weights warning``: ``intersect_dicts`` (how the training scripts load ``--weights``) warns when
+  the checkpoint's MobileOne blocks are fused and the model's are not: those weights cannot transfer
+  (:mod:`mobileone_rs.yolov9.transfer`).
 """
 
 from __future__ import annotations
@@ -33,6 +36,7 @@ from pathlib import Path
 from typing import Callable
 
 from .source_text import end_of, indent_of, lines, newline_of, splice, start_of
+from .transfer import warn_in_intersect_dicts
 
 WEIGHTS_ONLY = "torch.load weights_only=False"
 FONTS = "fonts offline"
@@ -40,6 +44,7 @@ TEXT_SIZE = "Pillow 10 text size"
 TRAPEZOID = "NumPy 2 trapezoid"
 ONNX_EXPORTER = "ONNX TorchScript exporter"
 REQUIREMENTS = "requirements pins"
+FUSED_WARNING = "fused-weights warning"
 
 GENERAL = Path("utils") / "general.py"
 PLOTS = Path("utils") / "plots.py"
@@ -287,6 +292,7 @@ def runtime_steps(root: Path) -> list[tuple[Path, str, Edit]]:
         steps.append((relative, WEIGHTS_ONLY, load_trusted_checkpoints))
         if relative == GENERAL:
             steps.append((relative, FONTS, try_font_download_once))
+            steps.append((relative, FUSED_WARNING, warn_in_intersect_dicts))
         if relative == PLOTS:
             steps.append((relative, FONTS, default_font_when_missing))
         steps.append((relative, TEXT_SIZE, text_size_from_getbbox))

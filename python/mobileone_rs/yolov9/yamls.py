@@ -3,17 +3,25 @@
 ``yolov9-c-mobileone-s0.yaml`` .. ``-s4.yaml`` (package data, written by :func:`yolov9_yaml`): layer 1 is
 the variant's stem (``stage0``, a MobileOneBlock), layers 2-5 its ``stage1`` .. ``stage4`` (MobileOne
 stages); YOLOv9-C's neck and head (with its auxiliary branch) take P3/P4/P5 from layers 3, 4, 5.
+
+Each file carries the SHA-256 of its own text (the marker line left out): :func:`write_yamls`
+replaces a file only while it is the text we wrote, so a yaml a user edited is never overwritten
+silently.
 """
 
 from __future__ import annotations
 
+import hashlib
+import re
 from importlib import resources
 from pathlib import Path
 
+from .._native import YamlError
 from ..backbone import VARIANTS, get_variant
 from ..checkpoints import CheckpointError
+from ..files import WriteError, check_writable, write_text
 
-__all__ = ["YAML_NAMES", "read_yaml", "write_yamls", "yolov9_yaml"]
+__all__ = ["YAML_NAMES", "packaged_yaml", "read_yaml", "write_yamls", "yolov9_yaml"]
 
 YAML_NAMES = {name: f"yolov9-c-mobileone-{name}.yaml" for name in VARIANTS}
 
@@ -99,8 +107,30 @@ head:
 """
 
 
+_MARKER = "# mobileone_rs sha256 of this text without this line: {sha256}"
+_MARKER_LINE = re.compile("^" + re.escape(_MARKER).replace(r"\{sha256\}", "([0-9a-f]{64})") + "\n", re.MULTILINE)
+
+
+def _sha256(text: str) -> str:
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+def _is_ours_unedited(text: str) -> bool:
+    """Whether ``text`` is a yaml this module wrote (any version), unedited: it hashes to its marker."""
+    match = _MARKER_LINE.search(text)
+    if match is None:
+        return False
+    return _sha256(text[: match.start()] + text[match.end() :]) == match.group(1)
+
+
 def yolov9_yaml(variant: str) -> str:
     """The text of ``yolov9-c-mobileone-{variant}.yaml`` (the package data files are this text)."""
+    text = _yolov9_yaml(variant)
+    marker = _MARKER.format(sha256="0" * 64) + "\n"
+    return text.replace(marker, _MARKER.format(sha256=_sha256(text.replace(marker, ""))) + "\n")
+
+
+def _yolov9_yaml(variant: str) -> str:
     spec = get_variant(variant)
     name = spec.name.upper()
     stage_rows = "".join(
@@ -108,11 +138,13 @@ def yolov9_yaml(variant: str) -> str:
         f"  # {k + 1}-P{k + 1}/{2 ** (k + 1)} stage{k}\n"
         for k, s in enumerate(spec.stages(), start=1)
     )
+    marker = _MARKER.format(sha256="0" * 64)
     return f"""\
 # YOLOv9-C with Apple's MobileOne-{name} backbone (https://arxiv.org/abs/2206.04040), layer for layer:
 # layer 1 is its stem (stage0), layers 2-5 its stages 1-4, so its ImageNet weights initialize them:
 #   python -m mobileone_rs.pretrained --weights mobileone_{spec.name}_unfused.pth.tar --cfg THIS --out init.pt
 # Written by mobileone_rs.yolov9.yamls.yolov9_yaml("{spec.name}"); needs the mobileone_rs YOLOv9 patch.
+{marker}
 
 # parameters
 nc: 80  # number of classes
@@ -134,26 +166,64 @@ backbone:
 {_HEAD}"""
 
 
+def packaged_yaml(name: str) -> str:
+    """The text of a yaml shipped with the package (``yolov9-c-mobileone.yaml``, the S0-S4 yamls)."""
+    return resources.files("mobileone_rs").joinpath("data", name).read_text(encoding="utf-8")
+
+
 def read_yaml(name_or_path: str | Path) -> str:
-    """A yaml file's text; a bare packaged name (``yolov9-c-mobileone-s0.yaml``) reads the package's copy."""
+    """A yaml file's text; a bare packaged name (``yolov9-c-mobileone-s0.yaml``) not found as a file
+    reads the package's copy."""
     path = Path(name_or_path)
-    if not path.exists() and path.name == str(name_or_path):
-        packaged = resources.files("mobileone_rs").joinpath("data", path.name)
-        if packaged.is_file():
-            return packaged.read_text(encoding="utf-8")
+    packaged = resources.files("mobileone_rs").joinpath("data", path.name)
+    if not path.exists() and path.name == str(name_or_path) and packaged.is_file():
+        return packaged_yaml(path.name)
     try:
         return path.read_text(encoding="utf-8")
-    except OSError as exc:
-        raise CheckpointError(f"cannot read the model yaml {name_or_path}: {exc}") from exc
+    except (OSError, UnicodeDecodeError) as exc:
+        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else exc
+        raise YamlError(f"cannot read {name_or_path}: {reason}") from exc
 
 
-def write_yamls(root: str | Path) -> list[Path]:
-    """Write the five S yamls into ``root/models/detect/`` (a YOLOv9 tree) and return their paths."""
+def _edited(path: Path, text: str) -> bool:
+    """Whether writing ``text`` to ``path`` would lose something: the file is there, differs, and
+    is not a yaml this module wrote and nobody edited."""
+    try:
+        old = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        return False
+    except (OSError, UnicodeDecodeError):
+        return True
+    before_marker = _MARKER_LINE.sub("", text)  # what mobileone_rs 0.1.0 wrote, with no marker yet
+    return old not in (text, before_marker) and not _is_ours_unedited(old)
+
+
+def write_yamls(root: str | Path, force: bool = False) -> list[tuple[Path, bool]]:
+    """Write the five S yamls into ``root/models/detect/`` (a YOLOv9 tree).
+
+    A file that is already there is replaced only when it is a yaml this module wrote and nobody
+    edited since (its marker hash holds), or with ``force``; an up-to-date file is left as it is.
+
+    Returns:
+        ``(path, written)`` for each yaml: ``written`` is False for a file already up to date.
+
+    Raises:
+        CheckpointError: ``root/models/detect`` is not a folder.
+        WriteError: a yaml was edited (without ``force``) or cannot be written; no yaml was written.
+    """
     detect = Path(root) / "models" / "detect"
     if not detect.is_dir():
         raise CheckpointError(f"{detect} is not a folder: {root} does not look like a YOLOv9 tree")
-    written = []
-    for name, filename in YAML_NAMES.items():
-        (detect / filename).write_text(yolov9_yaml(name), encoding="utf-8")
-        written.append(detect / filename)
-    return written
+    texts = {detect / filename: yolov9_yaml(name) for name, filename in YAML_NAMES.items()}
+    edited = [path for path, text in texts.items() if _edited(path, text)]
+    if edited and not force:
+        names = ", ".join(str(path) for path in edited)
+        raise WriteError(
+            f"not overwriting {names}: {'it differs' if len(edited) == 1 else 'they differ'} from the yaml "
+            "mobileone_rs writes (edited?); no yaml was written. Move the file away or pass --force"
+        )
+    stale = {path: text for path, text in texts.items() if not path.is_file() or path.read_bytes() != text.encode()}
+    check_writable(stale)
+    for path, text in stale.items():
+        write_text(path, text)
+    return [(path, path in stale) for path in texts]
