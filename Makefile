@@ -4,10 +4,13 @@ PY := $(VENV)/bin/python
 export VIRTUAL_ENV := $(abspath $(VENV))
 export PATH := $(abspath $(VENV))/bin:$(PATH)
 
-WHEEL_VENV ?= .venv-wheel
-WHEEL_PY := $(abspath $(WHEEL_VENV))/bin/python
+# The torch a wheel or bundle is built for: a build row of torch-versions.txt. 2.13, the default build,
+# is what Cargo.lock pins (tch 0.26) and what .venv has; `make wheel TORCH=2.11` builds for another.
+TORCH ?= 2.13
+WHEEL_VENV ?= .venv-wheel-$(TORCH)
+BUNDLE ?= dist/gpu-bundle-torch$(TORCH)
 
-.PHONY: help venv build test test-rust test-python demo bench lint wheel
+.PHONY: help venv build test test-rust test-python demo bench lint wheel gpu-bundle matrix
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' Makefile | awk -F ':.*## ' '{printf "  %-12s %s\n", $$1, $$2}'
@@ -26,6 +29,7 @@ venv: $(VENV)/.installed ## create .venv: torch 2.13, maturin, test tools, YOLOv
 # there; without it, its warning is harmless: `import mobileone_rs` imports torch, which loads libtorch.
 build: SHELL := /bin/bash
 build: venv ## build the extension into .venv (release)
+	rm -f python/mobileone_rs/_native.cpython-*.so  # a per-CPython build would shadow the abi3 one
 	set -o pipefail; PIP_QUIET=1 maturin develop --release -q 2>&1 \
 	  | sed -e 's/^.*Failed to set rpath.*patchelf.*$$/note: no patchelf, rpath not rewritten (harmless: torch loads libtorch first)/'
 
@@ -51,18 +55,21 @@ lint: build ## rustfmt, clippy, ruff, the layout rules, the native stub (stubtes
 	$(PY) tools/check_layout.py
 	$(PY) -m mypy.stubtest mobileone_rs._native --allowlist tools/stubtest-allowlist.txt
 
-$(WHEEL_VENV)/.installed: requirements-wheel.txt
-	test -x $(WHEEL_PY) || python3 -m venv $(WHEEL_VENV)
-	$(WHEEL_PY) -m pip install -q --upgrade pip
-	$(WHEEL_PY) -m pip install -q -r requirements-wheel.txt
+$(WHEEL_VENV)/.installed: torch-versions.txt tools/torch_venv.sh
+	tools/torch_venv.sh $(TORCH) $(WHEEL_VENV) wheel
 	touch $@
 
 # The wheel links the installed torch's libtorch, which is not copied into it (auditwheel would list
 # torch's own libraries as "external" and suggest bundling them: those lines are filtered out). Its
 # manylinux tag is the lowest one the extension's glibc/libstdc++ symbol versions allow.
 wheel: SHELL := /bin/bash
-wheel: $(WHEEL_VENV)/.installed ## build a wheel into dist/ from a venv with torch 2.13 and maturin only (.venv-wheel)
-	set -o pipefail; VIRTUAL_ENV=$(abspath $(WHEEL_VENV)) PATH=$(abspath $(WHEEL_VENV))/bin:$$PATH \
-	  CARGO_TARGET_DIR=target/wheel maturin build --release --auditwheel warn -o dist 2>&1 \
+wheel: $(WHEEL_VENV)/.installed ## abi3 wheel into dist/ for torch TORCH (default 2.13; TORCH=2.11 etc., torch-versions.txt)
+	set -o pipefail; tools/torch_build.sh $(TORCH) $(WHEEL_VENV) dist --auditwheel warn 2>&1 \
 	  | grep -v -e ' => ' -e 'External shared libraries' -e ' requires:$$' -e 'copying the above external libraries'
 	@echo "dist/: $$(ls -t dist/*.whl | head -1) (libtorch comes from the installed torch at run time)"
+
+gpu-bundle: $(WHEEL_VENV)/.installed ## offline GPU checks folder for torch TORCH: dist/gpu-bundle-torchTORCH/run_gpu_checks.sh
+	tools/gpu_bundle.sh $(TORCH) $(WHEEL_VENV) $(BUNDLE)
+
+matrix: ## the README's torch support matrix: every torch of torch-versions.txt, built and tested (downloads; not CI)
+	tools/torch_matrix.sh $(or $(TORCHES),$$(awk '/^[0-9]/ { print $$1 }' torch-versions.txt))

@@ -150,7 +150,11 @@ def _bar_panel(ax, rows: list[Row], title: str) -> None:
 
 def write_plot(path: Path, chain_rows: list[Row], block_rows: list[Row], title: str) -> None:
     """A bar chart of ratios with the target lines: (a) the chain, (b) the single blocks."""
-    import matplotlib
+    try:
+        import matplotlib
+    except ImportError:  # a bare machine (the offline GPU bundle's): bench.json and the table suffice
+        print(f"matplotlib is not installed: no plot ({path.name})")
+        return
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt

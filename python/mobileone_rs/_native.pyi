@@ -9,7 +9,10 @@ import torch
 from .state import BlockState, CallEnv, FoldBn, FoldBranch, SeState
 
 __all__ = [
-    "TORCH_VERSION_BUILT",
+    "TORCH_BUILDS",
+    "TORCH_BUILT_FOR",
+    "TORCH_REQUIREMENT",
+    "TORCH_SUPPORTED",
     "ArgumentTypeError",
     "BlockSpec",
     "ConfigError",
@@ -31,7 +34,12 @@ __all__ = [
 ]
 
 __version__: str
-TORCH_VERSION_BUILT: str
+# The torch this build is for (build.rs, torch-versions.txt): the libtorch version it compiled against
+# ("2.13.0"), the torch minors it serves, the wheel's requirement, and the build serving each torch minor.
+TORCH_BUILT_FOR: str
+TORCH_SUPPORTED: tuple[str, ...]
+TORCH_REQUIREMENT: str
+TORCH_BUILDS: dict[str, str]
 
 class MobileOneError(Exception): ...
 class ConfigError(MobileOneError, ValueError): ...

@@ -164,13 +164,32 @@ fn yaml_mobileone_layers(text: &str, image_channels: i64) -> PyResult<Vec<YamlLa
         .collect())
 }
 
+/// The torch this extension is built for, from build.rs (torch-versions.txt): the libtorch version it
+/// compiled against, the torch minors it serves, the wheel's torch requirement, and which build serves
+/// each torch minor.
+fn add_torch_build(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    let list = |s: &'static str| s.split(',').collect::<Vec<_>>();
+    m.add("TORCH_BUILT_FOR", env!("MOBILEONE_TORCH_BUILT_FOR"))?;
+    let supported = pyo3::types::PyTuple::new(m.py(), list(env!("MOBILEONE_TORCH_SUPPORTED")))?;
+    m.add("TORCH_SUPPORTED", supported)?;
+    m.add("TORCH_REQUIREMENT", env!("MOBILEONE_TORCH_REQUIREMENT"))?;
+    let builds = list(env!("MOBILEONE_TORCH_BUILDS"))
+        .into_iter()
+        .filter_map(|b| b.split_once('='));
+    m.add(
+        "TORCH_BUILDS",
+        builds.collect::<std::collections::BTreeMap<_, _>>(),
+    )?;
+    Ok(())
+}
+
 /// The native core of mobileone_rs.
 #[pymodule]
 fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     errors::register(m)?;
     errors::install_panic_hook();
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;
-    m.add("TORCH_VERSION_BUILT", "2.13")?;
+    add_torch_build(m)?;
     m.add_class::<PyBlockSpec>()?;
     m.add_class::<PyPlan>()?;
     m.add_function(wrap_pyfunction!(se_reduced_channels, m)?)?;
