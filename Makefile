@@ -10,7 +10,7 @@ TORCH ?= 2.13
 WHEEL_VENV ?= .venv-wheel-$(TORCH)
 BUNDLE ?= dist/gpu-bundle-torch$(TORCH)
 
-.PHONY: help venv build test test-rust test-python demo bench lint wheel gpu-bundle matrix
+.PHONY: help venv build test test-fast test-rust test-python demo bench lint lint-rust lint-python wheel gpu-bundle matrix
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' Makefile | awk -F ':.*## ' '{printf "  %-12s %s\n", $$1, $$2}'
@@ -41,19 +41,31 @@ test-python: build ## pytest suite
 
 test: test-rust test-python ## every test
 
-demo: build ## the main job: the seed's yaml stages, trained, fused and checked
+# The core in about a minute: the Rust tests and the block, fusion, training and exactness areas.
+FAST_TESTS := tests/block tests/fuse tests/train tests/exactness tests/files tests/layout
+test-fast: build ## the core tests only (about a minute): cargo tests, block/fuse/train/exactness pytest
+	cargo test --release --no-default-features -q
+	$(PY) -m pytest $(FAST_TESTS) -q -x -m "not slow"
+
+demo: build ## the main job: the user's yaml stages, trained, fused and checked
 	$(PY) -m mobileone_rs.demo
 
 bench: build ## side-by-side benchmark against the pure-PyTorch reference
 	$(PY) bench/bench.py
 
-lint: build ## rustfmt, clippy, ruff, the layout rules, the native stub (stubtest)
+lint: lint-rust lint-python ## every lint CI runs: rustfmt, clippy, ruff (check, format), mypy, stubtest, layout
+
+lint-rust: ## rustfmt and clippy (-D warnings, both feature sets; undocumented unsafe is denied in src/lib.rs)
 	cargo fmt --check
 	cargo clippy --release -q -- -D warnings
 	cargo clippy --release -q --no-default-features --tests -- -D warnings
+
+lint-python: build ## ruff check and format --check (110 columns), mypy, the native stub (stubtest), layout rules
 	$(PY) -m ruff check python tests bench tools
-	$(PY) tools/check_layout.py
+	$(PY) -m ruff format --check -q python tests bench tools
+	$(PY) -m mypy python/mobileone_rs
 	$(PY) -m mypy.stubtest mobileone_rs._native --allowlist tools/stubtest-allowlist.txt
+	$(PY) tools/check_layout.py
 
 $(WHEEL_VENV)/.installed: torch-versions.txt tools/torch_venv.sh
 	tools/torch_venv.sh $(TORCH) $(WHEEL_VENV) wheel

@@ -103,7 +103,7 @@ class MobileOneBlock(nn.Module):
         inference_mode: bool = False,
         *,
         fast: bool = True,
-        low_memory: bool = True,
+        low_memory: bool = False,
         cpu_kernel: bool = True,
     ) -> None:
         """Builds the block; raises ``ConfigError`` naming the first invalid argument (bools must be
@@ -144,7 +144,7 @@ class MobileOneBlock(nn.Module):
     def __setstate__(self, state: dict) -> None:
         # Whole-module pickles from before the options existed get the defaults; older pickles
         # hold the spec as a 9-tuple.
-        state = {"fast": True, "low_memory": True, "cpu_kernel": True, **state}
+        state = {"fast": True, "low_memory": False, "cpu_kernel": True, **state}
         spec = state["_spec"]
         if isinstance(spec, tuple):
             spec = dict(zip(_SPEC_FIELDS, spec))

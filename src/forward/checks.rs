@@ -367,14 +367,14 @@ fn train_path(ctx: &Ctx<'_>) -> Decision<TrainPath> {
              depthwise blocks have one)",
         );
     }
-    if !ctx.env.options.low_memory {
-        return Decision::refuse(
-            "low_memory=False: depthwise blocks train through the reference's branches",
-        );
-    }
     if ctx.env.options.cpu_kernel && ctx.device == Device::Cpu {
-        Decision::Fast(TrainPath::DepthwiseCpu)
-    } else {
-        Decision::Fast(TrainPath::DepthwiseRecompute)
+        return Decision::Fast(TrainPath::DepthwiseCpu);
     }
+    if ctx.env.options.low_memory {
+        return Decision::Fast(TrainPath::DepthwiseRecompute);
+    }
+    Decision::refuse(
+        "depthwise training off the CPU kernel: the module path is faster (low_memory=True trades \
+         time for memory: train_depthwise recomputes the branches in the backward)",
+    )
 }

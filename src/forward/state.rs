@@ -122,7 +122,8 @@ pub struct BlockState {
 pub struct Options {
     /// Any fast path at all; off means the reference's module path always.
     pub fast: bool,
-    /// Depthwise blocks train without storing branch outputs; off runs the module path.
+    /// Depthwise blocks off the CPU kernel (CUDA, or `cpu_kernel` off) train without storing
+    /// branch outputs, at the cost of time; off (the default) runs the module path there.
     pub low_memory: bool,
     /// The CPU kernels of depthwise blocks (training, and float32 inference).
     pub cpu_kernel: bool,
@@ -132,7 +133,7 @@ impl Default for Options {
     fn default() -> Self {
         Options {
             fast: true,
-            low_memory: true,
+            low_memory: false,
             cpu_kernel: true,
         }
     }

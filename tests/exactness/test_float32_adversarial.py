@@ -91,7 +91,7 @@ CASES = {
     "gram-expand": ("train_gram", _pointwise(16, 48), (2, 16, 12, 12), "train", {}),
     "depthwise-cpu": ("train_depthwise_cpu", _depthwise(16), (2, 16, 14, 14), "train", {}),
     "depthwise-cpu-s2": ("train_depthwise_cpu", _depthwise(16, stride=2), (2, 16, 15, 15), "train", {}),
-    "depthwise": ("train_depthwise", _depthwise(16), (2, 16, 14, 14), "train", {"cpu_kernel": False}),
+    "depthwise": ("train_depthwise", _depthwise(16), (2, 16, 14, 14), "train", {"cpu_kernel": False, "low_memory": True}),
     "folded-pointwise": ("folded", _pointwise(64, 64), (2, 64, 10, 10), "eval-grad", {}),
     "folded-depthwise": ("folded", _depthwise(16), (2, 16, 14, 14), "eval-grad", {}),
     "folded-cpu": ("folded_cpu", _depthwise(16), (2, 16, 14, 14), "eval", {}),

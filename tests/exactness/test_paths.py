@@ -55,12 +55,13 @@ def test_fused_blocks_take_the_fused_paths():
 
 def test_options_select_the_paths():
     block = mobileone_rs.MobileOneBlock(**DW)
-    with mobileone_rs.fast_paths(cpu_kernel=False):
+    with mobileone_rs.fast_paths(cpu_kernel=False, low_memory=True):
         assert _path(block) == "train_depthwise"
-    assert _path(mobileone_rs.MobileOneBlock(**DW, cpu_kernel=False)) == "train_depthwise"
-    low = mobileone_rs.MobileOneBlock(**DW, low_memory=False)
-    assert _path(low, explain=True) == ("module", ("low_memory=False: depthwise blocks train through the reference's "
-                                                  "branches"))
+    assert _path(mobileone_rs.MobileOneBlock(**DW, cpu_kernel=False, low_memory=True)) == "train_depthwise"
+    # Off the CPU kernel, only an explicit low_memory=True trades time for memory.
+    name, reason = _path(mobileone_rs.MobileOneBlock(**DW, cpu_kernel=False), explain=True)
+    assert name == "module" and "low_memory=True trades time for memory" in reason
+    assert _path(mobileone_rs.MobileOneBlock(**DW, low_memory=True)) == "train_depthwise_cpu"
     assert _path(mobileone_rs.MobileOneBlock(**DW, fast=False)) == "module"
     with mobileone_rs.module_path():
         assert _path(block) == "module"

@@ -34,10 +34,10 @@ def test_train_steps_with_bn_hyperparameters_match_oracle(case, dtype, eps, mome
 
 @pytest.mark.parametrize("case", BN_CASES, ids=str)
 def test_train_step_storing_branch_outputs_matches_oracle(case, dtype):
-    # low_memory=False: depthwise blocks run their branches (and store their outputs) instead of
-    # recomputing them in the backward.
+    # cpu_kernel=False with low_memory=False (the default): depthwise blocks run their branches (and
+    # store their outputs) instead of recomputing them in the backward.
     ours, reference = pair(case, dtype)
-    ours.low_memory = False
+    ours.cpu_kernel = False
     assert_train_step_matches(ours, reference, case.input(dtype), dtype, steps=2)
 
 
@@ -45,7 +45,7 @@ def test_train_step_storing_branch_outputs_matches_oracle(case, dtype):
 def branch_path_on_cpu():
     """Depthwise training steps run the branch-recomputing path CUDA tensors take, instead of
     the CPU patch-moment kernel."""
-    with mobileone_rs.fast_paths(cpu_kernel=False):
+    with mobileone_rs.fast_paths(cpu_kernel=False, low_memory=True):
         yield
 
 
