@@ -97,6 +97,14 @@ fn gram_is_refused_on_cuda() {
 }
 
 #[test]
+fn folding_on_the_fly_is_refused_on_cuda_only() {
+    let x = nchw(16, 64, 160, 160);
+    let cuda = Input { cuda: true, ..x };
+    assert_eq!(judge(Path::Folded, &pointwise(64, 64, 4), &x), Cost::Faster);
+    assert!(slower(&judge(Path::Folded, &pointwise(64, 64, 4), &cuda)));
+}
+
+#[test]
 fn gram_is_refused_with_one_branch_at_any_size() {
     // s1..s4 have one conv branch: the module path runs one conv, the Gram path four products.
     for m in [14, 56, 112, 224] {

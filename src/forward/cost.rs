@@ -18,7 +18,9 @@
 //!   the CPU, k = 3; the YOLOv9-C-MobileOne training step 1.7-3.1x the reference's on an H200):
 //!   it saves memory, not time, and runs only where the options ask for that trade
 //!   (`low_memory=True`, off by default); the rule lets it run then.
-//! - `folded`, `fused`: one conv instead of every branch's conv and BN: never slower.
+//! - `folded`, `fused`: one conv instead of every branch's conv and BN: never slower on the CPU.
+//!   On CUDA, at launch-bound sizes, the fold's small ops and the finiteness check's device sync
+//!   made the unfused eval forward 2.4x the reference (H200): `folded` is refused there.
 //! - `folded_cpu`, `fused_cpu`: the CPU kernel reads and writes contiguous NCHW; on a
 //!   channels_last input it would copy the input and hand NCHW to the next layer, so libtorch's
 //!   conv (`folded`, `fused`), which keeps channels_last, is taken instead.
@@ -87,6 +89,11 @@ const DEPTHWISE_MARGIN: f64 = 0.8;
 /// The cost rule for `path` on a block of `spec` and an input of `input`'s sizes and layout.
 pub fn judge(path: Path, spec: &BlockSpec, input: &Input) -> Cost {
     match path {
+        Path::Folded if input.cuda => Cost::Slower(
+            "on CUDA the fold's many small ops and the finiteness check's device sync cost more \
+             than the branches (the unfused eval forward measured 2.4x the reference on an H200)"
+                .into(),
+        ),
         Path::Module | Path::Folded | Path::Fused => Cost::Faster,
         Path::FoldedCpu | Path::FusedCpu if input.channels_last => Cost::Instead(
             if path == Path::FoldedCpu {
