@@ -48,14 +48,21 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--quick", action="store_true", help="smoke run: 3 repeats, input 160 (unless set)")
     parser.add_argument("--device", default="cpu", help="cpu (default) or cuda")
     parser.add_argument("--repeats", type=int, help="timed runs per side (default 5, --quick 3)")
-    parser.add_argument("--only", choices=("a", "b", "c"),
-                        help="a: the chained stages; b: the single blocks; c: the models and cost-rule shapes")
+    parser.add_argument(
+        "--only",
+        choices=("a", "b", "c"),
+        help="a: the chained stages; b: the single blocks; c: the models and cost-rule shapes",
+    )
     parser.add_argument("--size", type=int, help="chain input height=width (default 320, --quick 160)")
     parser.add_argument("--batch", type=int, help="chain batch (default 2 on CPU, 16 on CUDA)")
     parser.add_argument("--threads", type=int, help="torch.set_num_threads (default: torch's own choice)")
     parser.add_argument("--out", type=Path, default=RESULTS_DIR, help="folder for bench.json and bench.png")
-    parser.add_argument("--render", type=Path, metavar="JSON",
-                        help="measure nothing: print the table and redraw the plot of a saved bench.json")
+    parser.add_argument(
+        "--render",
+        type=Path,
+        metavar="JSON",
+        help="measure nothing: print the table and redraw the plot of a saved bench.json",
+    )
     args = parser.parse_args(argv)
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         parser.error("--device cuda but torch.cuda.is_available() is False")
@@ -84,14 +91,19 @@ def rel_err(ours: torch.Tensor, ref: torch.Tensor) -> float:
 def compare(workload: str, metric: str, ref_fn, ours_fn, args, target=None, repeats=None) -> Row:
     """Times the two callables alternately and checks that their warm-up outputs agree."""
     samples = timing.alternate(ref_fn, ours_fn, repeats or args.repeats, args.device)
-    notes = {"ref_cpu_s": samples.ref_cpu, "ours_cpu_s": samples.ours_cpu,
-             "cpu_time_ratio": statistics.median(samples.ours_cpu) / statistics.median(samples.ref_cpu)}
+    notes = {
+        "ref_cpu_s": samples.ref_cpu,
+        "ours_cpu_s": samples.ours_cpu,
+        "cpu_time_ratio": statistics.median(samples.ours_cpu) / statistics.median(samples.ref_cpu),
+    }
     warm_ref, warm_ours = samples.warm
     if isinstance(warm_ref, torch.Tensor):
         notes["rel_err_vs_ref"] = rel_err(warm_ours, warm_ref)
         if notes["rel_err_vs_ref"] > EQUIVALENCE_WARN:
-            print(f"WARNING: {workload} {metric}: outputs differ by {notes['rel_err_vs_ref']:.2e}",
-                  file=sys.stderr)
+            print(
+                f"WARNING: {workload} {metric}: outputs differ by {notes['rel_err_vs_ref']:.2e}",
+                file=sys.stderr,
+            )
     return Row(workload, metric, "s", samples.ref_wall, samples.ours_wall, target, notes)
 
 
@@ -100,28 +112,69 @@ def chain_timings(args, name: str, start: float) -> list[Row]:
     ref, ours = workloads.chain_pair(args.device)
     x = workloads.make_input(args.batch, workloads.CHAIN_IN_CHANNELS, args.size, args.device)
     log("(a) training step", start)
-    rows = [compare(name, "training step", timing.train_step(ref, x), timing.train_step(ours, x), args,
-                    TARGETS["training step"])]
+    rows = [
+        compare(
+            name,
+            "training step",
+            timing.train_step(ref, x),
+            timing.train_step(ours, x),
+            args,
+            TARGETS["training step"],
+        )
+    ]
     # Each side's training steps moved its BN running statistics by its own float32 rounding, which
     # the 42 chained blocks amplify; the eval metrics start again from identical state.
     ours.load_state_dict(ref.state_dict())
     log("(a) frozen-BN training step", start)
-    rows.append(compare(name, "frozen-BN training step", timing.train_step(ref, x, frozen_bn=True),
-                        timing.train_step(ours, x, frozen_bn=True), args))
+    rows.append(
+        compare(
+            name,
+            "frozen-BN training step",
+            timing.train_step(ref, x, frozen_bn=True),
+            timing.train_step(ours, x, frozen_bn=True),
+            args,
+        )
+    )
     log("(a) unfused eval forward", start)
     forward_repeats = args.repeats if args.quick else max(args.repeats, FORWARD_REPEATS)
-    rows.append(compare(name, "unfused eval forward", timing.eval_forward(ref, x), timing.eval_forward(ours, x),
-                        args, TARGETS["unfused eval forward"], forward_repeats))
+    rows.append(
+        compare(
+            name,
+            "unfused eval forward",
+            timing.eval_forward(ref, x),
+            timing.eval_forward(ours, x),
+            args,
+            TARGETS["unfused eval forward"],
+            forward_repeats,
+        )
+    )
     ref.eval()
     ours.eval()
     log("(a) fused forward", start)
     ref_fused = workloads.ORACLE.reparameterize_model(ref)
     ours_fused = mobileone_rs.reparameterize_model(ours)
-    rows.append(compare(name, "fused forward", timing.eval_forward(ref_fused, x),
-                        timing.eval_forward(ours_fused, x), args, TARGETS["fused forward"], forward_repeats))
+    rows.append(
+        compare(
+            name,
+            "fused forward",
+            timing.eval_forward(ref_fused, x),
+            timing.eval_forward(ours_fused, x),
+            args,
+            TARGETS["fused forward"],
+            forward_repeats,
+        )
+    )
     log("(a) reparameterize_model", start)
-    rows.append(compare(name, "reparameterize_model", timing.reparameterize(workloads.ORACLE, ref),
-                        timing.reparameterize(mobileone_rs, ours), args, TARGETS["reparameterize_model"]))
+    rows.append(
+        compare(
+            name,
+            "reparameterize_model",
+            timing.reparameterize(workloads.ORACLE, ref),
+            timing.reparameterize(mobileone_rs, ours),
+            args,
+            TARGETS["reparameterize_model"],
+        )
+    )
     return rows
 
 
@@ -140,18 +193,25 @@ def block_rows(args, start: float) -> list[Row]:
         log(f"(b) {case.name}", start)
         ref, ours = workloads.block_pair(case, args.device)
         x = workloads.make_input(BLOCK_BATCH, case.in_channels, case.size, args.device)
-        rows.append(compare(case.name, "training step", timing.train_step(ref, x), timing.train_step(ours, x),
-                            args))
+        rows.append(
+            compare(case.name, "training step", timing.train_step(ref, x), timing.train_step(ours, x), args)
+        )
         ours.load_state_dict(ref.state_dict())  # as in (a): eval starts from identical state
-        rows.append(compare(case.name, "eval forward", timing.eval_forward(ref, x), timing.eval_forward(ours, x),
-                            args))
+        rows.append(
+            compare(
+                case.name, "eval forward", timing.eval_forward(ref, x), timing.eval_forward(ours, x), args
+            )
+        )
     return rows
 
 
 def git_revision() -> str:
     """The commit under test, with ``-dirty`` when the tree has changes."""
+
     def git(*cmd: str) -> str:
-        done = subprocess.run(["git", *cmd], cwd=workloads.REPO_ROOT, capture_output=True, text=True, check=False)
+        done = subprocess.run(
+            ["git", *cmd], cwd=workloads.REPO_ROOT, capture_output=True, text=True, check=False
+        )
         return done.stdout.strip()
 
     return git("rev-parse", "--short", "HEAD") + ("-dirty" if git("status", "--porcelain") else "")
@@ -182,13 +242,25 @@ def run_meta(args, seconds: float, load_before: dict) -> dict:
     """What the numbers were measured on."""
     device = torch.cuda.get_device_name(args.device) if args.device.startswith("cuda") else cpu_name()
     return {
-        "mobileone_rs": mobileone_rs.__version__, "git": git_revision(), "torch": torch.__version__,
-        "python": platform.python_version(), "machine": platform.machine(), "device": args.device,
-        "device_name": device, "torch_threads": torch.get_num_threads(),
+        "mobileone_rs": mobileone_rs.__version__,
+        "git": git_revision(),
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "machine": platform.machine(),
+        "device": args.device,
+        "device_name": device,
+        "torch_threads": torch.get_num_threads(),
         "chain_input": [args.batch, workloads.CHAIN_IN_CHANNELS, args.size, args.size],
-        "block_batch": BLOCK_BATCH, "repeats": args.repeats, "threads_arg": args.threads, "quick": args.quick, "only": args.only,
-        "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "runtime_s": round(seconds, 1),
-        "load_before": load_before, "load_after": machine_load(), "memory_child_env": memory.CHILD_ENV,
+        "block_batch": BLOCK_BATCH,
+        "repeats": args.repeats,
+        "threads_arg": args.threads,
+        "quick": args.quick,
+        "only": args.only,
+        "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "runtime_s": round(seconds, 1),
+        "load_before": load_before,
+        "load_after": machine_load(),
+        "memory_child_env": memory.CHILD_ENV,
     }
 
 
@@ -226,8 +298,10 @@ def publish(meta: dict, rows: list[Row], out: Path) -> None:
     title = f"mobileone_rs {meta['git']} vs reference, {meta['device_name']}, {meta['torch_threads']} threads"
     if chain or blocks:
         report.write_plot(out / "bench.png", chain, blocks, title)
-    print(f"# {title}; torch {meta['torch']}; median of {meta['repeats']} runs each (chain forwards: "
-          f"{max(meta['repeats'], FORWARD_REPEATS) if not meta['quick'] else meta['repeats']}), alternated\n")
+    print(
+        f"# {title}; torch {meta['torch']}; median of {meta['repeats']} runs each (chain forwards: "
+        f"{max(meta['repeats'], FORWARD_REPEATS) if not meta['quick'] else meta['repeats']}), alternated\n"
+    )
     print(report.markdown_table(rows))
     if model_rows:
         print("\n(c) models and cost-rule shapes: ours vs the module path and vs the reference (<= 1.0)\n")

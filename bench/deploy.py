@@ -70,14 +70,24 @@ def main(argv: list[str] | None = None) -> int:
         print(f"round {r + 1}/{args.rounds}", file=sys.stderr)
     medians = {k: statistics.median(v) for k, v in samples.items()}
     base = medians["torch fused"]
-    print(f"| model ({args.img}x{args.img}, batch 1, CPU, {torch.get_num_threads()} torch threads) "
-          "| median ms | / torch fused |\n|---|---:|---:|")
+    print(
+        f"| model ({args.img}x{args.img}, batch 1, CPU, {torch.get_num_threads()} torch threads) "
+        "| median ms | / torch fused |\n|---|---:|---:|"
+    )
     for label, ms in medians.items():
         print(f"| {label} | {ms:.1f} | {ms / base:.2f} |")
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps({"img": args.img, "medians_ms": medians, "samples_ms": samples,
-                                    "iqr_ms": {k: float(np.subtract(*np.percentile(v, [75, 25])))
-                                               for k, v in samples.items()}}, indent=1))
+    args.out.write_text(
+        json.dumps(
+            {
+                "img": args.img,
+                "medians_ms": medians,
+                "samples_ms": samples,
+                "iqr_ms": {k: float(np.subtract(*np.percentile(v, [75, 25]))) for k, v in samples.items()},
+            },
+            indent=1,
+        )
+    )
     return 0
 
 

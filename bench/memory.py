@@ -102,16 +102,26 @@ def child_main(argv: list[str]) -> None:
 
 def measure_once(impl: str, batch: int, size: int, device: str, threads: int | None = None) -> int:
     """Runs one fresh child process and returns its step's memory increment in bytes."""
-    cmd = [sys.executable, str(Path(__file__).resolve()), impl, "--batch", str(batch), "--size", str(size),
-           "--device", device] + (["--threads", str(threads)] if threads else [])
+    cmd = [
+        sys.executable,
+        str(Path(__file__).resolve()),
+        impl,
+        "--batch",
+        str(batch),
+        "--size",
+        str(size),
+        "--device",
+        device,
+    ] + (["--threads", str(threads)] if threads else [])
     done = subprocess.run(cmd, capture_output=True, text=True, check=False, env={**os.environ, **CHILD_ENV})
     if done.returncode != 0:
         raise RuntimeError(f"memory child {impl} failed ({done.returncode}):\n{done.stderr[-2000:]}")
     return int(json.loads(done.stdout.strip().splitlines()[-1])["increment_bytes"])
 
 
-def peak_samples(repeats: int, batch: int, size: int, device: str,
-                 threads: int | None = None) -> tuple[list[int], list[int]]:
+def peak_samples(
+    repeats: int, batch: int, size: int, device: str, threads: int | None = None
+) -> tuple[list[int], list[int]]:
     """Per-step memory increments of the reference and ours, measured alternately in fresh processes."""
     ref, ours = [], []
     for _ in range(repeats):

@@ -93,27 +93,58 @@ def alternate3(fns: list[Callable[[], object]], repeats: int, device: str) -> li
 
 def _cases(device: str):
     """(workload, metric, pair builder, input, step) for every case."""
+
     def image(batch, size=MODEL_SIZE, channels=3):
         return workloads.make_input(batch, channels, size, device)
 
     train, infer = timing.train_step, timing.eval_forward
     for v in VARIANTS:
-        yield (f"mobileone {v} {MODEL_SIZE} b{MODEL_TRAIN_BATCH}", "training step",
-               lambda v=v: model_pair(v, device), image(MODEL_TRAIN_BATCH), train)
+        yield (
+            f"mobileone {v} {MODEL_SIZE} b{MODEL_TRAIN_BATCH}",
+            "training step",
+            lambda v=v: model_pair(v, device),
+            image(MODEL_TRAIN_BATCH),
+            train,
+        )
     for v in VARIANTS:
-        yield (f"mobileone {v} {MODEL_SIZE} b1", "fused inference", lambda v=v: fused(model_pair(v, device)),
-               image(1), infer)
-    yield (f"mobileone s0 {MODEL_SIZE} b1 channels_last", "fused inference",
-           lambda: channels_last(fused(model_pair("s0", device))),
-           image(1).to(memory_format=torch.channels_last), infer)
-    yield ("S4 P5 pw 896->2048 20x20 b2", "training step",
-           lambda: block_pair(device, 896, 2048, 1), image(2, 20, 896), train)
+        yield (
+            f"mobileone {v} {MODEL_SIZE} b1",
+            "fused inference",
+            lambda v=v: fused(model_pair(v, device)),
+            image(1),
+            infer,
+        )
+    yield (
+        f"mobileone s0 {MODEL_SIZE} b1 channels_last",
+        "fused inference",
+        lambda: channels_last(fused(model_pair("s0", device))),
+        image(1).to(memory_format=torch.channels_last),
+        infer,
+    )
+    yield (
+        "S4 P5 pw 896->2048 20x20 b2",
+        "training step",
+        lambda: block_pair(device, 896, 2048, 1),
+        image(2, 20, 896),
+        train,
+    )
     for k in (5, 7):
-        yield (f"dw{k}x{k} c128 28x28 b8", "training step",
-               lambda k=k: block_pair(device, 128, 128, k, padding=k // 2, groups=128), image(8, 28, 128), train)
-    yield ("dw3x3 c64 56x56 b1 channels_last", "fused inference",
-           lambda: channels_last(fused(block_pair(device, 64, 64, 3, padding=1, groups=64, num_conv_branches=4))),
-           image(1, 56, 64).to(memory_format=torch.channels_last), infer)
+        yield (
+            f"dw{k}x{k} c128 28x28 b8",
+            "training step",
+            lambda k=k: block_pair(device, 128, 128, k, padding=k // 2, groups=128),
+            image(8, 28, 128),
+            train,
+        )
+    yield (
+        "dw3x3 c64 56x56 b1 channels_last",
+        "fused inference",
+        lambda: channels_last(
+            fused(block_pair(device, 64, 64, 3, padding=1, groups=64, num_conv_branches=4))
+        ),
+        image(1, 56, 64).to(memory_format=torch.channels_last),
+        infer,
+    )
 
 
 def model_rows(args, log) -> list[Row]:
@@ -122,8 +153,9 @@ def model_rows(args, log) -> list[Row]:
     for workload, metric, build, x, step in _cases(args.device):
         log(f"(c) {workload}: {metric}")
         ref, ours = build()
-        ref_s, module_s, ours_s = alternate3([step(ref, x), on_module_path(step(ours, x)), step(ours, x)],
-                                             args.repeats, args.device)
+        ref_s, module_s, ours_s = alternate3(
+            [step(ref, x), on_module_path(step(ours, x)), step(ours, x)], args.repeats, args.device
+        )
         block = next(m for m in ours.modules() if isinstance(m, mobileone_rs.MobileOneBlock))
         notes = {"first_block_path": block.forward_path(x)}
         rows.append(Row(workload, f"{metric} vs module path", "s", module_s, ours_s, 1.0, dict(notes)))

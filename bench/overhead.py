@@ -43,8 +43,14 @@ def _cases():
 
         block.train()
         yield f"{name} train step", train, block
-        eval_block = mo.MobileOneBlock(16, 16, block.kernel_size, padding=block.kernel_size // 2,
-                                       groups=block.groups, num_conv_branches=4).eval()
+        eval_block = mo.MobileOneBlock(
+            16,
+            16,
+            block.kernel_size,
+            padding=block.kernel_size // 2,
+            groups=block.groups,
+            num_conv_branches=4,
+        ).eval()
         with torch.no_grad():
             yield f"{name} eval unfused", lambda b=eval_block: b(x), eval_block
             fused = mo.reparameterize_model(eval_block)

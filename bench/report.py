@@ -65,15 +65,28 @@ class Row:
     def summary(self) -> dict:
         """The row as JSON: samples, medians, ratio, target and whether it is met."""
         data = asdict(self)
-        data.update(ref_median=self.ref_median, ours_median=self.ours_median, ratio=self.ratio,
-                    paired_ratio=self.paired_ratio, noisy=self.noisy, met=self.met)
+        data.update(
+            ref_median=self.ref_median,
+            ours_median=self.ours_median,
+            ratio=self.ratio,
+            paired_ratio=self.paired_ratio,
+            noisy=self.noisy,
+            met=self.met,
+        )
         return data
 
     @classmethod
     def from_summary(cls, data: dict) -> Row:
         """The row back from its JSON summary."""
-        return cls(data["workload"], data["metric"], data["unit"], data["ref"], data["ours"], data["target"],
-                   data.get("notes", {}))
+        return cls(
+            data["workload"],
+            data["metric"],
+            data["unit"],
+            data["ref"],
+            data["ours"],
+            data["target"],
+            data.get("notes", {}),
+        )
 
 
 def format_value(value: float, unit: str) -> str:
@@ -85,14 +98,18 @@ def format_value(value: float, unit: str) -> str:
 
 def markdown_table(rows: list[Row]) -> str:
     """A README-ready table: workload, medians, ratio, target, met."""
-    lines = ["| workload | ref median | ours median | ratio ours/ref | paired ratio | target | met? |",
-             "|---|---:|---:|---:|---:|---:|:---:|"]
+    lines = [
+        "| workload | ref median | ours median | ratio ours/ref | paired ratio | target | met? |",
+        "|---|---:|---:|---:|---:|---:|:---:|",
+    ]
     for row in rows:
         target = "-" if row.target is None else f"<= {row.target:g}"
         met = {None: "-", True: "yes", False: "**no**"}[row.met] + (" (noisy)" if row.noisy else "")
-        lines.append(f"| {row.label} | {format_value(row.ref_median, row.unit)} | "
-                     f"{format_value(row.ours_median, row.unit)} | {row.ratio:.3f} | {row.paired_ratio:.3f} | "
-                     f"{target} | {met} |")
+        lines.append(
+            f"| {row.label} | {format_value(row.ref_median, row.unit)} | "
+            f"{format_value(row.ours_median, row.unit)} | {row.ratio:.3f} | {row.paired_ratio:.3f} | "
+            f"{target} | {met} |"
+        )
     return "\n".join(lines)
 
 
@@ -109,7 +126,9 @@ def load_note(before: dict, after: dict) -> str:
 
 def cpu_time_note(rows: list[Row]) -> str:
     """The process-CPU-time ratios of the timed rows, a second view on a shared machine."""
-    parts = [f"{row.metric} {row.notes['cpu_time_ratio']:.3f}" for row in rows if "cpu_time_ratio" in row.notes]
+    parts = [
+        f"{row.metric} {row.notes['cpu_time_ratio']:.3f}" for row in rows if "cpu_time_ratio" in row.notes
+    ]
     return "CPU-time ratios ours/ref (median): " + "; ".join(parts) if parts else ""
 
 
@@ -143,8 +162,10 @@ def _bar_panel(ax, rows: list[Row], title: str) -> None:
         ax.text(max(row.ratio, row.paired_ratio), y, f"  {row.ratio:.2f}", va="center", fontsize=8)
     ax.axvline(1.0, color="gray", linestyle="--", linewidth=1)
     ax.set_yticks(ys, [row.label for row in rows], fontsize=8)
-    ax.set_xlabel("bar: median(ours) / median(ref); dot: median of paired ratios; "
-                  "black tick: target; dashed: parity", fontsize=8)
+    ax.set_xlabel(
+        "bar: median(ours) / median(ref); dot: median of paired ratios; black tick: target; dashed: parity",
+        fontsize=8,
+    )
     ax.set_title(title, fontsize=10)
 
 
@@ -159,11 +180,15 @@ def write_plot(path: Path, chain_rows: list[Row], block_rows: list[Row], title: 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    panels = [(rows, name) for rows, name in ((chain_rows, "(a) chained stages"),
-                                              (block_rows, "(b) single blocks")) if rows]
+    panels = [
+        (rows, name)
+        for rows, name in ((chain_rows, "(a) chained stages"), (block_rows, "(b) single blocks"))
+        if rows
+    ]
     heights = [max(2.0, 0.28 * len(rows) + 1.0) for rows, _ in panels]
-    fig, axes = plt.subplots(len(panels), 1, figsize=(10, sum(heights)), squeeze=False,
-                             gridspec_kw={"height_ratios": heights})
+    fig, axes = plt.subplots(
+        len(panels), 1, figsize=(10, sum(heights)), squeeze=False, gridspec_kw={"height_ratios": heights}
+    )
     for ax, (rows, name) in zip(axes[:, 0], panels):
         _bar_panel(ax, rows, name)
     fig.suptitle(title, fontsize=10)

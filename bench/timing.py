@@ -43,8 +43,9 @@ class Samples(NamedTuple):
     warm: tuple[object, object]
 
 
-def alternate(ref_fn: Callable[[], object], ours_fn: Callable[[], object], repeats: int,
-              device: str) -> Samples:
+def alternate(
+    ref_fn: Callable[[], object], ours_fn: Callable[[], object], repeats: int, device: str
+) -> Samples:
     """Times ``ref_fn`` and ``ours_fn`` alternately (ref, ours, ref, ours, ...) after one warm-up each.
 
     The warm-up results come back for an equivalence check. Both sides use the same inner-loop
@@ -57,8 +58,10 @@ def alternate(ref_fn: Callable[[], object], ours_fn: Callable[[], object], repea
     number = max(1, math.ceil(MIN_SAMPLE_S / max(time.perf_counter() - start, 1e-9)))
     samples = Samples([], [], [], [], warm)
     for _ in range(repeats):
-        for fn, wall, cpu in ((ref_fn, samples.ref_wall, samples.ref_cpu),
-                              (ours_fn, samples.ours_wall, samples.ours_cpu)):
+        for fn, wall, cpu in (
+            (ref_fn, samples.ref_wall, samples.ref_cpu),
+            (ours_fn, samples.ours_wall, samples.ours_cpu),
+        ):
             wall_s, cpu_s = time_call(fn, device, number)
             wall.append(wall_s)
             cpu.append(cpu_s)

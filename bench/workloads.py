@@ -94,15 +94,30 @@ class BlockCase:
     def build(self, impl: str) -> nn.Module:
         """The block from the reference or from mobileone_rs."""
         return IMPLS[impl].MobileOneBlock(
-            self.in_channels, self.out_channels, self.kernel_size, stride=self.stride, padding=self.padding,
-            groups=self.groups, use_se=self.use_se, num_conv_branches=self.num_conv_branches,
+            self.in_channels,
+            self.out_channels,
+            self.kernel_size,
+            stride=self.stride,
+            padding=self.padding,
+            groups=self.groups,
+            use_se=self.use_se,
+            num_conv_branches=self.num_conv_branches,
         )
 
 
 def _case_of(block: nn.Module, size: int) -> BlockCase:
     conv = block.rbr_conv[0].conv
-    return BlockCase(block.in_channels, block.out_channels, block.kernel_size, block.stride, conv.padding[0],
-                     block.groups, not isinstance(block.se, nn.Identity), block.num_conv_branches, size)
+    return BlockCase(
+        block.in_channels,
+        block.out_channels,
+        block.kernel_size,
+        block.stride,
+        conv.padding[0],
+        block.groups,
+        not isinstance(block.se, nn.Identity),
+        block.num_conv_branches,
+        size,
+    )
 
 
 def _output_size(size: int, conv: nn.Conv2d) -> int:

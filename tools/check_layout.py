@@ -53,7 +53,7 @@ def cycle(graph: dict[str, set[str]]) -> list[str] | None:
         stack.append(node)
         for nxt in sorted(graph[node]):
             if state.get(nxt) == 1:
-                return stack[stack.index(nxt):] + [nxt]
+                return stack[stack.index(nxt) :] + [nxt]
             if nxt not in state and (found := visit(nxt)):
                 return found
         stack.pop()
@@ -88,8 +88,11 @@ def check() -> list[str]:
     if not (SRC / "lib.rs").read_text().startswith("//!"):
         problems.append("src/lib.rs: no //! crate map")
     package = ROOT / "python" / "mobileone_rs"
-    yamls = [p for p in ROOT.rglob("yolov9-c-mobileone.yaml")
-             if not any(part.startswith(".") or part in ("target", "dist") for part in p.relative_to(ROOT).parts)]
+    yamls = [
+        p
+        for p in ROOT.rglob("yolov9-c-mobileone.yaml")
+        if not any(part.startswith(".") or part in ("target", "dist") for part in p.relative_to(ROOT).parts)
+    ]
     if yamls != [package / "data" / "yolov9-c-mobileone.yaml"]:
         problems.append(f"user's yaml: expected one copy in the package data, found {yamls}")
     if not (package / "_native.pyi").exists() or not (package / "py.typed").exists():

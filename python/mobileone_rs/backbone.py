@@ -52,8 +52,15 @@ class StageArgs:
 
     def build(self, **kwargs: bool) -> MobileOne:
         """The ``MobileOne`` stage of these arguments (``kwargs``: inference_mode, options)."""
-        return MobileOne(self.in_channels, self.out_channels, self.num_blocks, self.num_conv_branches,
-                         self.use_se, self.num_se, **kwargs)
+        return MobileOne(
+            self.in_channels,
+            self.out_channels,
+            self.num_blocks,
+            self.num_conv_branches,
+            self.use_se,
+            self.num_se,
+            **kwargs,
+        )
 
 
 @dataclass(frozen=True)
@@ -123,7 +130,9 @@ class MobileOneClassifier(nn.Module):
         spec = get_variant(variant)
         self.variant = spec.name
         self.inference_mode = inference_mode
-        self.stage0 = MobileOneBlock(3, spec.stem_channels, 3, stride=2, padding=1, inference_mode=inference_mode)
+        self.stage0 = MobileOneBlock(
+            3, spec.stem_channels, 3, stride=2, padding=1, inference_mode=inference_mode
+        )
         for k, args in enumerate(spec.stages(), start=1):
             self.add_module(f"stage{k}", args.build(inference_mode=inference_mode).stage)
         self.gap = nn.AdaptiveAvgPool2d(output_size=1)
@@ -143,7 +152,9 @@ class MobileOneClassifier(nn.Module):
         return self.linear(torch.flatten(self.gap(x), 1))
 
 
-def mobileone(variant: str = "s0", num_classes: int = 1000, inference_mode: bool = False) -> MobileOneClassifier:
+def mobileone(
+    variant: str = "s0", num_classes: int = 1000, inference_mode: bool = False
+) -> MobileOneClassifier:
     """Apple's MobileOne-S0..S4 classifier (``mobileone.mobileone`` in ml-mobileone), our blocks inside.
 
     Args:

@@ -84,36 +84,57 @@ class _Schema:
 
 
 _SCHEMAS = (
-    _Schema("apple", "stage0", r"stage([1-4])", 0, (
-        (r"rbr_conv\.(\d+)\.conv\.weight", r"rbr_conv.\1.conv.weight"),
-        (rf"rbr_conv\.(\d+)\.bn\.{_BN}", r"rbr_conv.\1.bn.\2"),
-        (r"rbr_scale\.conv\.weight", r"rbr_scale.conv.weight"),
-        (rf"rbr_scale\.bn\.{_BN}", r"rbr_scale.bn.\1"),
-        (rf"rbr_skip\.{_BN}", r"rbr_skip.\1"),
-        (rf"se\.reduce\.{_WB}", r"se.reduce.\1"),
-        (rf"se\.expand\.{_WB}", r"se.expand.\1"),
-        (rf"reparam_conv\.{_WB}", r"reparam_conv.\1"),
-    ), rf"linear\.{_WB}"),
-    _Schema("timm", "stem", r"stages\.([0-3])", 1, (
-        (r"conv_kxk\.(\d+)\.conv\.weight", r"rbr_conv.\1.conv.weight"),
-        (rf"conv_kxk\.(\d+)\.bn\.{_BN}", r"rbr_conv.\1.bn.\2"),
-        (r"conv_scale\.conv\.weight", r"rbr_scale.conv.weight"),
-        (rf"conv_scale\.bn\.{_BN}", r"rbr_scale.bn.\1"),
-        (rf"identity\.{_BN}", r"rbr_skip.\1"),
-        (rf"attn\.fc1\.{_WB}", r"se.reduce.\1"),
-        (rf"attn\.fc2\.{_WB}", r"se.expand.\1"),
-        (rf"reparam_conv\.{_WB}", r"reparam_conv.\1"),
-    ), rf"head\.fc\.{_WB}"),
-    _Schema("mmpretrain", "stage0", r"stage([1-4])", 0, (
-        (r"branch_conv_list\.(\d+)\.conv\.weight", r"rbr_conv.\1.conv.weight"),
-        (rf"branch_conv_list\.(\d+)\.norm\.{_BN}", r"rbr_conv.\1.bn.\2"),
-        (r"branch_scale\.conv\.weight", r"rbr_scale.conv.weight"),
-        (rf"branch_scale\.norm\.{_BN}", r"rbr_scale.bn.\1"),
-        (rf"branch_norm\.{_BN}", r"rbr_skip.\1"),
-        (rf"se\.conv1\.conv\.{_WB}", r"se.reduce.\1"),
-        (rf"se\.conv2\.conv\.{_WB}", r"se.expand.\1"),
-        (rf"branch_reparam\.{_WB}", r"reparam_conv.\1"),
-    ), rf"head\.fc\.{_WB}"),
+    _Schema(
+        "apple",
+        "stage0",
+        r"stage([1-4])",
+        0,
+        (
+            (r"rbr_conv\.(\d+)\.conv\.weight", r"rbr_conv.\1.conv.weight"),
+            (rf"rbr_conv\.(\d+)\.bn\.{_BN}", r"rbr_conv.\1.bn.\2"),
+            (r"rbr_scale\.conv\.weight", r"rbr_scale.conv.weight"),
+            (rf"rbr_scale\.bn\.{_BN}", r"rbr_scale.bn.\1"),
+            (rf"rbr_skip\.{_BN}", r"rbr_skip.\1"),
+            (rf"se\.reduce\.{_WB}", r"se.reduce.\1"),
+            (rf"se\.expand\.{_WB}", r"se.expand.\1"),
+            (rf"reparam_conv\.{_WB}", r"reparam_conv.\1"),
+        ),
+        rf"linear\.{_WB}",
+    ),
+    _Schema(
+        "timm",
+        "stem",
+        r"stages\.([0-3])",
+        1,
+        (
+            (r"conv_kxk\.(\d+)\.conv\.weight", r"rbr_conv.\1.conv.weight"),
+            (rf"conv_kxk\.(\d+)\.bn\.{_BN}", r"rbr_conv.\1.bn.\2"),
+            (r"conv_scale\.conv\.weight", r"rbr_scale.conv.weight"),
+            (rf"conv_scale\.bn\.{_BN}", r"rbr_scale.bn.\1"),
+            (rf"identity\.{_BN}", r"rbr_skip.\1"),
+            (rf"attn\.fc1\.{_WB}", r"se.reduce.\1"),
+            (rf"attn\.fc2\.{_WB}", r"se.expand.\1"),
+            (rf"reparam_conv\.{_WB}", r"reparam_conv.\1"),
+        ),
+        rf"head\.fc\.{_WB}",
+    ),
+    _Schema(
+        "mmpretrain",
+        "stage0",
+        r"stage([1-4])",
+        0,
+        (
+            (r"branch_conv_list\.(\d+)\.conv\.weight", r"rbr_conv.\1.conv.weight"),
+            (rf"branch_conv_list\.(\d+)\.norm\.{_BN}", r"rbr_conv.\1.bn.\2"),
+            (r"branch_scale\.conv\.weight", r"rbr_scale.conv.weight"),
+            (rf"branch_scale\.norm\.{_BN}", r"rbr_scale.bn.\1"),
+            (rf"branch_norm\.{_BN}", r"rbr_skip.\1"),
+            (rf"se\.conv1\.conv\.{_WB}", r"se.reduce.\1"),
+            (rf"se\.conv2\.conv\.{_WB}", r"se.expand.\1"),
+            (rf"branch_reparam\.{_WB}", r"reparam_conv.\1"),
+        ),
+        rf"head\.fc\.{_WB}",
+    ),
 )
 SOURCES = tuple(s.name for s in _SCHEMAS)
 # Wrappers in front of the model's own names: DistributedDataParallel, mmpretrain's ImageClassifier.
@@ -248,8 +269,11 @@ def _variant_shapes(name: str, fused: bool) -> dict[str, tuple[int, ...]]:
 def _find_variant(state: Mapping, fused: bool | None) -> str | None:
     if fused is None:
         return None
-    shapes = {k: tuple(v.shape) for k, v in state.items()
-              if not k.startswith("linear.") and not k.endswith("num_batches_tracked")}
+    shapes = {
+        k: tuple(v.shape)
+        for k, v in state.items()
+        if not k.startswith("linear.") and not k.endswith("num_batches_tracked")
+    }
     for name, spec in VARIANTS.items():
         if shapes != _variant_shapes(name, fused):
             continue

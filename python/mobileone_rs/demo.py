@@ -32,7 +32,9 @@ MIN_OUTPUT = 2  # smallest stage output (pixels per side) the demo trains and ch
 def build_stages(text: str) -> list[tuple[int, tuple, int, MobileOne]]:
     """``(layer, args, input_stride, stage)`` for every MobileOne row of the yaml (the pretrained S
     yamls' MobileOneBlock stem row resolved too)."""
-    return [(index, astuple(args), stride, MobileOne(*astuple(args))) for index, args, stride in yaml_stages(text)]
+    return [
+        (index, astuple(args), stride, MobileOne(*astuple(args))) for index, args, stride in yaml_stages(text)
+    ]
 
 
 def train(model: nn.Module, x: torch.Tensor, steps: int) -> list[float]:
@@ -83,7 +85,8 @@ def report_stage(layer, args, stage, x, repeats, flops_input) -> dict:
     check32 = verify_reparameterization(stage, x)
     check64 = verify_reparameterization(copy.deepcopy(stage).double(), x.double())
     return {
-        "layer": layer, "args": list(args),
+        "layer": layer,
+        "args": list(args),
         "params": (params(stage), params(fused)),
         "gflops": (conv_gflops(stage.train(), flops_input), conv_gflops(fused, flops_input)),
         "rel_err": (check32.max_rel, check64.max_rel),
@@ -94,20 +97,27 @@ def report_stage(layer, args, stage, x, repeats, flops_input) -> dict:
 def print_table(rows: list[dict], batch: int) -> None:
     """Prints one row per stage."""
     print(f"\nPer stage (params; conv GFLOPs of a 640x640 image; eval latency at batch {batch}, median):")
-    head = (f"{'layer':>5} {'args':<26} {'params':>19} {'GFLOPs':>15} {'max rel err f32':>16} "
-            f"{'f64':>9} {'ms unfused':>11} {'ms fused':>9}")
+    head = (
+        f"{'layer':>5} {'args':<26} {'params':>19} {'GFLOPs':>15} {'max rel err f32':>16} "
+        f"{'f64':>9} {'ms unfused':>11} {'ms fused':>9}"
+    )
     print(head)
     print("-" * len(head))
     for r in rows:
         p, g, e, t = r["params"], r["gflops"], r["rel_err"], r["ms"]
-        print(f"{r['layer']:>5} {r['args']!s:<26} {p[0]:>9,}->{p[1]:>8,} {g[0]:>7.2f}->{g[1]:>6.2f} "
-              f"{e[0]:>16.2e} {e[1]:>9.1e} {t[0]:>11.1f} {t[1]:>9.1f}")
+        print(
+            f"{r['layer']:>5} {r['args']!s:<26} {p[0]:>9,}->{p[1]:>8,} {g[0]:>7.2f}->{g[1]:>6.2f} "
+            f"{e[0]:>16.2e} {e[1]:>9.1e} {t[0]:>11.1f} {t[1]:>9.1f}"
+        )
 
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m mobileone_rs.demo", description=__doc__.splitlines()[0])
-    parser.add_argument("--yaml", help="model yaml, a path or a packaged name such as yolov9-c-mobileone-s0.yaml "
-                                       "(default: the reference's yolov9-c-mobileone.yaml)")
+    parser.add_argument(
+        "--yaml",
+        help="model yaml, a path or a packaged name such as yolov9-c-mobileone-s0.yaml "
+        "(default: the reference's yolov9-c-mobileone.yaml)",
+    )
     parser.add_argument("--img", type=int, default=320, help="image size in pixels (default 320)")
     parser.add_argument("--batch", type=int, default=2, help="batch size (default 2)")
     parser.add_argument("--steps", type=int, default=3, help="training steps (default 3)")
@@ -141,7 +151,9 @@ def check_arguments(args, first_stride: int, stages: int, last_layer: int) -> No
     if args.steps < 0:
         raise UsageError(f"--steps must be 0 or more, got {args.steps}")
     if output_sizes(args.img, first_stride, stages)[-1] < MIN_OUTPUT:
-        smallest = next(i for i in range(1, 1 << 16) if output_sizes(i, first_stride, stages)[-1] >= MIN_OUTPUT)
+        smallest = next(
+            i for i in range(1, 1 << 16) if output_sizes(i, first_stride, stages)[-1] >= MIN_OUTPUT
+        )
         size = output_sizes(args.img, first_stride, stages)[-1]
         raise UsageError(
             f"--img {args.img} leaves the last MobileOne stage (layer {last_layer}) a {size}x{size} output, "
@@ -159,9 +171,11 @@ def run(args) -> int:
     check_arguments(args, first_stride, len(stages), stages[-1][0])
     x = torch.randn(args.batch, stages[0][1][0], args.img // first_stride, args.img // first_stride)
     chain = nn.Sequential(*[s for *_, s in stages])
-    print(f"{len(stages)} MobileOne stages from layer {first_layer}; stage input {tuple(x.shape)} (batch, "
-          f"channels, height, width: a {args.img}x{args.img} image after the stride-{first_stride} layers before "
-          f"layer {first_layer})")
+    print(
+        f"{len(stages)} MobileOne stages from layer {first_layer}; stage input {tuple(x.shape)} (batch, "
+        f"channels, height, width: a {args.img}x{args.img} image after the stride-{first_stride} layers before "
+        f"layer {first_layer})"
+    )
     losses = train(chain, x, args.steps)
     print("training losses:", " ".join(f"{v:.4f}" for v in losses))
     rows = []

@@ -35,7 +35,7 @@ class TrainBranchSum(torch.autograd.Function):
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
         x, *rest = ctx.saved_tensors
-        params, saved = rest[: ctx.num_params], rest[ctx.num_params:]
+        params, saved = rest[: ctx.num_params], rest[ctx.num_params :]
         if not torch.is_grad_enabled():
             grads = ctx.plan.train_backward(grad, x, saved)
             if grads is not None:
@@ -51,7 +51,7 @@ def reference_branch_sum(x: torch.Tensor, params: list[torch.Tensor], plan: Any)
     s, p, d, g = spec.stride, spec.padding, spec.dilation, spec.groups
 
     def conv_bn(i: int, padding: int, dilation: int) -> torch.Tensor:
-        w, gamma, beta = params[3 * i: 3 * i + 3]
+        w, gamma, beta = params[3 * i : 3 * i + 3]
         y = F.conv2d(x, w, None, s, padding, dilation, g)
         return F.batch_norm(y, None, None, gamma, beta, True, 0.0, eps[i])
 
@@ -75,7 +75,8 @@ def _differentiate(ctx: Any, x: torch.Tensor, params: list[torch.Tensor], grad: 
     with torch.enable_grad():
         out = reference_branch_sum(x, params, ctx.plan)
         targets = [t for t, want in zip(inputs, wanted) if want]
-        got = iter(torch.autograd.grad(out, targets, grad, create_graph=torch.is_grad_enabled(),
-                                       allow_unused=True))
+        got = iter(
+            torch.autograd.grad(out, targets, grad, create_graph=torch.is_grad_enabled(), allow_unused=True)
+        )
     grads = [next(got) if want else None for want in wanted]
     return (grads[0], None, *grads[1:])

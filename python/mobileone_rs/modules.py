@@ -22,8 +22,17 @@ from .options import Options
 from .reparameterize import fused_copy, fused_kernel_bias, reparameterize_block
 from .state import CallEnv
 
-_SPEC_FIELDS = ("in_channels", "out_channels", "kernel_size", "stride", "padding", "dilation", "groups",
-                "use_se", "num_conv_branches")
+_SPEC_FIELDS = (
+    "in_channels",
+    "out_channels",
+    "kernel_size",
+    "stride",
+    "padding",
+    "dilation",
+    "groups",
+    "use_se",
+    "num_conv_branches",
+)
 
 
 def _require_tensor(x: Any, owner: str) -> None:
@@ -33,8 +42,9 @@ def _require_tensor(x: Any, owner: str) -> None:
 
 def _require_bool(value: Any, name: str) -> bool:
     if type(value) is not bool:
-        raise _native.ArgumentTypeError(f"{name} must be a bool (True or False), got {type(value).__name__} "
-                                  f"{value!r}")
+        raise _native.ArgumentTypeError(
+            f"{name} must be a bool (True or False), got {type(value).__name__} {value!r}"
+        )
     return value
 
 
@@ -45,8 +55,12 @@ class SEBlock(nn.Module):
         """Builds the module; raises ``ConfigError`` when ``int(in_channels * rd_ratio)`` is 0."""
         super().__init__()
         reduced = _native.se_reduced_channels(in_channels, rd_ratio)
-        self.reduce = nn.Conv2d(in_channels=in_channels, out_channels=reduced, kernel_size=1, stride=1, bias=True)
-        self.expand = nn.Conv2d(in_channels=reduced, out_channels=in_channels, kernel_size=1, stride=1, bias=True)
+        self.reduce = nn.Conv2d(
+            in_channels=in_channels, out_channels=reduced, kernel_size=1, stride=1, bias=True
+        )
+        self.expand = nn.Conv2d(
+            in_channels=reduced, out_channels=in_channels, kernel_size=1, stride=1, bias=True
+        )
 
     def forward(self, inputs: torch.Tensor) -> torch.Tensor:
         """Scales each channel of ``inputs`` by a gate computed from its global average."""
@@ -110,9 +124,16 @@ class MobileOneBlock(nn.Module):
         bools and integers integers: a yaml typo such as ``Flase`` is refused, not truthy)."""
         super().__init__()
         self._spec = _native.BlockSpec(
-            in_channels=in_channels, out_channels=out_channels, kernel_size=kernel_size, stride=stride,
-            padding=padding, dilation=dilation, groups=groups, use_se=use_se,
-            num_conv_branches=num_conv_branches)
+            in_channels=in_channels,
+            out_channels=out_channels,
+            kernel_size=kernel_size,
+            stride=stride,
+            padding=padding,
+            dilation=dilation,
+            groups=groups,
+            use_se=use_se,
+            num_conv_branches=num_conv_branches,
+        )
         self.fast, self.low_memory, self.cpu_kernel = bool(fast), bool(low_memory), bool(cpu_kernel)
         self.inference_mode = _require_bool(inference_mode, "inference_mode")
         self.groups = groups
@@ -124,10 +145,20 @@ class MobileOneBlock(nn.Module):
         self.se = SEBlock(out_channels) if use_se else nn.Identity()
         self.activation = nn.ReLU()
         if inference_mode:
-            self.reparam_conv = nn.Conv2d(in_channels, out_channels, kernel_size, stride=stride, padding=padding,
-                                          dilation=dilation, groups=groups, bias=True)
+            self.reparam_conv = nn.Conv2d(
+                in_channels,
+                out_channels,
+                kernel_size,
+                stride=stride,
+                padding=padding,
+                dilation=dilation,
+                groups=groups,
+                bias=True,
+            )
             return
-        self.rbr_skip = nn.BatchNorm2d(num_features=in_channels) if out_channels == in_channels and stride == 1 else None
+        self.rbr_skip = (
+            nn.BatchNorm2d(num_features=in_channels) if out_channels == in_channels and stride == 1 else None
+        )
         self.rbr_conv = nn.ModuleList(
             [self._conv_bn(kernel_size, padding, dilation) for _ in range(num_conv_branches)]
         )
@@ -154,8 +185,19 @@ class MobileOneBlock(nn.Module):
 
     def _conv_bn(self, kernel_size: int, padding: int, dilation: int) -> nn.Sequential:
         branch = nn.Sequential()
-        branch.add_module("conv", nn.Conv2d(self.in_channels, self.out_channels, kernel_size, stride=self.stride,
-                                            padding=padding, dilation=dilation, groups=self.groups, bias=False))
+        branch.add_module(
+            "conv",
+            nn.Conv2d(
+                self.in_channels,
+                self.out_channels,
+                kernel_size,
+                stride=self.stride,
+                padding=padding,
+                dilation=dilation,
+                groups=self.groups,
+                bias=False,
+            ),
+        )
         branch.add_module("bn", nn.BatchNorm2d(num_features=self.out_channels))
         return branch
 
@@ -278,8 +320,9 @@ class MobileOne(nn.Module):
         self.inference_mode = _require_bool(inference_mode, "inference_mode")
         self.use_se = use_se
         self.num_conv_branches = num_conv_branches
-        plan = _native.stage_plan(in_channels, out_channels, num_blocks_per_stage, num_conv_branches,
-                                  use_se, num_se)
+        plan = _native.stage_plan(
+            in_channels, out_channels, num_blocks_per_stage, num_conv_branches, use_se, num_se
+        )
         self.stage = nn.Sequential(*[self._block(spec, inference_mode, options) for spec in plan])
 
     @staticmethod
@@ -297,5 +340,14 @@ def safe_globals() -> list:
     Use as ``torch.serialization.add_safe_globals(mobileone_rs.safe_globals())`` (add your own
     model's classes too); state_dicts need nothing.
     """
-    return [MobileOne, MobileOneBlock, SEBlock, nn.Sequential, nn.ModuleList, nn.Conv2d, nn.BatchNorm2d,
-            nn.ReLU, nn.Identity]
+    return [
+        MobileOne,
+        MobileOneBlock,
+        SEBlock,
+        nn.Sequential,
+        nn.ModuleList,
+        nn.Conv2d,
+        nn.BatchNorm2d,
+        nn.ReLU,
+        nn.Identity,
+    ]

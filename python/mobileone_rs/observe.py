@@ -52,8 +52,13 @@ def conv_state(conv: Any, name: str) -> ConvState:
     _require_stock(conv, probes.CONV2D, name)
     weight, bias = member(conv, "_parameters", "weight"), member(conv, "_parameters", "bias")
     return {
-        "weight": weight, "bias": bias, "stride": conv.stride, "padding": conv.padding,
-        "dilation": conv.dilation, "groups": conv.groups, "padding_mode": conv.padding_mode,
+        "weight": weight,
+        "bias": bias,
+        "stride": conv.stride,
+        "padding": conv.padding,
+        "dilation": conv.dilation,
+        "groups": conv.groups,
+        "padding_mode": conv.padding_mode,
         "plain": not probes.hooked(conv) and _plain(weight, bias),
     }
 
@@ -65,8 +70,14 @@ def bn_state(bn: Any, name: str) -> BnState:
     mean, var = member(bn, "_buffers", "running_mean"), member(bn, "_buffers", "running_var")
     count = member(bn, "_buffers", "num_batches_tracked")
     return {
-        "weight": weight, "bias": bias, "running_mean": mean, "running_var": var,
-        "num_batches_tracked": count, "momentum": bn.momentum, "eps": bn.eps, "training": bn.training,
+        "weight": weight,
+        "bias": bias,
+        "running_mean": mean,
+        "running_var": var,
+        "num_batches_tracked": count,
+        "momentum": bn.momentum,
+        "eps": bn.eps,
+        "training": bn.training,
         "track_running_stats": bn.track_running_stats,
         "plain": not probes.hooked(bn) and _plain(weight, bias, mean, var, count),
     }
@@ -90,8 +101,10 @@ def se_state(se: Any, se_class: type) -> SeState:
     if type(se) is probes.IDENTITY and probes.stock(se, probes.IDENTITY):
         return {"kind": "none", "plain": not probes.hooked(se)}
     if type(se) is not se_class or "forward" in se.__dict__:
-        return {"kind": "opaque", "reason": f"se is a {type(se).__name__} (or has its own forward), "
-                                            "not our SEBlock or nn.Identity"}
+        return {
+            "kind": "opaque",
+            "reason": f"se is a {type(se).__name__} (or has its own forward), not our SEBlock or nn.Identity",
+        }
     try:
         reduce = conv_state(child(se, "reduce"), "se.reduce")
         expand = conv_state(child(se, "expand"), "se.expand")
@@ -107,8 +120,10 @@ def conv_branch_count(block: nn.Module, branches: int) -> int:
     if type(n) is not int or n < 1:
         raise Opaque(f"num_conv_branches is {n!r}, not a positive int")
     if n > branches:
-        raise Opaque(f"num_conv_branches={n} but rbr_conv holds {branches} branches "
-                     "(the reference's forward raises IndexError)")
+        raise Opaque(
+            f"num_conv_branches={n} but rbr_conv holds {branches} branches "
+            "(the reference's forward raises IndexError)"
+        )
     return n
 
 
@@ -143,7 +158,14 @@ def body(block: nn.Module) -> Body:
 def block_state(block: nn.Module, spec: Any, se_class: type) -> BlockState:
     """Every child of a ``MobileOneBlock`` as the dispatcher sees it (read now)."""
     activation = child(block, "activation")
-    plain = (type(activation) is probes.RELU and probes.stock(activation, probes.RELU)
-             and not probes.hooked(activation))
-    return {"spec": spec, "body": body(block), "se": se_state(child(block, "se"), se_class),
-            "activation_plain": plain}
+    plain = (
+        type(activation) is probes.RELU
+        and probes.stock(activation, probes.RELU)
+        and not probes.hooked(activation)
+    )
+    return {
+        "spec": spec,
+        "body": body(block),
+        "se": se_state(child(block, "se"), se_class),
+        "activation_plain": plain,
+    }

@@ -81,8 +81,9 @@ def stock(module: Any, cls: type) -> bool:
 def hooked(module: Any) -> bool:
     """Whether ``module`` has forward or backward hooks of its own."""
     d = module.__dict__
-    return bool(d["_forward_hooks"] or d["_forward_pre_hooks"] or d["_backward_hooks"]
-                or d["_backward_pre_hooks"])
+    return bool(
+        d["_forward_hooks"] or d["_forward_pre_hooks"] or d["_backward_hooks"] or d["_backward_pre_hooks"]
+    )
 
 
 def global_hooks() -> bool:
@@ -122,8 +123,12 @@ def symbolic(x: Any) -> bool:
 
 def capturing(x: Any) -> bool:
     """Whether a graph is being captured (jit.trace, ONNX export, torch.compile/export, FX)."""
-    return (symbolic(x) or torch.jit.is_tracing() or torch.onnx.is_in_onnx_export()
-            or torch.compiler.is_exporting())
+    return (
+        symbolic(x)
+        or torch.jit.is_tracing()
+        or torch.onnx.is_in_onnx_export()
+        or torch.compiler.is_exporting()
+    )
 
 
 def dispatch_mode() -> bool:

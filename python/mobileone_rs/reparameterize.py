@@ -31,8 +31,13 @@ def fold_bn(bn: Any) -> FoldBn:
     ones = torch.ones_like(bn.running_mean)
     weight = bn.weight if bn.weight is not None else ones
     bias = bn.bias if bn.bias is not None else torch.zeros_like(ones)
-    return {"weight": weight, "bias": bias, "running_mean": bn.running_mean, "running_var": bn.running_var,
-            "eps": float(bn.eps)}
+    return {
+        "weight": weight,
+        "bias": bias,
+        "running_mean": bn.running_mean,
+        "running_var": bn.running_var,
+        "eps": float(bn.eps),
+    }
 
 
 def _check_fusable(block: Any, convs: list) -> None:
@@ -41,8 +46,14 @@ def _check_fusable(block: Any, convs: list) -> None:
     if block.rbr_scale is not None:
         expected.append(("rbr_scale.conv", block.rbr_scale.conv, 0, 1))
     for name, conv, pad, dil in expected:
-        got = (tuple(conv.stride), tuple(conv.padding), tuple(conv.dilation), conv.groups, conv.padding_mode,
-               conv.bias is None)
+        got = (
+            tuple(conv.stride),
+            tuple(conv.padding),
+            tuple(conv.dilation),
+            conv.groups,
+            conv.padding_mode,
+            conv.bias is None,
+        )
         want = ((spec.stride, spec.stride), (pad, pad), (dil, dil), spec.groups, "zeros", True)
         if got != want:
             raise _native.ConfigError(
@@ -72,8 +83,17 @@ def fused_kernel_bias(block: Any) -> tuple[torch.Tensor, torch.Tensor]:
 def _reparam_conv(block: Any) -> nn.Conv2d:
     kernel, bias = fused_kernel_bias(block)
     s = block.spec
-    conv = nn.Conv2d(s.in_channels, s.out_channels, s.kernel_size, stride=s.stride, padding=s.padding,
-                     dilation=s.dilation, groups=s.groups, bias=True, device="meta")
+    conv = nn.Conv2d(
+        s.in_channels,
+        s.out_channels,
+        s.kernel_size,
+        stride=s.stride,
+        padding=s.padding,
+        dilation=s.dilation,
+        groups=s.groups,
+        bias=True,
+        device="meta",
+    )
     conv.weight = nn.Parameter(kernel)
     conv.bias = nn.Parameter(bias)
     return conv

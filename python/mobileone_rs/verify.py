@@ -76,8 +76,10 @@ def _capture_blocks(model: nn.Module, example_input) -> tuple[object, dict]:
     handles = []
     for name, module in model.named_modules():
         if isinstance(module, MobileOneBlock) and not module.inference_mode:
+
             def hook(_module, args, output, name=name):
                 captured[name] = (args[0], output)
+
             handles.append(module.register_forward_hook(hook))
     try:
         reference = model(example_input)

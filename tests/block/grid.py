@@ -102,7 +102,9 @@ def assert_train_step_matches(ours, reference, x, dtype, steps: int = 1) -> None
                 assert_close(got[key], value, bound, key)
             else:
                 own = rel_err(value, exact[key])
-                assert_close(got[key], exact[key], max(bound, 4 * own), f"{key} (oracle's own error {own:.1e})")
+                assert_close(
+                    got[key], exact[key], max(bound, 4 * own), f"{key} (oracle's own error {own:.1e})"
+                )
     assert_buffers_match(ours, reference, dtype)
 
 

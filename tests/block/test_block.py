@@ -127,8 +127,11 @@ def test_eval_forward_with_gradients_matches_oracle(fused):
         x = case.input(torch.float32).requires_grad_(True)
         out = model(x)
         (out * random_input(out.shape, out.dtype, seed=2)).sum().backward()
-        return {"output": out.detach(), "input.grad": x.grad,
-                **{f"{name}.grad": p.grad for name, p in model.named_parameters()}}
+        return {
+            "output": out.detach(),
+            "input.grad": x.grad,
+            **{f"{name}.grad": p.grad for name, p in model.named_parameters()},
+        }
 
     got, expected = eval_grads(ours), eval_grads(reference)
     assert got.keys() == expected.keys()

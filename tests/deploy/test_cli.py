@@ -11,7 +11,9 @@ import torch
 from tests.deploy.models import write_checkpoint
 from tests.yolov9 import helpers as h
 
-pytestmark = pytest.mark.skipif(h.installed_yolo9() is None, reason="yolo9 (YOLOv9 from PyPI) is not installed")
+pytestmark = pytest.mark.skipif(
+    h.installed_yolo9() is None, reason="yolo9 (YOLOv9 from PyPI) is not installed"
+)
 
 
 def run_cli(*args, env) -> subprocess.CompletedProcess:
@@ -51,47 +53,66 @@ def assert_refused(result, message: str, out=None) -> None:
 def test_not_a_checkpoint(tmp_path, env):
     text = tmp_path / "notes.pt"
     text.write_text("not a checkpoint\n")
-    assert_refused(run_cli(text, "--out", tmp_path / "out", env=env), f"{text}: not a torch checkpoint",
-                   tmp_path / "out")
+    assert_refused(
+        run_cli(text, "--out", tmp_path / "out", env=env), f"{text}: not a torch checkpoint", tmp_path / "out"
+    )
 
 
 def test_not_a_yolov9_checkpoint(tmp_path, env):
     state = tmp_path / "state.pt"
     torch.save({"weights": torch.zeros(3)}, state)
-    assert_refused(run_cli(state, "--out", tmp_path / "out", env=env),
-                   f"{state}: not a YOLOv9 checkpoint (no 'model' or 'ema' entry with a model yaml)", tmp_path / "out")
+    assert_refused(
+        run_cli(state, "--out", tmp_path / "out", env=env),
+        f"{state}: not a YOLOv9 checkpoint (no 'model' or 'ema' entry with a model yaml)",
+        tmp_path / "out",
+    )
 
 
 def test_missing_file(tmp_path, env):
-    assert_refused(run_cli(tmp_path / "none.pt", "--out", tmp_path / "out", env=env),
-                   f"{tmp_path / 'none.pt'}: no such file", tmp_path / "out")
+    assert_refused(
+        run_cli(tmp_path / "none.pt", "--out", tmp_path / "out", env=env),
+        f"{tmp_path / 'none.pt'}: no such file",
+        tmp_path / "out",
+    )
 
 
 @pytest.mark.slow  # loads a 90 MB checkpoint in a subprocess
 def test_fused_checkpoint(checkpoints, tmp_path, env):
-    assert_refused(run_cli(checkpoints["fused"], "--out", tmp_path / "out", env=env),
-                   f"{checkpoints['fused']} holds a fused model (", tmp_path / "out")
+    assert_refused(
+        run_cli(checkpoints["fused"], "--out", tmp_path / "out", env=env),
+        f"{checkpoints['fused']} holds a fused model (",
+        tmp_path / "out",
+    )
 
 
 @pytest.mark.slow  # loads a 90 MB checkpoint in a subprocess
 def test_head_that_is_not_covered(checkpoints, tmp_path, env):
-    assert_refused(run_cli(checkpoints["triple"], "--out", tmp_path / "out", env=env),
-                   "the model's head is TripleDDetect: not covered (covered dual heads: DualDetect -> Detect, "
-                   "DualDDetect -> DDetect, DualDSegment -> DSegment)", tmp_path / "out")
+    assert_refused(
+        run_cli(checkpoints["triple"], "--out", tmp_path / "out", env=env),
+        "the model's head is TripleDDetect: not covered (covered dual heads: DualDetect -> Detect, "
+        "DualDDetect -> DDetect, DualDSegment -> DSegment)",
+        tmp_path / "out",
+    )
 
 
 @pytest.mark.slow  # loads a 90 MB checkpoint in a subprocess
 def test_empty_calibration_folder(checkpoints, tmp_path, env):
     (tmp_path / "images").mkdir()
     (tmp_path / "images" / "readme.txt").write_text("no images here")
-    assert_refused(run_cli(checkpoints["dual"], "--out", tmp_path / "out", "--int8", tmp_path / "images", env=env),
-                   f"--int8 {tmp_path / 'images'}: 0 images (jpg, png, ...); INT8 needs at least 2", tmp_path / "out")
+    assert_refused(
+        run_cli(checkpoints["dual"], "--out", tmp_path / "out", "--int8", tmp_path / "images", env=env),
+        f"--int8 {tmp_path / 'images'}: 0 images (jpg, png, ...); INT8 needs at least 2",
+        tmp_path / "out",
+    )
 
 
 @pytest.mark.slow  # loads a 90 MB checkpoint in a subprocess
 def test_missing_calibration_folder(checkpoints, tmp_path, env):
-    assert_refused(run_cli(checkpoints["dual"], "--out", tmp_path / "out", "--int8", tmp_path / "no", env=env),
-                   f"--int8 {tmp_path / 'no'}: not a folder", tmp_path / "out")
+    assert_refused(
+        run_cli(checkpoints["dual"], "--out", tmp_path / "out", "--int8", tmp_path / "no", env=env),
+        f"--int8 {tmp_path / 'no'}: not a folder",
+        tmp_path / "out",
+    )
 
 
 @pytest.mark.slow  # loads a 90 MB checkpoint in a subprocess
@@ -100,19 +121,27 @@ def test_unreadable_calibration_image(checkpoints, tmp_path, env):
     h.write_synthetic_dataset(tmp_path / "data", count=2, size=64)
     (tmp_path / "data" / "images" / "train").rename(images)
     (images / "broken.jpg").write_bytes(b"\xff\xd8 not really a jpeg")
-    assert_refused(run_cli(checkpoints["dual"], "--out", tmp_path / "out", "--int8", images, env=env),
-                   f"--int8 {images}: cannot read broken.jpg as an image", tmp_path / "out")
+    assert_refused(
+        run_cli(checkpoints["dual"], "--out", tmp_path / "out", "--int8", images, env=env),
+        f"--int8 {images}: cannot read broken.jpg as an image",
+        tmp_path / "out",
+    )
 
 
 @pytest.mark.slow  # loads a 90 MB checkpoint in a subprocess
 def test_output_folder_that_cannot_be_created(checkpoints, tmp_path, env):
     blocker = tmp_path / "a-file"
     blocker.write_text("x")
-    assert_refused(run_cli(checkpoints["dual"], "--out", blocker / "out", env=env), f"cannot create {blocker / 'out'}")
+    assert_refused(
+        run_cli(checkpoints["dual"], "--out", blocker / "out", env=env), f"cannot create {blocker / 'out'}"
+    )
     assert blocker.read_text() == "x"
 
 
 @pytest.mark.slow  # loads a 90 MB checkpoint in a subprocess
 def test_image_size_not_a_multiple_of_32(checkpoints, tmp_path, env):
-    assert_refused(run_cli(checkpoints["dual"], "--out", tmp_path / "out", "--img", 100, env=env),
-                   "--img 100: must be a positive multiple of 32", tmp_path / "out")
+    assert_refused(
+        run_cli(checkpoints["dual"], "--out", tmp_path / "out", "--img", 100, env=env),
+        "--img 100: must be a positive multiple of 32",
+        tmp_path / "out",
+    )

@@ -20,8 +20,10 @@ from mobileone_rs.deploy import DeployError, deploy, deploy_model
 from tests.deploy.models import randomize_batch_norms, write_checkpoint
 from tests.yolov9 import helpers as h
 
-pytestmark = [pytest.mark.skipif(h.installed_yolo9() is None, reason="yolo9 (YOLOv9 from PyPI) is not installed"),
-              pytest.mark.slow]
+pytestmark = [
+    pytest.mark.skipif(h.installed_yolo9() is None, reason="yolo9 (YOLOv9 from PyPI) is not installed"),
+    pytest.mark.slow,
+]
 
 IMG = 64
 DATA = h.REPO / "python" / "mobileone_rs" / "data"
@@ -41,8 +43,10 @@ def load_model(path):
 
 def rel_err(actual: torch.Tensor, expected: torch.Tensor) -> float:
     """Boxes (pixels) and scores (0..1) of a (batch, 4 + nc, anchors) output, each relative to its own max."""
-    errs = [((a - b).abs().max() / b.abs().max()).item()
-            for a, b in ((actual[:, :4], expected[:, :4]), (actual[:, 4:], expected[:, 4:]))]
+    errs = [
+        ((a - b).abs().max() / b.abs().max()).item()
+        for a, b in ((actual[:, :4], expected[:, :4]), (actual[:, 4:], expected[:, 4:]))
+    ]
     return max(errs)
 
 
@@ -88,7 +92,9 @@ def test_reference_yaml_deploys_to_the_oracles_main_head(reference):
     oracle = h.oracle_twin(training.double())
     assert max(main_head_errors(oracle, deploy_model(training, torch.float64))) <= 1e-9
     # the written model was fused in float32: float32 rounding
-    assert max(main_head_errors(load_model(weights), load_model(out / "best-deploy.pt"), torch.float32)) <= 1e-4
+    assert (
+        max(main_head_errors(load_model(weights), load_model(out / "best-deploy.pt"), torch.float32)) <= 1e-4
+    )
 
 
 def test_reference_yaml_sizes(reference):
@@ -133,7 +139,10 @@ def test_deploy_equals_the_main_head(name, yolo, tmp_path):
     deployed = load_model(tmp_path / "out" / "best-deploy.pt")
     assert max(main_head_errors(load_model(weights), deployed, torch.float32)) <= 1e-4
     assert ort_vs_torch(tmp_path / "out" / "best-deploy.onnx", deployed) <= 1e-4
-    assert report.deploy_head == "DDetect" and report.models["deploy"]["params"] < report.models["fused_dual"]["params"]
+    assert (
+        report.deploy_head == "DDetect"
+        and report.models["deploy"]["params"] < report.models["fused_dual"]["params"]
+    )
 
 
 def test_half_saves_float16_fused_in_float32(yolo, tmp_path):

@@ -14,7 +14,9 @@ from mobileone_rs.yolov9.deploy_graph import DeployError, strip_dual_head
 
 from tests.yolov9 import helpers as h
 
-pytestmark = pytest.mark.skipif(h.installed_yolo9() is None, reason="yolo9 (YOLOv9 from PyPI) is not installed")
+pytestmark = pytest.mark.skipif(
+    h.installed_yolo9() is None, reason="yolo9 (YOLOv9 from PyPI) is not installed"
+)
 
 
 def upstream(name: str) -> dict:
@@ -52,7 +54,8 @@ def test_dual_segment_head_strips_to_dsegment():
     assert stripped.yaml["head"][13] == [15, 1, "RepNCSPELAN4", [256, 256, 128, 2]]
     assert gelan["head"][13] == [15, 1, "RepNCSPELAN4", [256, 256, 128, 1]]
     assert [r for k, r in enumerate(stripped.yaml["head"]) if k != 13] == [
-        r for k, r in enumerate(gelan["head"]) if k != 13]
+        r for k, r in enumerate(gelan["head"]) if k != 13
+    ]
     assert stripped.yaml["backbone"] == gelan["backbone"]
 
 
@@ -66,15 +69,26 @@ def test_seed_yaml_strips_to_its_main_branch():
 
 
 def test_relative_links_stay_relative_and_absolute_absolute():
-    d = {"nc": 1, "backbone": [[-1, 1, "Silence", []], [-1, 1, "Conv", [8, 3, 2]], [-1, 1, "Conv", [8, 3, 2]]],
-         "head": [[0, 1, "Conv", [8, 3, 2]],  # 3: the auxiliary branch, dropped
-                  [2, 1, "Conv", [8, 3, 1]], [-3, 1, "Conv", [8, 3, 1]], [[-1, 4], 1, "Concat", [1]],
-                  [[3, 3, 6, 6], 1, "DualDDetect", ["nc"]]]}
+    d = {
+        "nc": 1,
+        "backbone": [[-1, 1, "Silence", []], [-1, 1, "Conv", [8, 3, 2]], [-1, 1, "Conv", [8, 3, 2]]],
+        "head": [
+            [0, 1, "Conv", [8, 3, 2]],  # 3: the auxiliary branch, dropped
+            [2, 1, "Conv", [8, 3, 1]],
+            [-3, 1, "Conv", [8, 3, 1]],
+            [[-1, 4], 1, "Concat", [1]],
+            [[3, 3, 6, 6], 1, "DualDDetect", ["nc"]],
+        ],
+    }
     stripped = strip_dual_head(d)
     assert stripped.kept == [1, 2, 4, 5, 6]
     assert stripped.yaml["backbone"] == [[-1, 1, "Conv", [8, 3, 2]], [-1, 1, "Conv", [8, 3, 2]]]
-    assert stripped.yaml["head"] == [[1, 1, "Conv", [8, 3, 1]], [-2, 1, "Conv", [8, 3, 1]],
-                                     [[-1, 2], 1, "Concat", [1]], [[4, 4], 1, "DDetect", ["nc"]]]
+    assert stripped.yaml["head"] == [
+        [1, 1, "Conv", [8, 3, 1]],
+        [-2, 1, "Conv", [8, 3, 1]],
+        [[-1, 2], 1, "Concat", [1]],
+        [[4, 4], 1, "DDetect", ["nc"]],
+    ]
 
 
 def seed_with_head(module: str, sources) -> dict:
@@ -86,12 +100,28 @@ def seed_with_head(module: str, sources) -> dict:
 @pytest.mark.parametrize(
     "module, sources, message",
     [
-        ("TripleDDetect", [27, 30, 33, 12, 15, 18], ("the model's head is TripleDDetect: not covered (covered dual "
-         "heads: DualDetect -> Detect, DualDDetect -> DDetect, DualDSegment -> DSegment)")),
+        (
+            "TripleDDetect",
+            [27, 30, 33, 12, 15, 18],
+            (
+                "the model's head is TripleDDetect: not covered (covered dual "
+                "heads: DualDetect -> Detect, DualDDetect -> DDetect, DualDSegment -> DSegment)"
+            ),
+        ),
         ("DDetect", [12, 15, 18], "the model's last layer is DDetect, not a YOLOv9 dual head"),
-        ("DualDDetect", [27, 30, 33, 12, 15], ("the DualDDetect head reads 5 layers [27, 30, 33, 12, 15]: "
-         "DualDDetect needs 2 x levels, so its main head cannot be separated")),
-        ("DualDDetect", [27, 30, 33, 12, 15, 40], "yaml layer 34: 'from' entry 40 does not point to an earlier layer"),
+        (
+            "DualDDetect",
+            [27, 30, 33, 12, 15],
+            (
+                "the DualDDetect head reads 5 layers [27, 30, 33, 12, 15]: "
+                "DualDDetect needs 2 x levels, so its main head cannot be separated"
+            ),
+        ),
+        (
+            "DualDDetect",
+            [27, 30, 33, 12, 15, 40],
+            "yaml layer 34: 'from' entry 40 does not point to an earlier layer",
+        ),
     ],
 )
 def test_heads_that_cannot_be_separated_are_refused_by_name(module, sources, message):

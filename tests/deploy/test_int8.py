@@ -15,8 +15,10 @@ from mobileone_rs.deploy import deploy
 from tests.deploy.models import misequalize, randomize_batch_norms, write_checkpoint
 from tests.yolov9 import helpers as h
 
-pytestmark = [pytest.mark.skipif(h.installed_yolo9() is None, reason="yolo9 (YOLOv9 from PyPI) is not installed"),
-              pytest.mark.slow]
+pytestmark = [
+    pytest.mark.skipif(h.installed_yolo9() is None, reason="yolo9 (YOLOv9 from PyPI) is not installed"),
+    pytest.mark.slow,
+]
 
 IMG = 64
 
@@ -74,7 +76,8 @@ def test_int8_report_numbers_are_present_and_plausible(plain):
     assert 5 < int8["sqnr_db"]["overall"] < 60
     assert int8["map50_vs_float"] is None or 0 <= int8["map50_vs_float"] <= 1
     assert int8["latency_ms"]["int8"] > 0 and int8["latency_ratio"] == pytest.approx(
-        int8["latency_ms"]["int8"] / int8["latency_ms"]["float"], rel=1e-2)
+        int8["latency_ms"]["int8"] / int8["latency_ms"]["float"], rel=1e-2
+    )
     widest = [row["max_abs_over_std"] for row in int8["widest_range_convs"]]
     assert len(widest) == 10 and widest == sorted(widest, reverse=True) and widest[-1] > 1
     cle = int8["cle"]
@@ -101,4 +104,6 @@ def test_equalization_raises_sqnr_on_wide_fused_kernels(yolo, tmp_path, images):
     assert report.int8["sqnr_db"]["overall"] == cle["sqnr_db_with"]
     widest_pairs = max(p["conv1_channel_range_ratio_before"] for p in cle["pairs"])
     assert widest_pairs > 50  # the kernels were wide ...
-    assert max(p["conv1_channel_range_ratio_after"] for p in cle["pairs"]) < widest_pairs / 2  # ... and no longer
+    assert (
+        max(p["conv1_channel_range_ratio_after"] for p in cle["pairs"]) < widest_pairs / 2
+    )  # ... and no longer

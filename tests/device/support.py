@@ -73,4 +73,6 @@ def assert_buffers_match(ours: nn.Module, reference: nn.Module, dtype: torch.dty
             assert_close(got[key], value, TOLERANCE[dtype], key)
         else:
             own = rel_err(value, exact[key])
-            assert_close(got[key], exact[key], max(TOLERANCE[dtype], 4 * own), f"{key} (oracle's own {own:.1e})")
+            assert_close(
+                got[key], exact[key], max(TOLERANCE[dtype], 4 * own), f"{key} (oracle's own {own:.1e})"
+            )

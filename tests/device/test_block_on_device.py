@@ -80,4 +80,3 @@ def test_fused_block_equals_unfused(case, dtype, device):
     ours.reparameterize()
     assert ours.reparam_conv.weight.device == x.device
     assert_close(_eval(ours, x), unfused, TOLERANCE[dtype], "fused vs unfused")
-

@@ -51,17 +51,24 @@ def test_yolov9_mobileone_stages_train_step_and_fused_inference(dtype, device, r
     got, expected = train_step(ours, x), train_step(reference, x)
     exact = train_step(truth, x.double()) if truth is not None else expected
     keys = ["output", "input.grad"]
-    assert_matches_truth(*({k: d[k] for k in keys} for d in (got, expected)),
-                         {k: exact[k] for k in keys} if truth is not None else None, dtype)
+    assert_matches_truth(
+        *({k: d[k] for k in keys} for d in (got, expected)),
+        {k: exact[k] for k in keys} if truth is not None else None,
+        dtype,
+    )
     grads = [k for k in got if k not in keys]
     record_property("chain max param-grad rel err, ours", max(rel_err(got[k], exact[k]) for k in grads))
-    record_property("chain max param-grad rel err, oracle", max(rel_err(expected[k], exact[k]) for k in grads))
+    record_property(
+        "chain max param-grad rel err, oracle", max(rel_err(expected[k], exact[k]) for k in grads)
+    )
     assert_buffers_match(ours, reference, dtype, truth)
     fused = mobileone_rs.reparameterize_model(ours.eval())
     want = oracle.reparameterize_model(reference.eval())
     with torch.no_grad():
         out, expected_out = fused(x), want(x)
-        exact_out = oracle.reparameterize_model(truth.eval())(x.double()) if truth is not None else expected_out
+        exact_out = (
+            oracle.reparameterize_model(truth.eval())(x.double()) if truth is not None else expected_out
+        )
     own = rel_err(expected_out, exact_out)
     assert_close(out, exact_out, max(TOLERANCE[dtype], 4 * own), f"fused (oracle's own error {own:.1e})")
 
@@ -81,7 +88,9 @@ def test_reparameterize_model_matches_oracle(dtype, device):
         with torch.no_grad():
             exact = truth(x.double())
         own = ((want.double() - exact).abs().max() / exact.abs().max()).item()
-        assert_close(got, exact, max(TOLERANCE[dtype], 4 * own), f"fused stage (oracle's own error {own:.1e})")
+        assert_close(
+            got, exact, max(TOLERANCE[dtype], 4 * own), f"fused stage (oracle's own error {own:.1e})"
+        )
 
 
 @pytest.mark.parametrize("amp", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])

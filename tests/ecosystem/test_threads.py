@@ -176,8 +176,9 @@ def test_concurrent_reparameterize_model_of_a_shared_model():
 
 @pytest.mark.parametrize("stride", [1, 2])
 def test_depthwise_training_step_is_the_same_on_torch_threads(stride):
-    ours, reference = build_pair("MobileOneBlock", 24, 24, 3, stride=stride, padding=1, groups=24,
-                                 num_conv_branches=3)
+    ours, reference = build_pair(
+        "MobileOneBlock", 24, 24, 3, stride=stride, padding=1, groups=24, num_conv_branches=3
+    )
     x = random_input((2, 24, 48, 48))  # above the size the kernel parallelizes from
     expected = train_step(reference, x)
     previous = torch.get_num_threads()

@@ -80,8 +80,15 @@ def _pointwise(c_in, c_out):
 
 
 def _depthwise(c, k=3, stride=1):
-    return {"in_channels": c, "out_channels": c, "kernel_size": k, "stride": stride, "padding": k // 2,
-            "groups": c, "num_conv_branches": 2}
+    return {
+        "in_channels": c,
+        "out_channels": c,
+        "kernel_size": k,
+        "stride": stride,
+        "padding": k // 2,
+        "groups": c,
+        "num_conv_branches": 2,
+    }
 
 
 # name -> (expected path, block kwargs, input shape, mode, fast-path options)
@@ -91,7 +98,13 @@ CASES = {
     "gram-expand": ("train_gram", _pointwise(16, 48), (2, 16, 12, 12), "train", {}),
     "depthwise-cpu": ("train_depthwise_cpu", _depthwise(16), (2, 16, 14, 14), "train", {}),
     "depthwise-cpu-s2": ("train_depthwise_cpu", _depthwise(16, stride=2), (2, 16, 15, 15), "train", {}),
-    "depthwise": ("train_depthwise", _depthwise(16), (2, 16, 14, 14), "train", {"cpu_kernel": False, "low_memory": True}),
+    "depthwise": (
+        "train_depthwise",
+        _depthwise(16),
+        (2, 16, 14, 14),
+        "train",
+        {"cpu_kernel": False, "low_memory": True},
+    ),
     "folded-pointwise": ("folded", _pointwise(64, 64), (2, 64, 10, 10), "eval-grad", {}),
     "folded-depthwise": ("folded", _depthwise(16), (2, 16, 14, 14), "eval-grad", {}),
     "folded-cpu": ("folded_cpu", _depthwise(16), (2, 16, 14, 14), "eval", {}),
@@ -119,8 +132,9 @@ def _prepare(models, mode):
     for model in models:
         model.train(mode == "train")
     if mode == "fused":
-        models = [mobileone_rs.reparameterize_model(models[0])] + [oracle.reparameterize_model(m)
-                                                                   for m in models[1:]]
+        models = [mobileone_rs.reparameterize_model(models[0])] + [
+            oracle.reparameterize_model(m) for m in models[1:]
+        ]
     return models
 
 

@@ -25,19 +25,65 @@ STEPS = 3
 # (name, constructor kwargs, input shape): every branch kind, the train paths (gram, depthwise
 # stride 1 and 2) and the module-only geometries (dense 3x3, grouped, dilated 5x5).
 CONFIGS = {
-    "depthwise-s1": ({"in_channels": 8, "out_channels": 8, "kernel_size": 3, "padding": 1, "groups": 8,
-                          "num_conv_branches": 3}, (2, 8, 7, 6)),
-    "depthwise-s2-se": ({"in_channels": 16, "out_channels": 16, "kernel_size": 3, "stride": 2, "padding": 1, "groups": 16,
-                             "num_conv_branches": 2, "use_se": True}, (2, 16, 9, 8)),
-    "pointwise-skip": ({"in_channels": 8, "out_channels": 8, "kernel_size": 1, "num_conv_branches": 2}, (2, 8, 5, 6)),
-    "pointwise-wider-se": ({"in_channels": 8, "out_channels": 16, "kernel_size": 1, "num_conv_branches": 3,
-                                "use_se": True}, (2, 8, 5, 5)),
-    "dense-3x3": ({"in_channels": 4, "out_channels": 6, "kernel_size": 3, "padding": 1, "num_conv_branches": 2},
-                  (2, 4, 6, 7)),
-    "grouped-3x3-skip": ({"in_channels": 8, "out_channels": 8, "kernel_size": 3, "padding": 1, "groups": 4,
-                              "num_conv_branches": 2}, (2, 8, 6, 6)),
-    "dilated-5x5-depthwise": ({"in_channels": 8, "out_channels": 8, "kernel_size": 5, "padding": 4, "dilation": 2, "groups": 8,
-                                   "num_conv_branches": 1}, (2, 8, 9, 9)),
+    "depthwise-s1": (
+        {
+            "in_channels": 8,
+            "out_channels": 8,
+            "kernel_size": 3,
+            "padding": 1,
+            "groups": 8,
+            "num_conv_branches": 3,
+        },
+        (2, 8, 7, 6),
+    ),
+    "depthwise-s2-se": (
+        {
+            "in_channels": 16,
+            "out_channels": 16,
+            "kernel_size": 3,
+            "stride": 2,
+            "padding": 1,
+            "groups": 16,
+            "num_conv_branches": 2,
+            "use_se": True,
+        },
+        (2, 16, 9, 8),
+    ),
+    "pointwise-skip": (
+        {"in_channels": 8, "out_channels": 8, "kernel_size": 1, "num_conv_branches": 2},
+        (2, 8, 5, 6),
+    ),
+    "pointwise-wider-se": (
+        {"in_channels": 8, "out_channels": 16, "kernel_size": 1, "num_conv_branches": 3, "use_se": True},
+        (2, 8, 5, 5),
+    ),
+    "dense-3x3": (
+        {"in_channels": 4, "out_channels": 6, "kernel_size": 3, "padding": 1, "num_conv_branches": 2},
+        (2, 4, 6, 7),
+    ),
+    "grouped-3x3-skip": (
+        {
+            "in_channels": 8,
+            "out_channels": 8,
+            "kernel_size": 3,
+            "padding": 1,
+            "groups": 4,
+            "num_conv_branches": 2,
+        },
+        (2, 8, 6, 6),
+    ),
+    "dilated-5x5-depthwise": (
+        {
+            "in_channels": 8,
+            "out_channels": 8,
+            "kernel_size": 5,
+            "padding": 4,
+            "dilation": 2,
+            "groups": 8,
+            "num_conv_branches": 1,
+        },
+        (2, 8, 9, 9),
+    ),
 }
 
 
@@ -115,7 +161,7 @@ def _buffers(model) -> dict:
 def _step(model, x, step, ctx, opt):
     """One step: forward, a fixed loss, backward (when grad is on), SGD. Returns what to compare."""
     x = x.detach().clone().requires_grad_(ctx is None)
-    with (ctx() if ctx else contextlib.nullcontext()):
+    with ctx() if ctx else contextlib.nullcontext():
         out = model(x)
         if ctx is None:
             opt.zero_grad()
@@ -140,8 +186,14 @@ def _compare(got: dict, expected: dict, where: str) -> None:
         assert have.shape == want.shape and have.dtype == want.dtype, f"{where} {key}"
         if want.dtype.is_floating_point:
             scale = max(want.abs().nan_to_num().max().item(), 1e-300) if want.numel() else 1.0
-            torch.testing.assert_close(have, want, rtol=0, atol=BOUND * scale, equal_nan=True,
-                                       msg=lambda m, k=key: f"{where} {k}: {m}")
+            torch.testing.assert_close(
+                have,
+                want,
+                rtol=0,
+                atol=BOUND * scale,
+                equal_nan=True,
+                msg=lambda m, k=key: f"{where} {k}: {m}",
+            )
         else:
             assert torch.equal(have, want), f"{where} {key}: {have} != {want}"
 
@@ -154,7 +206,9 @@ def _run(ours, reference, shape, perturbation, where):
     x = random_input(shape)
     if transform is not None:
         x = transform(x)
-    opts = [torch.optim.SGD([p for p in m.parameters() if p.requires_grad], lr=0.05) for m in (ours, reference)]
+    opts = [
+        torch.optim.SGD([p for p in m.parameters() if p.requires_grad], lr=0.05) for m in (ours, reference)
+    ]
     for step in range(STEPS):
         got = _step(ours, x, step, ctx, opts[0])
         expected = _step(reference, x, step, ctx, opts[1])

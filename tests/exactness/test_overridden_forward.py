@@ -80,32 +80,35 @@ def _check(ours, reference, shape, override, where):
     context, apply = OVERRIDES[override]
     if apply is not None:
         apply(ours), apply(reference)
-    with (context() if context else contextlib.nullcontext()):
+    with context() if context else contextlib.nullcontext():
         x = random_input(shape)
         assert ours.forward_path(x) == "module", f"{where}: {ours.forward_path(x, explain=True)}"
         _run(ours, reference, shape, "plain", where)
 
 
 @pytest.mark.parametrize("override", list(OVERRIDES))
-@pytest.mark.parametrize("config", ["depthwise-s1", "depthwise-s2-se", "pointwise-skip", "pointwise-wider-se"])
+@pytest.mark.parametrize(
+    "config", ["depthwise-s1", "depthwise-s2-se", "pointwise-skip", "pointwise-wider-se"]
+)
 def test_overridden_forward_runs_as_on_the_module_path(config, override):
     kwargs, shape = CONFIGS[config]
     context, _ = OVERRIDES[override]
-    with (context() if context else contextlib.nullcontext()):
+    with context() if context else contextlib.nullcontext():
         ours, reference = build_pair("MobileOneBlock", **kwargs)
     ours.train(), reference.train()
     _check(ours, reference, shape, override, config)
 
 
-@pytest.mark.parametrize("override", ["instance-relu-forward", "class-bn-forward", "functional-conv2d",
-                                      "qat-conv-swap"])
+@pytest.mark.parametrize(
+    "override", ["instance-relu-forward", "class-bn-forward", "functional-conv2d", "qat-conv-swap"]
+)
 @pytest.mark.parametrize("config", ["depthwise-s1", "pointwise-skip"])
 def test_overridden_forward_of_a_fused_block(config, override):
     from tests import oracle
 
     kwargs, shape = CONFIGS[config]
     context, _ = OVERRIDES[override]
-    with (context() if context else contextlib.nullcontext()):
+    with context() if context else contextlib.nullcontext():
         ours, reference = build_pair("MobileOneBlock", **kwargs)
         ours, reference = mobileone_rs.reparameterize_model(ours), oracle.reparameterize_model(reference)
     for p in reference.parameters():

@@ -13,7 +13,14 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from tests._util import SEED_STAGES
 
-DW = {"in_channels": 8, "out_channels": 8, "kernel_size": 3, "padding": 1, "groups": 8, "num_conv_branches": 2}
+DW = {
+    "in_channels": 8,
+    "out_channels": 8,
+    "kernel_size": 3,
+    "padding": 1,
+    "groups": 8,
+    "num_conv_branches": 2,
+}
 PW = {"in_channels": 8, "out_channels": 16, "kernel_size": 1, "num_conv_branches": 2}
 DENSE = {"in_channels": 8, "out_channels": 8, "kernel_size": 3, "padding": 1, "num_conv_branches": 2}
 
@@ -26,17 +33,20 @@ def _path(block, x=None, explain=False):
     return block.forward_path(_x() if x is None else x, explain=explain)
 
 
-@pytest.mark.parametrize("kwargs, train, no_grad, dtype, expected", [
-    (DW, True, False, torch.float32, "train_depthwise_cpu"),
-    (DW, True, True, torch.float64, "train_depthwise_cpu"),
-    (PW, True, False, torch.float32, "train_gram"),
-    (DW, False, False, torch.float32, "folded"),
-    (DW, False, True, torch.float32, "folded_cpu"),
-    (DW, False, True, torch.float64, "folded"),
-    (PW, False, True, torch.float32, "folded"),
-    (DENSE, False, True, torch.float32, "folded"),
-    (DENSE, True, False, torch.float32, "module"),
-])
+@pytest.mark.parametrize(
+    "kwargs, train, no_grad, dtype, expected",
+    [
+        (DW, True, False, torch.float32, "train_depthwise_cpu"),
+        (DW, True, True, torch.float64, "train_depthwise_cpu"),
+        (PW, True, False, torch.float32, "train_gram"),
+        (DW, False, False, torch.float32, "folded"),
+        (DW, False, True, torch.float32, "folded_cpu"),
+        (DW, False, True, torch.float64, "folded"),
+        (PW, False, True, torch.float32, "folded"),
+        (DENSE, False, True, torch.float32, "folded"),
+        (DENSE, True, False, torch.float32, "module"),
+    ],
+)
 def test_standard_states_take_their_paths(kwargs, train, no_grad, dtype, expected):
     block = mobileone_rs.MobileOneBlock(**kwargs).to(dtype).train(train)
     with torch.no_grad() if no_grad else torch.enable_grad():
@@ -83,21 +93,43 @@ def _frozen_all(block):
 STATES = {
     "some BNs frozen": (_frozen_some, "module", "some BNs train"),
     "every BN frozen": (_frozen_all, "folded", "eval mode"),
-    "untracked BN": (lambda b: setattr(b.rbr_skip, "track_running_stats", False), "module", "track_running_stats"),
+    "untracked BN": (
+        lambda b: setattr(b.rbr_skip, "track_running_stats", False),
+        "module",
+        "track_running_stats",
+    ),
     "cumulative momentum": (lambda b: setattr(b.rbr_skip, "momentum", None), "train_depthwise_cpu", ""),
     "tensor momentum": (lambda b: setattr(b.rbr_skip, "momentum", torch.tensor(0.1)), "module", "momentum"),
     "zero eps": (lambda b: setattr(b.rbr_conv[1].bn, "eps", 0.0), "module", "rbr_conv.1.bn.eps"),
     "hook on a BN": (lambda b: b.rbr_conv[0].bn.register_forward_hook(lambda *a: None), "module", "hooks"),
-    "hook on a conv": (lambda b: b.rbr_scale.conv.register_forward_pre_hook(lambda *a: None), "module", "hooks"),
-    "BN subclass": (lambda b: setattr(b.rbr_conv[0], "bn", type("Norm", (nn.BatchNorm2d,), {})(8)), "module",
-                    "not torch's nn.BatchNorm2d"),
-    "reflect padding": (lambda b: setattr(b.rbr_conv[0].conv, "padding_mode", "reflect"), "module", "padding_mode"),
-    "conv bias": (lambda b: setattr(b.rbr_conv[0].conv, "bias", nn.Parameter(torch.zeros(8))), "module", "bias"),
+    "hook on a conv": (
+        lambda b: b.rbr_scale.conv.register_forward_pre_hook(lambda *a: None),
+        "module",
+        "hooks",
+    ),
+    "BN subclass": (
+        lambda b: setattr(b.rbr_conv[0], "bn", type("Norm", (nn.BatchNorm2d,), {})(8)),
+        "module",
+        "not torch's nn.BatchNorm2d",
+    ),
+    "reflect padding": (
+        lambda b: setattr(b.rbr_conv[0].conv, "padding_mode", "reflect"),
+        "module",
+        "padding_mode",
+    ),
+    "conv bias": (
+        lambda b: setattr(b.rbr_conv[0].conv, "bias", nn.Parameter(torch.zeros(8))),
+        "module",
+        "bias",
+    ),
     "other activation": (lambda b: setattr(b, "activation", nn.SiLU()), "module", "activation"),
     "no skip": (lambda b: setattr(b, "rbr_skip", None), "module", "skip branch differs"),
     "running stats need grad": (lambda b: b.rbr_skip.running_var.requires_grad_(True), "module", "in place"),
-    "double BN stats": (lambda b: setattr(b.rbr_skip, "running_var", b.rbr_skip.running_var.double()), "module",
-                        "dtype"),
+    "double BN stats": (
+        lambda b: setattr(b.rbr_skip, "running_var", b.rbr_skip.running_var.double()),
+        "module",
+        "dtype",
+    ),
 }
 
 
@@ -123,7 +155,10 @@ def _under(context, observe):
 
 CALLS = {
     "autocast": (lambda: torch.autocast("cpu", dtype=torch.bfloat16), "autocast"),
-    "saved-tensor hooks": (lambda: torch.autograd.graph.saved_tensors_hooks(lambda t: t, lambda t: t), "saved"),
+    "saved-tensor hooks": (
+        lambda: torch.autograd.graph.saved_tensors_hooks(lambda t: t, lambda t: t),
+        "saved",
+    ),
     "forward AD": (lambda: torch.autograd.forward_ad.dual_level(), "forward-mode"),
     "dispatch mode": (lambda: _Counting(), "TorchDispatchMode"),
     "function mode": (lambda: torch.device("cpu"), "TorchFunctionMode"),
@@ -181,6 +216,9 @@ def test_the_seed_stages_take_fast_paths_in_every_block(mode):
                 # channels: there train_gram is expected slower and the cost rule refuses it.
                 blocks.append("slower" if "expected slower" in reason else name)
                 x = block(x)
-    expected = {"train": {"train_depthwise_cpu", "train_gram", "slower"}, "eval": {"folded_cpu", "folded"},
-                "fused": {"fused_cpu", "fused"}}[mode]
+    expected = {
+        "train": {"train_depthwise_cpu", "train_gram", "slower"},
+        "eval": {"folded_cpu", "folded"},
+        "fused": {"fused_cpu", "fused"},
+    }[mode]
     assert set(blocks) == expected, blocks

@@ -14,13 +14,21 @@ from tests import oracle
 from tests._util import build_pair, random_input
 
 BOUND = 1e-10
-DW = {"in_channels": 8, "out_channels": 8, "kernel_size": 3, "padding": 1, "groups": 8, "num_conv_branches": 3}
+DW = {
+    "in_channels": 8,
+    "out_channels": 8,
+    "kernel_size": 3,
+    "padding": 1,
+    "groups": 8,
+    "num_conv_branches": 3,
+}
 PW = {"in_channels": 8, "out_channels": 8, "kernel_size": 1, "num_conv_branches": 3}
 
 
 def _close(got, want, what):
-    torch.testing.assert_close(got, want, rtol=0, atol=BOUND * max(want.abs().max().item(), 1e-300),
-                               msg=lambda m: f"{what}: {m}")
+    torch.testing.assert_close(
+        got, want, rtol=0, atol=BOUND * max(want.abs().max().item(), 1e-300), msg=lambda m: f"{what}: {m}"
+    )
 
 
 @pytest.mark.parametrize("kwargs", [DW, PW], ids=["depthwise", "pointwise"])
@@ -76,33 +84,43 @@ def test_non_finite_inputs_give_the_reference_nan_inf_pattern_in_eval(kwargs, fu
     x[1, 5, 0, 0] = -value
     with torch.no_grad():
         got, want = ours(x), reference(x)
-    for have, expected, what in zip(_nonfinite_pattern(got), _nonfinite_pattern(want), ("NaN", "+inf", "-inf")):
+    for have, expected, what in zip(
+        _nonfinite_pattern(got), _nonfinite_pattern(want), ("NaN", "+inf", "-inf")
+    ):
         assert torch.equal(have, expected), f"{what} positions differ from the reference's"
     finite = torch.isfinite(want)
     bound = 1e-10 if dtype == torch.float64 else 1e-4
-    torch.testing.assert_close(got[finite], want[finite], rtol=0, atol=bound * want[finite].abs().max().item())
+    torch.testing.assert_close(
+        got[finite], want[finite], rtol=0, atol=bound * want[finite].abs().max().item()
+    )
 
 
-@pytest.mark.parametrize("args, name", [
-    ((256, 256, 10, 4, "Flase", 1), "use_se"),  # a yaml typo: the row [256, 10, 4, Flase, 1]
-    ((16, 32, 2, 4, 1, 0), "use_se"),
-    ((16, 32, 2.0, 4), "num_blocks_per_stage"),
-    ((16, 32, True, 4), "num_blocks_per_stage"),
-    ((16, 32, 2, 4, False, 0, "no"), "inference_mode"),
-])
+@pytest.mark.parametrize(
+    "args, name",
+    [
+        ((256, 256, 10, 4, "Flase", 1), "use_se"),  # a yaml typo: the row [256, 10, 4, Flase, 1]
+        ((16, 32, 2, 4, 1, 0), "use_se"),
+        ((16, 32, 2.0, 4), "num_blocks_per_stage"),
+        ((16, 32, True, 4), "num_blocks_per_stage"),
+        ((16, 32, 2, 4, False, 0, "no"), "inference_mode"),
+    ],
+)
 def test_stage_arguments_of_the_wrong_type_are_refused_by_name(args, name):
     with pytest.raises(mobileone_rs.ArgumentTypeError, match=name) as raised:
         mobileone_rs.MobileOne(*args)
     assert isinstance(raised.value, mobileone_rs.ConfigError) and isinstance(raised.value, TypeError)
 
 
-@pytest.mark.parametrize("kwargs, name", [
-    ({"use_se": "False"}, "use_se"),
-    ({"use_se": 1}, "use_se"),
-    ({"kernel_size": 3.0}, "kernel_size"),
-    ({"groups": True}, "groups"),
-    ({"inference_mode": None}, "inference_mode"),
-])
+@pytest.mark.parametrize(
+    "kwargs, name",
+    [
+        ({"use_se": "False"}, "use_se"),
+        ({"use_se": 1}, "use_se"),
+        ({"kernel_size": 3.0}, "kernel_size"),
+        ({"groups": True}, "groups"),
+        ({"inference_mode": None}, "inference_mode"),
+    ],
+)
 def test_block_arguments_of_the_wrong_type_are_refused_by_name(kwargs, name):
     with pytest.raises(mobileone_rs.ArgumentTypeError, match=name):
         mobileone_rs.MobileOneBlock(**{**DW, **kwargs})

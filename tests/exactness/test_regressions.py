@@ -21,7 +21,14 @@ from tests import oracle
 from tests._util import TOLERANCE, assert_close, build_pair, random_input
 
 F64 = TOLERANCE[torch.float64]
-DEPTHWISE = {"in_channels": 8, "out_channels": 8, "kernel_size": 3, "padding": 1, "groups": 8, "num_conv_branches": 3}
+DEPTHWISE = {
+    "in_channels": 8,
+    "out_channels": 8,
+    "kernel_size": 3,
+    "padding": 1,
+    "groups": 8,
+    "num_conv_branches": 3,
+}
 DEPTHWISE_S2 = dict(DEPTHWISE, stride=2)
 POINTWISE = {"in_channels": 8, "out_channels": 8, "kernel_size": 1, "num_conv_branches": 2}
 SRC = Path(__file__).resolve().parents[2] / "src"
@@ -35,8 +42,14 @@ def _assert_same_buffers(ours, reference, what=""):
     got, expected = dict(ours.named_buffers()), dict(reference.named_buffers())
     assert got.keys() == expected.keys()
     for key, want in expected.items():
-        torch.testing.assert_close(got[key], want, rtol=0, atol=F64 * max(1.0, want.abs().nan_to_num().max().item())
-                                   if want.is_floating_point() else 0, equal_nan=True, msg=f"{what} {key}")
+        torch.testing.assert_close(
+            got[key],
+            want,
+            rtol=0,
+            atol=F64 * max(1.0, want.abs().nan_to_num().max().item()) if want.is_floating_point() else 0,
+            equal_nan=True,
+            msg=f"{what} {key}",
+        )
 
 
 def _step(model, x, seed=2):
@@ -45,8 +58,11 @@ def _step(model, x, seed=2):
     x = x.detach().clone().requires_grad_(True)
     out = model(x)
     (out * random_input(out.shape, out.dtype, seed)).sum().backward()
-    return {"output": out.detach(), "input.grad": x.grad,
-            **{f"{name}.grad": p.grad for name, p in model.named_parameters()}}
+    return {
+        "output": out.detach(),
+        "input.grad": x.grad,
+        **{f"{name}.grad": p.grad for name, p in model.named_parameters()},
+    }
 
 
 def _assert_same_step(ours, reference, x, what):
@@ -65,6 +81,7 @@ def _no_panic(error: BaseException) -> None:
 
 
 # 1 ---------------------------------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("kwargs", [DEPTHWISE, DEPTHWISE_S2, POINTWISE], ids=["dw", "dw-s2", "pw"])
 def test_frozen_bn_in_a_training_model(kwargs):
@@ -94,6 +111,7 @@ def test_eval_model_with_some_bns_training(kwargs):
 
 # 2 ---------------------------------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("kwargs", [DEPTHWISE, POINTWISE], ids=["dw", "pw"])
 def test_untracked_bn_keeps_its_buffers(kwargs):
     ours, reference = build_pair("MobileOneBlock", **kwargs)
@@ -107,6 +125,7 @@ def test_untracked_bn_keeps_its_buffers(kwargs):
 
 
 # 3 ---------------------------------------------------------------------------------------------
+
 
 def _outcome(model, x):
     try:
@@ -132,6 +151,7 @@ def test_one_value_per_channel_per_bn(kwargs, shape):
 
 # 4 ---------------------------------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("grad_mode", [torch.enable_grad, torch.no_grad], ids=["grad", "no-grad"])
 @pytest.mark.parametrize("fused", [False, True], ids=["eval", "fused"])
 def test_forward_ad_through_depthwise_float32(fused, grad_mode):
@@ -153,6 +173,7 @@ def test_forward_ad_through_depthwise_float32(fused, grad_mode):
 
 # 5 ---------------------------------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("low", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
 @pytest.mark.parametrize("train", [True, False], ids=["train", "eval"])
 def test_cpu_autocast_output_dtype(low, train):
@@ -171,6 +192,7 @@ def test_cpu_autocast_output_dtype(low, train):
 
 # 6 ---------------------------------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("kwargs", [DEPTHWISE, POINTWISE], ids=["dw", "pw"])
 def test_nan_input_reaches_the_statistics_as_in_the_seed(kwargs):
     ours, reference = build_pair("MobileOneBlock", **kwargs)
@@ -179,8 +201,9 @@ def test_nan_input_reaches_the_statistics_as_in_the_seed(kwargs):
     x[0, 3, 2, 2] = float("nan")
     with torch.no_grad():
         got, expected = ours(x), reference(x)
-    torch.testing.assert_close(got, expected, rtol=0, atol=F64 * expected.abs().nan_to_num().max().item(),
-                               equal_nan=True)
+    torch.testing.assert_close(
+        got, expected, rtol=0, atol=F64 * expected.abs().nan_to_num().max().item(), equal_nan=True
+    )
     _assert_same_buffers(ours, reference, "NaN input")
     skip = ours.rbr_skip.running_var
     assert skip[3].isnan() and not skip[torch.arange(8) != 3].isnan().any()
@@ -190,8 +213,10 @@ def test_nan_input_reaches_the_statistics_as_in_the_seed(kwargs):
 
 EDITS = {
     "branch padding_mode": lambda m: setattr(m.rbr_conv[1].conv, "padding_mode", "reflect"),
-    "branch dilation": lambda m: (setattr(m.rbr_conv[0].conv, "dilation", (2, 2)),
-                                  setattr(m.rbr_conv[0].conv, "padding", (2, 2))),
+    "branch dilation": lambda m: (
+        setattr(m.rbr_conv[0].conv, "dilation", (2, 2)),
+        setattr(m.rbr_conv[0].conv, "padding", (2, 2)),
+    ),
     "scale padding": lambda m: setattr(m.rbr_scale.conv, "padding", (1, 1)),
 }
 
@@ -235,8 +260,12 @@ def test_reparam_conv_attributes_edited_in_place(edit):
 # 8 ---------------------------------------------------------------------------------------------
 
 SHAPE_EDITS = {
-    "branch conv": lambda m: setattr(m.rbr_conv[0].conv, "weight", nn.Parameter(torch.randn(8, 1, 5, 5).double())),
-    "scale conv": lambda m: setattr(m.rbr_scale.conv, "weight", nn.Parameter(torch.randn(8, 2, 1, 1).double())),
+    "branch conv": lambda m: setattr(
+        m.rbr_conv[0].conv, "weight", nn.Parameter(torch.randn(8, 1, 5, 5).double())
+    ),
+    "scale conv": lambda m: setattr(
+        m.rbr_scale.conv, "weight", nn.Parameter(torch.randn(8, 2, 1, 1).double())
+    ),
     "bn weight": lambda m: setattr(m.rbr_conv[1].bn, "weight", nn.Parameter(torch.randn(3).double())),
 }
 
@@ -273,6 +302,7 @@ def test_wrong_shaped_reparam_conv():
 
 # 9 ---------------------------------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("state", ["train", "eval", "fused"])
 @pytest.mark.parametrize("kwargs", [DEPTHWISE, POINTWISE], ids=["dw", "pw"])
 def test_empty_batch(kwargs, state):
@@ -290,6 +320,7 @@ def test_empty_batch(kwargs, state):
 
 # 10 --------------------------------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("kwargs", [DEPTHWISE, POINTWISE], ids=["dw", "pw"])
 def test_zero_eps_raises_in_training_as_in_the_seed(kwargs):
     ours, reference = build_pair("MobileOneBlock", **kwargs)
@@ -305,6 +336,7 @@ def test_zero_eps_raises_in_training_as_in_the_seed(kwargs):
 
 # 11 --------------------------------------------------------------------------------------------
 
+
 def test_block_built_under_inference_mode_then_trained():
     with torch.inference_mode():
         ours = mobileone_rs.MobileOneBlock(**DEPTHWISE)
@@ -314,9 +346,15 @@ def test_block_built_under_inference_mode_then_trained():
     assert type(got) is type(expected) and str(got) == str(expected), (got, expected)
 
 
-@pytest.mark.parametrize("kwargs", [DEPTHWISE, POINTWISE,
-                                    {"in_channels": 8, "out_channels": 8, "kernel_size": 3, "padding": 1, "groups": 4}],
-                         ids=["dw", "pw", "grouped"])
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        DEPTHWISE,
+        POINTWISE,
+        {"in_channels": 8, "out_channels": 8, "kernel_size": 3, "padding": 1, "groups": 4},
+    ],
+    ids=["dw", "pw", "grouped"],
+)
 def test_func_grad_through_a_training_block(kwargs):
     ours, reference = build_pair("MobileOneBlock", **kwargs)
     x = random_input((2, 8, 7, 6))
@@ -324,11 +362,14 @@ def test_func_grad_through_a_training_block(kwargs):
     def loss(model):
         def f(params, buffers, x):
             return torch.func.functional_call(model, (params, buffers), (x,)).square().sum()
+
         return f
 
     # Buffers captured from outside: the reference's BN mutates them, which torch.func refuses.
-    errors = [_error_of(lambda m=m: torch.func.grad(loss(m))(dict(m.named_parameters()), {}, x))
-              for m in (ours, reference)]
+    errors = [
+        _error_of(lambda m=m: torch.func.grad(loss(m))(dict(m.named_parameters()), {}, x))
+        for m in (ours, reference)
+    ]
     assert type(errors[0]) is type(errors[1]) and str(errors[0]) == str(errors[1]), errors
     # Buffers passed in, the functorch idiom: both train, with equal gradients and statistics.
     results = []
@@ -350,6 +391,7 @@ def test_expanded_running_mean():
 
 # 12 --------------------------------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("grad_mode", [torch.enable_grad, torch.no_grad], ids=["grad", "no-grad"])
 @pytest.mark.parametrize("fused", [False, True], ids=["eval", "fused"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["f32", "f64"])
@@ -366,6 +408,7 @@ def test_vmap_over_an_eval_block(fused, dtype, grad_mode):
 
 # 13 --------------------------------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("train", [True, False], ids=["train", "eval"])
 @pytest.mark.parametrize("kwargs", [DEPTHWISE, DEPTHWISE_S2, POINTWISE], ids=["dw", "dw-s2", "pw"])
 def test_non_reentrant_checkpoint(kwargs, train):
@@ -376,14 +419,16 @@ def test_non_reentrant_checkpoint(kwargs, train):
         x = random_input((2, 8, 7, 6)).requires_grad_(True)
         out = torch.utils.checkpoint.checkpoint(model, x, use_reentrant=False)
         (out * random_input(out.shape, seed=3)).sum().backward()
-        results.append({"output": out.detach(), "input.grad": x.grad,
-                        **{n: p.grad for n, p in model.named_parameters()}})
+        results.append(
+            {"output": out.detach(), "input.grad": x.grad, **{n: p.grad for n, p in model.named_parameters()}}
+        )
     for key, value in results[1].items():
         assert_close(results[0][key], value, F64, key)
     _assert_same_buffers(ours, reference, "checkpoint")
 
 
 # 14 --------------------------------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("kwargs", [DEPTHWISE, DEPTHWISE_S2, POINTWISE], ids=["dw", "dw-s2", "pw"])
 def test_double_backward_in_training(kwargs):
@@ -394,7 +439,9 @@ def test_double_backward_in_training(kwargs):
         x = random_input((2, 8, 7, 6)).requires_grad_(True)
         out = model(x)
         params = [p for p in model.parameters()]
-        first = torch.autograd.grad((out * random_input(out.shape, seed=3)).sum(), [x, *params], create_graph=True)
+        first = torch.autograd.grad(
+            (out * random_input(out.shape, seed=3)).sum(), [x, *params], create_graph=True
+        )
         penalty = sum(g.square().sum() for g in first)
         penalty.backward()
         results.append({"x.grad": x.grad, **{n: p.grad for n, p in model.named_parameters()}})
@@ -403,6 +450,7 @@ def test_double_backward_in_training(kwargs):
 
 
 # 15 --------------------------------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("train", [True, False], ids=["train", "eval"])
 def test_fx_symbolic_trace_and_feature_extraction(train):
@@ -432,6 +480,7 @@ def test_jit_trace_of_a_training_block():
 
 # 16 --------------------------------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("state", ["train", "eval", "fused"])
 def test_misaligned_input_memory(state):
     ours, reference = build_pair("MobileOneBlock", dtype=torch.float32, **DEPTHWISE)
@@ -458,16 +507,30 @@ def test_backward_with_a_grad_the_kernel_cannot_read():
     plan = _plan_of(block, x)
     assert plan.name == "train_depthwise_cpu"
     out, saved = plan.train_forward(x)
-    for grad in (torch.zeros(2, 8, 7, 6, device="meta", dtype=torch.float64), torch.zeros(3, 8, 7, 6).double(),
-                 torch.zeros(2, 8, 7, 6, dtype=torch.float32)):
+    for grad in (
+        torch.zeros(2, 8, 7, 6, device="meta", dtype=torch.float64),
+        torch.zeros(3, 8, 7, 6).double(),
+        torch.zeros(2, 8, 7, 6, dtype=torch.float32),
+    ):
         assert plan.train_backward(grad, x, saved) is None
     garbage = [torch.zeros(1)] * len(saved)
     assert plan.train_backward(torch.zeros_like(out), x, garbage) is None
 
 
-@pytest.mark.parametrize("field, value", [("stride", 0), ("kernel_size", 0), ("dilation", 0),
-                                          ("num_conv_branches", 0), ("in_channels", -1), ("groups", 10**30),
-                                          ("use_se", "False"), ("padding", 1.0), ("stride", True)])
+@pytest.mark.parametrize(
+    "field, value",
+    [
+        ("stride", 0),
+        ("kernel_size", 0),
+        ("dilation", 0),
+        ("num_conv_branches", 0),
+        ("in_channels", -1),
+        ("groups", 10**30),
+        ("use_se", "False"),
+        ("padding", 1.0),
+        ("stride", True),
+    ],
+)
 def test_native_spec_extraction_validates(field, value):
     fields = {**mobileone_rs.MobileOneBlock(**DEPTHWISE).spec.as_dict(), field: value}
     with pytest.raises(mobileone_rs.ConfigError, match=field):
@@ -480,8 +543,11 @@ def test_a_plan_runs_only_the_input_and_path_it_was_made_for():
     plan = _plan_of(block, x)
     with pytest.raises(mobileone_rs.ConfigError, match="size"):
         plan.run(random_input((2, 8, 9, 6), torch.float32))
-    for call in (lambda: plan.train_forward(x), lambda: plan.parameters(),
-                 lambda: plan.train_backward(x, x, [])):
+    for call in (
+        lambda: plan.train_forward(x),
+        lambda: plan.parameters(),
+        lambda: plan.train_backward(x, x, []),
+    ):
         with pytest.raises(mobileone_rs.ConfigError, match="not a training path"):
             call()
 
@@ -497,7 +563,7 @@ def test_unsafe_code_states_its_invariants():
     assert '#[cfg(target_os = "linux")]' in threads and "libc::RTLD_NOLOAD" in threads
     assert not re.search(r"const RTLD_\w+", threads)
     simd = (SRC / "cpu" / "simd.rs").read_text()
-    avx = simd[simd.index("mod avx"):]
+    avx = simd[simd.index("mod avx") :]
     assert not re.search(r"\n    pub fn \w+", avx), "an AVX2 kernel is callable from safe code"
 
 
@@ -514,15 +580,21 @@ def test_no_panic_from_any_native_entry_on_garbage():
         lambda: _native.plan(x, {}, env),
         lambda: _native.plan(x, state, {"fast": 1}),
         lambda: _native.plan(x, {**state, "spec": (8, 8, 3)}, env),
-        lambda: _native.plan(x, {**state, "body": {"kind": "branches", "convs": [1], "scale": None,
-                                                   "skip": None}}, env),
+        lambda: _native.plan(
+            x, {**state, "body": {"kind": "branches", "convs": [1], "scale": None, "skip": None}}, env
+        ),
         lambda: _native.plan(x, {**state, "body": {"kind": "fused", "conv": {"weight": x}}}, env),
         lambda: _native.plan(x, {**state, "body": {"kind": "nope"}}, env),
         lambda: _native.se_forward(x, {"kind": "se", "reduce": 1, "expand": 2, "plain": True}, 8, env),
         lambda: _native.se_forward(nested, {"kind": "none", "plain": True}, 8, env),
         lambda: _native.fuse_block(spec, [], None, None),
-        lambda: _native.fuse_block(spec, [{"weight": x, "bn": {"weight": x, "bias": x, "running_mean": x,
-                                                              "running_var": x, "eps": 1e-5}}] * 3, None, None),
+        lambda: _native.fuse_block(
+            spec,
+            [{"weight": x, "bn": {"weight": x, "bias": x, "running_mean": x, "running_var": x, "eps": 1e-5}}]
+            * 3,
+            None,
+            None,
+        ),
         lambda: _native.fuse_block(spec, [{"weight": x}], None, None),
         lambda: eval_plan.run(nested),
         lambda: eval_plan.activate(nested),

@@ -29,7 +29,18 @@ def test_a_module_cycle_is_found():
 @pytest.mark.slow  # mypy loads torch's stubs: ~40 s
 def test_native_module_matches_its_stub():
     pytest.importorskip("mypy")
-    run = subprocess.run([sys.executable, "-m", "mypy.stubtest", "mobileone_rs._native",
-                          "--allowlist", str(ROOT / "tools" / "stubtest-allowlist.txt")],
-                         check=False, capture_output=True, text=True, cwd=ROOT)
+    run = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "mypy.stubtest",
+            "mobileone_rs._native",
+            "--allowlist",
+            str(ROOT / "tools" / "stubtest-allowlist.txt"),
+        ],
+        check=False,
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+    )
     assert run.returncode == 0, run.stdout + run.stderr

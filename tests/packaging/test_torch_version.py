@@ -29,7 +29,10 @@ def table() -> dict[str, str]:
 
 def import_under(version: str) -> subprocess.CompletedProcess:
     return subprocess.run(
-        [sys.executable, "-c", PROBE.format(version=version)], check=False, capture_output=True, text=True,
+        [sys.executable, "-c", PROBE.format(version=version)],
+        check=False,
+        capture_output=True,
+        text=True,
         timeout=300,
     )
 

@@ -74,15 +74,20 @@ def to_mmpretrain(apple: dict) -> dict:
 
 def to_timm(apple: dict) -> dict:
     """An Apple-named state dict as timm's ByobNet names it."""
-    parts = ((".rbr_conv.", ".conv_kxk."), (".rbr_scale.", ".conv_scale."), (".rbr_skip.", ".identity."),
-             (".se.reduce.", ".attn.fc1."), (".se.expand.", ".attn.fc2."))
+    parts = (
+        (".rbr_conv.", ".conv_kxk."),
+        (".rbr_scale.", ".conv_scale."),
+        (".rbr_skip.", ".identity."),
+        (".se.reduce.", ".attn.fc1."),
+        (".se.expand.", ".attn.fc2."),
+    )
     out = {}
     for key, value in apple.items():
         if key.startswith("linear."):
             out["head.fc." + key.split(".", 1)[1]] = value
             continue
         stage, rest = key.split(".", 1)
-        k = int(stage[len("stage"):])
+        k = int(stage[len("stage") :])
         prefix = "stem" if k == 0 else f"stages.{k - 1}"
         key = f"{prefix}.{rest}"
         for old, new in parts:

@@ -48,28 +48,54 @@ def _zip_of_text(path: Path) -> None:
 
 # (file name, how to make it, what the message says after "NAME: ")
 FILES = {
-    "truncated-safetensors": ("model.safetensors", lambda s, p: _safetensors(s, p, 0.5),
-                              "not a readable .safetensors file"),
-    "header-only-safetensors": ("model.safetensors", lambda s, p: _safetensors(s, p, 0.00001),
-                                "not a readable .safetensors file"),
-    "saved-link": ("mobileone_s0_unfused.pth.tar",
-                   lambda s, p: p.write_text("https://docs-assets.developer.apple.com/s0.pth.tar\n"),
-                   "a text file starting 'https://docs-assets"),
-    "error-page": ("pytorch_model.bin", lambda s, p: p.write_text("<!DOCTYPE html><html>404</html>"),
-                   "a text file starting '<!DOCTYPE html>"),
+    "truncated-safetensors": (
+        "model.safetensors",
+        lambda s, p: _safetensors(s, p, 0.5),
+        "not a readable .safetensors file",
+    ),
+    "header-only-safetensors": (
+        "model.safetensors",
+        lambda s, p: _safetensors(s, p, 0.00001),
+        "not a readable .safetensors file",
+    ),
+    "saved-link": (
+        "mobileone_s0_unfused.pth.tar",
+        lambda s, p: p.write_text("https://docs-assets.developer.apple.com/s0.pth.tar\n"),
+        "a text file starting 'https://docs-assets",
+    ),
+    "error-page": (
+        "pytorch_model.bin",
+        lambda s, p: p.write_text("<!DOCTYPE html><html>404</html>"),
+        "a text file starting '<!DOCTYPE html>",
+    ),
     "empty": ("model.pth", lambda s, p: p.write_bytes(b""), "the file is empty (0 bytes"),
     "folder": ("model.pth", lambda s, p: p.mkdir(), "is a folder, not a checkpoint file"),
-    "zip-not-torch": ("model.pth", lambda s, p: _zip_of_text(p),
-                      "not a readable torch checkpoint (RuntimeError"),
+    "zip-not-torch": (
+        "model.pth",
+        lambda s, p: _zip_of_text(p),
+        "not a readable torch checkpoint (RuntimeError",
+    ),
     "truncated-torch": ("model.pth", lambda s, p: _torch_zip(s, p, 0.5), "not a readable torch checkpoint ("),
-    "random-bytes": ("model.pth", lambda s, p: p.write_bytes(bytes(range(256)) * 4),
-                     "not a readable torch checkpoint ("),
-    "plain-pickle": ("model.pkl", lambda s, p: p.write_bytes(pickle.dumps({"a": 1})),
-                     "not a readable torch checkpoint ("),
-    "list": ("model.pth", lambda s, p: torch.save([torch.zeros(1)], p),
-             "expected a state dict (a mapping of tensors), got list"),
-    "string": ("model.pth", lambda s, p: torch.save("weights", p),
-               "expected a state dict (a mapping of tensors), got str"),
+    "random-bytes": (
+        "model.pth",
+        lambda s, p: p.write_bytes(bytes(range(256)) * 4),
+        "not a readable torch checkpoint (",
+    ),
+    "plain-pickle": (
+        "model.pkl",
+        lambda s, p: p.write_bytes(pickle.dumps({"a": 1})),
+        "not a readable torch checkpoint (",
+    ),
+    "list": (
+        "model.pth",
+        lambda s, p: torch.save([torch.zeros(1)], p),
+        "expected a state dict (a mapping of tensors), got list",
+    ),
+    "string": (
+        "model.pth",
+        lambda s, p: torch.save("weights", p),
+        "expected a state dict (a mapping of tensors), got str",
+    ),
 }
 
 
@@ -108,8 +134,17 @@ def test_safetensors_is_an_optional_extra():
 def test_the_pretrained_command_reports_an_interrupted_download_in_one_line(state, tmp_path):
     path = tmp_path / "model.safetensors"
     _safetensors(state, path, 0.5)
-    command = [sys.executable, "-m", "mobileone_rs.pretrained", "--weights", str(path),
-               "--cfg", YAML_NAMES["s0"], "--out", str(tmp_path / "init.pt")]
+    command = [
+        sys.executable,
+        "-m",
+        "mobileone_rs.pretrained",
+        "--weights",
+        str(path),
+        "--cfg",
+        YAML_NAMES["s0"],
+        "--out",
+        str(tmp_path / "init.pt"),
+    ]
     result = subprocess.run(command, capture_output=True, text=True, env=ONE_THREAD, timeout=300, check=False)
     assert result.returncode == 2
     assert result.stderr.startswith(f"error: {path}: not a readable .safetensors file (")

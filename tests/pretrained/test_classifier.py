@@ -45,14 +45,19 @@ def test_variant_table_is_apples(variant):
 def test_apple_names_and_parameter_count(variant):
     model = mobileone_rs.mobileone(variant)
     keys = list(model.state_dict())
-    assert keys[0].startswith("stage0.rbr_conv.0.conv.weight") and keys[-2:] == ["linear.weight", "linear.bias"]
+    assert keys[0].startswith("stage0.rbr_conv.0.conv.weight") and keys[-2:] == [
+        "linear.weight",
+        "linear.bias",
+    ]
     assert "stage1.0.rbr_conv.0.conv.weight" in keys and not any(".stage." in k for k in keys)
     assert ("stage4.1.se.reduce.weight" in keys) == (variant == "s4")
     reference = timm.create_model(f"mobileone_{variant}", pretrained=False)
     assert sum(p.numel() for p in model.parameters()) == sum(p.numel() for p in reference.parameters())
     fused = mobileone_rs.mobileone(variant, inference_mode=True, num_classes=10)
-    assert all(k.endswith(("reparam_conv.weight", "reparam_conv.bias")) or ".se." in k or k.startswith("linear.")
-               for k in fused.state_dict())
+    assert all(
+        k.endswith(("reparam_conv.weight", "reparam_conv.bias")) or ".se." in k or k.startswith("linear.")
+        for k in fused.state_dict()
+    )
     assert fused.linear.out_features == 10
 
 
@@ -76,7 +81,9 @@ def test_converted_timm_weights_give_timms_logits_unfused_and_fused(variant):
         assert rel_err(fused(x), expected) <= F64
         for got, want in zip(ours.forward_features(x), timm_features(reference, x)):
             assert rel_err(got, want) <= F64
-    assert all(hasattr(m, "reparam_conv") for m in fused.modules() if isinstance(m, mobileone_rs.MobileOneBlock))
+    assert all(
+        hasattr(m, "reparam_conv") for m in fused.modules() if isinstance(m, mobileone_rs.MobileOneBlock)
+    )
 
 
 @pytest.mark.parametrize("variant", VARIANTS)
@@ -129,4 +136,6 @@ def test_training_step_matches_timm(variant):
     our_grads = to_timm(our_grads)
     noise = max(rel_err(shuffled_grads[k], g) for k, g in timm_grads.items())
     worst = max((rel_err(our_grads[k], g), k) for k, g in timm_grads.items())
-    assert worst[0] <= max(F64, 10 * noise), f"{worst[1]}: {worst[0]:.2e} (timm's own order noise {noise:.2e})"
+    assert worst[0] <= max(F64, 10 * noise), (
+        f"{worst[1]}: {worst[0]:.2e} (timm's own order noise {noise:.2e})"
+    )

@@ -56,7 +56,9 @@ def test_init_checkpoint_holds_the_backbone_under_yolov9_names(timm_s0_file, tmp
     assert f"Transferred {len(state)}/" in lines[-1] and "nothing else dropped" in lines[-1]
     # every tensor is the timm checkpoint's, renamed: model.1 <- stem, model.{k+2}.stage <- stages.k
     timm_state = torch.load(timm_s0_file, weights_only=True)
-    apple = {k: v for k, v in mobileone_rs.convert_checkpoint(timm_state).items() if not k.startswith("linear.")}
+    apple = {
+        k: v for k, v in mobileone_rs.convert_checkpoint(timm_state).items() if not k.startswith("linear.")
+    }
     assert to_timm(apple).keys() <= timm_state.keys()
     for key, value in state.items():
         layer, rest = re.fullmatch(r"model\.(\d)\.(?:stage\.)?(.+)", key).groups()
@@ -70,7 +72,9 @@ def test_fused_checkpoint_is_refused_for_training(tmp_path):
 
     fused = reparameterize_model(timm_model("s1", dtype=torch.float32))
     torch.save({"state_dict": fused.state_dict()}, tmp_path / "fused.pth")
-    result = run_cli("--weights", tmp_path / "fused.pth", "--cfg", YAML_NAMES["s1"], "--out", tmp_path / "x.pt")
+    result = run_cli(
+        "--weights", tmp_path / "fused.pth", "--cfg", YAML_NAMES["s1"], "--out", tmp_path / "x.pt"
+    )
     assert result.returncode == 2
     assert "fused (inference)" in result.stdout
     assert "cannot initialize training" in result.stderr and "mobileone_s1_unfused.pth.tar" in result.stderr
@@ -82,7 +86,10 @@ def test_yaml_of_another_variant_is_refused(timm_s0_file, tmp_path):
     for cfg in (YAML_NAMES["s1"], SEED_YAML):
         result = run_cli("--weights", timm_s0_file, "--cfg", cfg, "--out", tmp_path / "x.pt")
         assert result.returncode == 2
-        assert "backbone is not MobileOne-S0's" in result.stderr and "yolov9-c-mobileone-s0.yaml" in result.stderr
+        assert (
+            "backbone is not MobileOne-S0's" in result.stderr
+            and "yolov9-c-mobileone-s0.yaml" in result.stderr
+        )
 
 
 def test_foreign_checkpoint_is_refused_with_its_keys(tmp_path):
@@ -122,9 +129,23 @@ def test_train_dual_starts_from_the_init_checkpoint(timm_s0_file, tmp_path):
     env = h.script_env(copy.parent, tmp_path / "config")
     runs = tmp_path / "runs"
     hyp = copy / "data" / "hyps" / "hyp.scratch-high.yaml"
-    train = h.cli(copy / "train_dual.py", weights=init, cfg=cfg, data=data, hyp=hyp, epochs=1, batch_size=2,
-                  workers=0, img=64, device="cpu", noplots=True, exist_ok=True, project=runs, name="ft",
-                  freeze=6)
+    train = h.cli(
+        copy / "train_dual.py",
+        weights=init,
+        cfg=cfg,
+        data=data,
+        hyp=hyp,
+        epochs=1,
+        batch_size=2,
+        workers=0,
+        img=64,
+        device="cpu",
+        noplots=True,
+        exist_ok=True,
+        project=runs,
+        name="ft",
+        freeze=6,
+    )
     result = h.run_python(train, cwd=tmp_path, env=env)
     log = result.stdout + result.stderr
     transferred = re.search(r"Transferred (\d+)/(\d+) items", log)

@@ -37,7 +37,11 @@ def test_every_schema_round_trips(variant, fused):
         converted = convert_checkpoint(state)
         assert_same_tensors(converted, apple)
         assert (converted.source, converted.fused, converted.variant, converted.num_classes) == (
-            source, fused, variant, 1000), source
+            source,
+            fused,
+            variant,
+            1000,
+        ), source
         assert convert_checkpoint(state, source=source).source == source
 
 
@@ -140,10 +144,21 @@ def test_unmappable_keys_are_listed_not_dropped():
         ({}, "auto", "the state dict is empty"),
         ({"epoch": 3, "optimizer": {}}, "auto", "no 'state_dict' or 'model' entry"),
         ([torch.zeros(1)], "auto", "expected a state dict"),
-        ({"module.stage0.rbr_skip.weight": torch.zeros(1), "stage0.rbr_skip.weight": torch.zeros(1)}, "auto",
-         "two tensors are named"),
+        (
+            {"module.stage0.rbr_skip.weight": torch.zeros(1), "stage0.rbr_skip.weight": torch.zeros(1)},
+            "auto",
+            "two tensors are named",
+        ),
     ],
-    ids=["ambiguous", "wrong-source", "unknown-source", "empty", "no-state-dict", "not-a-mapping", "duplicate"],
+    ids=[
+        "ambiguous",
+        "wrong-source",
+        "unknown-source",
+        "empty",
+        "no-state-dict",
+        "not-a-mapping",
+        "duplicate",
+    ],
 )
 def test_errors(obj, source, message):
     with pytest.raises(CheckpointError, match=message):
@@ -153,7 +168,9 @@ def test_errors(obj, source, message):
 def test_unreadable_files(tmp_path):
     with pytest.raises(CheckpointError, match="no such file"):
         convert_checkpoint(tmp_path / "missing.pth.tar")
-    torch.save({"state_dict": mobileone_rs.mobileone("s1").state_dict(), "cfg": _Opaque()}, tmp_path / "p.pth")
+    torch.save(
+        {"state_dict": mobileone_rs.mobileone("s1").state_dict(), "cfg": _Opaque()}, tmp_path / "p.pth"
+    )
     with pytest.raises(CheckpointError, match="weights_only=True.*--trust-pickle"):
         convert_checkpoint(tmp_path / "p.pth")
     from mobileone_rs.checkpoints import load_checkpoint

@@ -9,7 +9,10 @@ from mobileone_rs.backbone import VARIANTS
 
 
 def test_demo_runs_the_s0_yaml_stages(capsys):
-    assert demo.main(["--yaml", "yolov9-c-mobileone-s0.yaml", "--img", "64", "--steps", "1", "--repeats", "1"]) == 0
+    assert (
+        demo.main(["--yaml", "yolov9-c-mobileone-s0.yaml", "--img", "64", "--steps", "1", "--repeats", "1"])
+        == 0
+    )
     out = capsys.readouterr().out
     assert (  # after the stride-2, 48-wide stem
         "4 MobileOne stages from layer 2; stage input (2, 48, 32, 32) (batch, channels, height, width: a "

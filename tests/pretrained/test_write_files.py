@@ -60,8 +60,13 @@ def test_write_yamls_refuses_to_overwrite_an_edited_yaml(detect: Path):
 def _with_marker(text: str) -> str:
     """``text`` with its marker line's hash made right: the sha256 of the text without that line."""
     body = MARKER.sub("", text)
-    return MARKER.sub(lambda _: f"# mobileone_rs sha256 of this text without this line: "
-                                f"{hashlib.sha256(body.encode()).hexdigest()}\n", text)
+    return MARKER.sub(
+        lambda _: (
+            f"# mobileone_rs sha256 of this text without this line: "
+            f"{hashlib.sha256(body.encode()).hexdigest()}\n"
+        ),
+        text,
+    )
 
 
 def test_write_yamls_replaces_its_own_unedited_yamls_and_leaves_current_ones(detect: Path):

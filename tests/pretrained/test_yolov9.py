@@ -22,7 +22,9 @@ from torch import nn
 from tests.pretrained.helpers import VARIANTS, images, rel_err, timm, timm_features, timm_model
 from tests.yolov9 import helpers as h
 
-pytestmark = pytest.mark.skipif(h.installed_yolo9() is None, reason="yolo9 (YOLOv9 from PyPI) is not installed")
+pytestmark = pytest.mark.skipif(
+    h.installed_yolo9() is None, reason="yolo9 (YOLOv9 from PyPI) is not installed"
+)
 
 DATA = Path(mobileone_rs.__file__).parent / "data"
 # What YOLOv9's model_info prints for each yaml (nc=80, 640x640), as trained and after model.fuse();
@@ -85,7 +87,8 @@ def test_neck_and_head_are_yolov9_c(yolo):
         ours = yaml.safe_load(yolov9_yaml(variant))
         assert ours["head"] == expected
         assert {k: ours[k] for k in ("nc", "depth_multiple", "width_multiple", "anchors")} == {
-            k: reference[k] for k in ("nc", "depth_multiple", "width_multiple", "anchors")}
+            k: reference[k] for k in ("nc", "depth_multiple", "width_multiple", "anchors")
+        }
 
 
 @pytest.mark.parametrize("variant", VARIANTS)
@@ -118,8 +121,11 @@ def test_converted_timm_weights_reproduce_timms_features(built, yolo, variant):
     model_state = model.state_dict()
     # train_dual.py: csd = intersect_dicts(ckpt['model'].float().state_dict(), model.state_dict())
     csd = yolo.general.intersect_dicts(backbone.float().state_dict(), model_state)
-    assert len(csd) == len(backbone.state_dict()) == sum(
-        k.startswith(tuple(f"model.{i}." for i in range(1, 6))) for k in model_state)
+    assert (
+        len(csd)
+        == len(backbone.state_dict())
+        == sum(k.startswith(tuple(f"model.{i}." for i in range(1, 6))) for k in model_state)
+    )
     model.load_state_dict(csd, strict=False)
     layers = [model.model[i].double().eval() for i in range(6)]
     # YOLOv9's initialize_weights set every BatchNorm's eps to 1e-3; timm's (and Apple's) are 1e-5.
@@ -143,6 +149,8 @@ def test_patch_adds_mobileoneblock_to_a_tree_patched_before_it(tmp_path):
     yolo_py.write_text(old)
     result = h.run_patch(copy)
     assert result.returncode == 0, result.stderr
-    added = [line[1:].strip() for line in result.stdout.splitlines() if line.startswith("+") and "+++" not in line]
+    added = [
+        line[1:].strip() for line in result.stdout.splitlines() if line.startswith("+") and "+++" not in line
+    ]
     assert added == ["ELAN1, RepNCSPELAN4, SPPELAN, MobileOne, MobileOneBlock}:"]
     assert "parse_model channel set" in result.stdout and "import" not in result.stdout.split("patched (")[-1]

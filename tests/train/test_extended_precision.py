@@ -28,7 +28,7 @@ def _patches(x: np.ndarray, k: int, stride: int, pad: int) -> np.ndarray:
     out = np.empty(x.shape[:2] + (k, k, oh, ow), dtype=x.dtype)
     for i in range(k):
         for j in range(k):
-            out[:, :, i, j] = padded[:, :, i:i + stride * oh:stride, j:j + stride * ow:stride]
+            out[:, :, i, j] = padded[:, :, i : i + stride * oh : stride, j : j + stride * ow : stride]
     return out
 
 
@@ -40,7 +40,9 @@ def _wide_step(reference: nn.Module, x: torch.Tensor, upstream: torch.Tensor) ->
     channels = xs.shape[1]
     branches = []  # (kernel (C, k, k), bn, parameter name of the kernel or None)
     for i, branch in enumerate(reference.rbr_conv):
-        branches.append((branch.conv.weight.detach().numpy().astype(WIDE)[:, 0], branch.bn, f"rbr_conv.{i}.conv.weight"))
+        branches.append(
+            (branch.conv.weight.detach().numpy().astype(WIDE)[:, 0], branch.bn, f"rbr_conv.{i}.conv.weight")
+        )
     centre = np.zeros((channels, k, k), dtype=WIDE)
     centre[:, k // 2, k // 2] = reference.rbr_scale.conv.weight.detach().numpy().astype(WIDE)[:, 0, 0, 0]
     branches.append((centre, reference.rbr_scale.bn, "rbr_scale.conv.weight"))
@@ -77,8 +79,8 @@ def _wide_step(reference: nn.Module, x: torch.Tensor, upstream: torch.Tensor) ->
     oh, ow = patches.shape[-2:]
     for i in range(k):
         for j in range(k):
-            dx[:, :, i:i + stride * oh:stride, j:j + stride * ow:stride] += dpatches[:, :, i, j]
-    result["input.grad"] = dx[:, :, pad:pad + xs.shape[2], pad:pad + xs.shape[3]]
+            dx[:, :, i : i + stride * oh : stride, j : j + stride * ow : stride] += dpatches[:, :, i, j]
+    result["input.grad"] = dx[:, :, pad : pad + xs.shape[2], pad : pad + xs.shape[3]]
     return result
 
 
@@ -89,8 +91,9 @@ def _error(got: torch.Tensor, exact: np.ndarray) -> float:
 
 @pytest.mark.parametrize("stride", [1, 2])
 def test_depthwise_training_step_is_float64_exact(stride):
-    ours, reference = build_pair("MobileOneBlock", 12, 12, 3, stride=stride, padding=1, groups=12,
-                                 num_conv_branches=4)
+    ours, reference = build_pair(
+        "MobileOneBlock", 12, 12, 3, stride=stride, padding=1, groups=12, num_conv_branches=4
+    )
     # A smooth, non-negative input (as after a ReLU) makes neighbouring taps correlated.
     x = torch.nn.functional.avg_pool2d(torch.relu(random_input((2, 12, 14, 14)) + 0.3), 3, 1, 1) * 3
     got = train_step(ours, x)

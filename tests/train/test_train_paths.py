@@ -77,14 +77,19 @@ class _CustomNorm(nn.BatchNorm2d):
     """A BatchNorm2d subclass: not the plain class, so the block must call it as a module."""
 
 
-@pytest.mark.parametrize("make_norm", [
-    lambda c: nn.BatchNorm2d(c, track_running_stats=False),
-    lambda c: _CustomNorm(c),
-], ids=["no-running-stats", "subclass"])
+@pytest.mark.parametrize(
+    "make_norm",
+    [
+        lambda c: nn.BatchNorm2d(c, track_running_stats=False),
+        lambda c: _CustomNorm(c),
+    ],
+    ids=["no-running-stats", "subclass"],
+)
 @pytest.mark.parametrize("kernel_size, groups", [(3, 16), (1, 1)], ids=["depthwise", "pointwise"])
 def test_non_plain_batchnorm_runs_the_module_path(make_norm, kernel_size, groups):
-    ours, reference = build_pair("MobileOneBlock", 16, 16, kernel_size, padding=kernel_size // 2,
-                                 groups=groups, num_conv_branches=2)
+    ours, reference = build_pair(
+        "MobileOneBlock", 16, 16, kernel_size, padding=kernel_size // 2, groups=groups, num_conv_branches=2
+    )
     for model in (ours, reference):
         model.rbr_conv[1].bn = make_norm(16).double()
     x = random_input((2, 16, 7, 6))
@@ -99,8 +104,9 @@ def test_non_plain_batchnorm_runs_the_module_path(make_norm, kernel_size, groups
 
 @pytest.mark.parametrize("kernel_size, groups", [(3, 8), (1, 1)], ids=["depthwise", "pointwise"])
 def test_train_step_with_a_different_eps_per_branch_matches_oracle(kernel_size, groups):
-    ours, reference = build_pair("MobileOneBlock", 8, 8, kernel_size, padding=kernel_size // 2,
-                                 groups=groups, num_conv_branches=3)
+    ours, reference = build_pair(
+        "MobileOneBlock", 8, 8, kernel_size, padding=kernel_size // 2, groups=groups, num_conv_branches=3
+    )
     for model in (ours, reference):
         for i, bn in enumerate(m for m in model.modules() if isinstance(m, nn.BatchNorm2d)):
             bn.eps = 10.0 ** -(i + 1)

@@ -87,7 +87,11 @@ def test_the_edit_goes_first_in_intersect_dicts_and_only_once():
 def test_a_second_patch_run_keeps_a_single_warning(tree: Path):
     result = subprocess.run(
         [sys.executable, "-m", "mobileone_rs.yolov9", "patch", str(tree), "--check"],
-        check=False, capture_output=True, text=True, env=h.subprocess_env(tree), timeout=300,
+        check=False,
+        capture_output=True,
+        text=True,
+        env=h.subprocess_env(tree),
+        timeout=300,
     )
     assert result.returncode == 0, result.stdout + result.stderr
     assert (tree / "utils" / "general.py").read_text().count("warn_fused_mobileone(da, db)") == 1

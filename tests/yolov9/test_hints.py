@@ -45,7 +45,11 @@ except mobileone_rs.ConfigError as err:
 def _build(copy_dir: Path, yaml: Path) -> str:
     result = subprocess.run(
         [sys.executable, "-c", BUILD_FROM_YAML, str(yaml)],
-        check=False, capture_output=True, text=True, env=h.subprocess_env(copy_dir.parent), timeout=300,
+        check=False,
+        capture_output=True,
+        text=True,
+        env=h.subprocess_env(copy_dir.parent),
+        timeout=300,
     )
     assert result.returncode == 0, result.stderr[-3000:]
     return result.stdout.strip()

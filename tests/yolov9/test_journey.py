@@ -99,11 +99,19 @@ def run_step(block_code: str, language: str, root: Path, env: dict, data: Path) 
     outputs = []
     for command in shell_commands(block_code):
         started = time.perf_counter()
-        if command.startswith("python ") and (" -m " not in command.split("#")[0] or "mobileone_rs.deploy" in command):
+        if command.startswith("python ") and (
+            " -m " not in command.split("#")[0] or "mobileone_rs.deploy" in command
+        ):
             result = h.run_python(scaled_down(command, data)[1:], cwd=root, env=env)
         else:
             result = subprocess.run(
-                ["bash", "-c", command], check=False, cwd=root, env=env, capture_output=True, text=True, timeout=600
+                ["bash", "-c", command],
+                check=False,
+                cwd=root,
+                env=env,
+                capture_output=True,
+                text=True,
+                timeout=600,
             )
             assert result.returncode == 0, f"{command}\n{(result.stdout + result.stderr)[-4000:]}"
         outputs.append((command, result.stdout + result.stderr))
@@ -142,8 +150,18 @@ def journey(tmp_path_factory):
 
 def test_every_command_of_the_guide_ran(journey):
     scripts = [shlex.split(c)[1] for c, _ in journey.outputs if c.startswith("python ")]
-    assert scripts == ["-m", "models/yolo.py", "train_dual.py", "val_dual.py", "detect_dual.py", "export.py",
-                       "-m", "val.py", "detect.py", "val.py"]
+    assert scripts == [
+        "-m",
+        "models/yolo.py",
+        "train_dual.py",
+        "val_dual.py",
+        "detect_dual.py",
+        "export.py",
+        "-m",
+        "val.py",
+        "detect.py",
+        "val.py",
+    ]
     assert journey.outputs[-5][0] == "<python block>"
     for command, output in journey.outputs:
         assert "Traceback" not in output, f"{command}:\n{output[-4000:]}"
@@ -158,7 +176,11 @@ def test_patch_made_the_model_and_runtime_edits(journey):
     check = subprocess.run(
         [sys.executable, "-m", "mobileone_rs.yolov9", "patch", ".", "--check"],
         check=False,
-        cwd=journey.root, env=journey.env, capture_output=True, text=True, timeout=300,
+        cwd=journey.root,
+        env=journey.env,
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert check.returncode == 0 and "already patched" in check.stdout
 
@@ -228,7 +250,9 @@ def test_export_writes_one_opset_12_onnx_file_that_runs(journey):
     assert "export success" in out and "export failure" not in out
     onnx_file = journey.root / WEIGHTS.with_suffix(".onnx")
     assert onnx_file.is_file() and not onnx_file.with_suffix(".onnx.data").exists()
-    probe = h.run_python(["-c", EXPORT_PROBE, str(onnx_file), str(WEIGHTS), str(IMG)], journey.root, journey.env)
+    probe = h.run_python(
+        ["-c", EXPORT_PROBE, str(onnx_file), str(WEIGHTS), str(IMG)], journey.root, journey.env
+    )
     words = probe.stdout.split()
     assert words[words.index("opset") + 1] == "12"
     assert float(words[-1]) <= 1e-4, probe.stdout

@@ -302,16 +302,29 @@ def test_a_path_that_does_not_exist_is_named_as_such(tmp_path: Path):
 def test_help_is_plain_text_and_lists_every_edit():
     result = subprocess.run(
         [sys.executable, "-m", "mobileone_rs.yolov9", "patch", "--help"],
-        check=False, capture_output=True, text=True, timeout=300,
+        check=False,
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert result.returncode == 0 and "``" not in result.stdout
     assert result.stdout.startswith("usage: python -m mobileone_rs.yolov9 patch")
     text = " ".join(result.stdout.split())
     for edit in (
-        "import mobileone_rs", "parse_model channel set", "fuse reparameterize", "parse_model yaml-layer hint",
+        "import mobileone_rs",
+        "parse_model channel set",
+        "fuse reparameterize",
+        "parse_model yaml-layer hint",
         "torch.load weights_only=False",
-        "fonts offline", "Pillow 10 text size", "NumPy 2 trapezoid", "ONNX TorchScript exporter",
-        "requirements pins", "fused-weights warning", "--model-only", "--check", "--dry-run",
+        "fonts offline",
+        "Pillow 10 text size",
+        "NumPy 2 trapezoid",
+        "ONNX TorchScript exporter",
+        "requirements pins",
+        "fused-weights warning",
+        "--model-only",
+        "--check",
+        "--dry-run",
     ):
         assert edit in text, edit
 

@@ -90,7 +90,11 @@ def test_a_file_size_limit_leaves_every_file_whole(copy_dir: Path):
     before = snapshot(copy_dir)
     result = subprocess.run(
         [sys.executable, "-c", RLIMITED_PATCH, str(copy_dir), str(limit)],
-        check=False, capture_output=True, text=True, env=h.subprocess_env(copy_dir.parent), timeout=300,
+        check=False,
+        capture_output=True,
+        text=True,
+        env=h.subprocess_env(copy_dir.parent),
+        timeout=300,
     )
     assert result.returncode == 2, result.stderr[-3000:]
     assert result.stderr == f"error: cannot write {export}: File too large; no file was changed\n"

@@ -50,8 +50,15 @@ def test_upstream_gets_every_runtime_edit_and_nothing_else(upstream):
     loads = sorted(f for f, c in changes.items() if rt.WEIGHTS_ONLY in c.edits)
     assert loads == sorted(
         [
-            "hubconf.py", "train.py", "train_dual.py", "train_triple.py", "models/experimental.py",
-            "panoptic/train.py", "segment/train.py", "segment/train_dual.py", "utils/general.py",
+            "hubconf.py",
+            "train.py",
+            "train_dual.py",
+            "train_triple.py",
+            "models/experimental.py",
+            "panoptic/train.py",
+            "segment/train.py",
+            "segment/train_dual.py",
+            "utils/general.py",
             "utils/loggers/__init__.py",
         ]
     )
@@ -73,7 +80,9 @@ def test_upstream_gets_every_runtime_edit_and_nothing_else(upstream):
     )
     assert diff["utils/metrics.py"] == (
         ["ap = np.trapz(np.interp(x, mrec, mpre), x)  # integrate"],
-        ["ap = (np.trapezoid if hasattr(np, 'trapezoid') else np.trapz)(np.interp(x, mrec, mpre), x)  # integrate"],
+        [
+            "ap = (np.trapezoid if hasattr(np, 'trapezoid') else np.trapz)(np.interp(x, mrec, mpre), x)  # integrate"
+        ],
     )
     assert diff["export.py"] == (
         ["dynamic_axes=dynamic or None)", "dynamic_axes=dynamic_axes)"],
@@ -90,8 +99,14 @@ def test_upstream_gets_every_runtime_edit_and_nothing_else(upstream):
     general = changes["utils/general.py"]
     assert general.edits == (rt.WEIGHTS_ONLY, rt.FONTS, rt.FUSED_WARNING)
     compile(general.new, "general.py", "exec")
-    assert "        try:\n            torch.hub.download_url_to_file(url, str(file), progress=progress)\n" in general.new
-    assert "if not font.exists() and not file.exists() and font.name not in _FONTS_NOT_DOWNLOADED:" in general.new
+    assert (
+        "        try:\n            torch.hub.download_url_to_file(url, str(file), progress=progress)\n"
+        in general.new
+    )
+    assert (
+        "if not font.exists() and not file.exists() and font.name not in _FONTS_NOT_DOWNLOADED:"
+        in general.new
+    )
     for change in changes.values():
         if change.relative.suffix == ".py":
             compile(change.new, str(change.relative), "exec")
@@ -103,7 +118,10 @@ def test_runtime_edits_are_idempotent_and_checked(upstream, tmp_path):
     assert code == 0 and "torch.load" not in out
     code, out = cli(upstream, "--check")  # the model edits are in: --check still sees the runtime ones
     assert code == 1 and "needs patching: ONNX" in out and "torch.load weights_only=False (10 files)" in out
-    assert cli(upstream, "--check", "--model-only") == (0, f"{upstream}: already patched, nothing to change\n")
+    assert cli(upstream, "--check", "--model-only") == (
+        0,
+        f"{upstream}: already patched, nothing to change\n",
+    )
     assert cli(upstream)[0] == 0
     assert plan_patch(upstream) == []
     assert cli(upstream, "--check")[0] == 0
@@ -115,8 +133,14 @@ def test_runtime_edits_are_idempotent_and_checked(upstream, tmp_path):
         ("x = torch.load(f)\n", "x = torch.load(f, weights_only=False)\n"),
         ("x = torch.load(f, weights_only=True)\n", None),
         ("x = torch.load(f, **kw)\n", None),
-        ("x = torch.load(\r\n    f,\r\n    map_location='cpu',\r\n)\r\n", "x = torch.load(\r\n    f,\r\n    map_location='cpu', weights_only=False,\r\n)\r\n"),
-        ("y = torch.load(a)['m']  # é\nz = torch.jit.load(b)\n", "y = torch.load(a, weights_only=False)['m']  # é\nz = torch.jit.load(b)\n"),
+        (
+            "x = torch.load(\r\n    f,\r\n    map_location='cpu',\r\n)\r\n",
+            "x = torch.load(\r\n    f,\r\n    map_location='cpu', weights_only=False,\r\n)\r\n",
+        ),
+        (
+            "y = torch.load(a)['m']  # é\nz = torch.jit.load(b)\n",
+            "y = torch.load(a, weights_only=False)['m']  # é\nz = torch.jit.load(b)\n",
+        ),
         ("def f(:\n    torch.load(x)\n", None),
     ],
     ids=["plain", "given", "kwargs", "crlf-multiline-trailing-comma", "utf8-and-jit", "syntax-error"],
@@ -137,7 +161,9 @@ def test_font_download_guard_keeps_a_trailing_comment_and_is_idempotent():
         """
     )
     once = rt.try_font_download_once(source)
-    assert once.startswith("_FONTS_NOT_DOWNLOADED = set()  # fonts whose download failed in this process\n\n\n")
+    assert once.startswith(
+        "_FONTS_NOT_DOWNLOADED = set()  # fonts whose download failed in this process\n\n\n"
+    )
     assert (
         "        try:\n"
         "            torch.hub.download_url_to_file(url, str(file),\n"
@@ -165,7 +191,14 @@ def test_requirement_pins():
 
 
 def test_python_files_skip_virtual_environments_and_hidden_folders(tmp_path):
-    for relative in ("a.py", "utils/b.py", ".git/c.py", "venv/lib/d.py", "runs/e.py", "utils/__pycache__/f.py"):
+    for relative in (
+        "a.py",
+        "utils/b.py",
+        ".git/c.py",
+        "venv/lib/d.py",
+        "runs/e.py",
+        "utils/__pycache__/f.py",
+    ):
         (tmp_path / relative).parent.mkdir(parents=True, exist_ok=True)
         (tmp_path / relative).write_text("")
     (tmp_path / "venv" / "pyvenv.cfg").write_text("")

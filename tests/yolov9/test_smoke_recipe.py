@@ -35,8 +35,13 @@ def test_the_guides_smoke_test_trains_one_epoch_on_cpu(tmp_path):
     assert h.run_patch(root).returncode == 0
     shutil.copy(h.SEED_YAML, root / "models" / "detect")
     result = subprocess.run(
-        ["bash", "-e", "-c", smoke_block()], check=False, cwd=root, env=journey_env(tmp_path),
-        capture_output=True, text=True, timeout=900,
+        ["bash", "-e", "-c", smoke_block()],
+        check=False,
+        cwd=root,
+        env=journey_env(tmp_path),
+        capture_output=True,
+        text=True,
+        timeout=900,
     )
     out = result.stdout + result.stderr
     assert result.returncode == 0, out[-4000:]

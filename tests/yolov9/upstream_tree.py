@@ -112,7 +112,8 @@ REVERSALS = [
     ),
 ]
 _YOLO9_CHECK_FONT = re.compile(
-    r"_FONT_DOWNLOAD_FAILED = set\(\).*?\n\n\ndef check_font\(.*?plots will use the default font'\)\n", re.DOTALL
+    r"_FONT_DOWNLOAD_FAILED = set\(\).*?\n\n\ndef check_font\(.*?plots will use the default font'\)\n",
+    re.DOTALL,
 )
 
 

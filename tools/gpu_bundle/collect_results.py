@@ -28,9 +28,12 @@ def environment(device: str) -> dict:
 
     cuda = torch.cuda.is_available()
     return {
-        "python": platform.python_version(), "torch": torch.__version__,
-        "mobileone_rs": mobileone_rs.__version__, "built_for_torch": mobileone_rs.TORCH_BUILT_FOR,
-        "native": Path(mobileone_rs._native.__file__).name, "device": device,
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "mobileone_rs": mobileone_rs.__version__,
+        "built_for_torch": mobileone_rs.TORCH_BUILT_FOR,
+        "native": Path(mobileone_rs._native.__file__).name,
+        "device": device,
         "device_name": torch.cuda.get_device_name(0) if cuda and device != "cpu" else cpu_name(),
         "cuda": torch.version.cuda if cuda else None,
     }
@@ -48,10 +51,18 @@ def tests(xml: Path) -> dict:
         for prop in case.iter("property"):
             paths[f"{prop.get('name')} = {prop.get('value')}"] += 1
         for bad in [*case.findall("failure"), *case.findall("error")]:
-            failed.append({"test": f"{case.get('classname')}::{case.get('name')}",
-                           "message": (bad.get("message") or "")[:300]})
-    return {**counts, "seconds": float(suite.get("time", 0)), "forward_paths": dict(sorted(paths.items())),
-            "failed": failed}
+            failed.append(
+                {
+                    "test": f"{case.get('classname')}::{case.get('name')}",
+                    "message": (bad.get("message") or "")[:300],
+                }
+            )
+    return {
+        **counts,
+        "seconds": float(suite.get("time", 0)),
+        "forward_paths": dict(sorted(paths.items())),
+        "failed": failed,
+    }
 
 
 def main(out: str, device: str, tests_rc: str, bench_rc: str, seconds: str) -> None:

@@ -48,7 +48,9 @@ def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m mobileone_rs.yolov9", description=DESCRIPTION)
     sub = parser.add_subparsers(dest="command", required=True)
     patch = sub.add_parser(
-        "patch", help="patch a YOLOv9 tree (prints the diff; idempotent)", description=DESCRIPTION,
+        "patch",
+        help="patch a YOLOv9 tree (prints the diff; idempotent)",
+        description=DESCRIPTION,
         epilog=PATCH_EPILOG,
     )
     patch.add_argument(

@@ -65,13 +65,14 @@ def _verify(model, stripped, head, img) -> tuple[object, dict[str, float]]:
     for seed, size in enumerate(check.check_sizes(img, stride)):
         x = check.random_input(size, torch.float64, seed)
         errors[f"float64 {size[0]}x{size[1]}"] = check.rel_error(
-            _main_outputs(deploy64, x, single_head), _main_outputs(reference64, x, head))
+            _main_outputs(deploy64, x, single_head), _main_outputs(reference64, x, head)
+        )
     del reference64, deploy64
     deploy32 = _deploy_model(model, stripped, torch.float32)
     x = check.random_input((img, img), torch.float32, 0)
     errors[f"float32 {img}x{img}"] = check.rel_error(
-        _main_outputs(deploy32, x, single_head),
-        _main_outputs(copy.deepcopy(model).float().eval(), x, head))
+        _main_outputs(deploy32, x, single_head), _main_outputs(copy.deepcopy(model).float().eval(), x, head)
+    )
     return deploy32, errors
 
 
@@ -87,14 +88,20 @@ def _refuse_failures(errors: dict, bounds: dict) -> None:
 
 def _half(deploy32) -> tuple[object, dict]:
     half = copy.deepcopy(deploy32).half()
-    overflow = [name for (name, a), b in zip(deploy32.state_dict().items(), half.state_dict().values(), strict=True)
-                if a.is_floating_point() and torch.isfinite(a).all() and not torch.isfinite(b).all()]
+    overflow = [
+        name
+        for (name, a), b in zip(deploy32.state_dict().items(), half.state_dict().values(), strict=True)
+        if a.is_floating_point() and torch.isfinite(a).all() and not torch.isfinite(b).all()
+    ]
     if overflow:
-        raise DeployError(f"--half: {len(overflow)} fused tensors overflow float16 ({', '.join(overflow[:5])}); "
-                          "deploy without --half")
+        raise DeployError(
+            f"--half: {len(overflow)} fused tensors overflow float16 ({', '.join(overflow[:5])}); "
+            "deploy without --half"
+        )
     x = check.random_input((64, 64), torch.float32, 0)
-    err = check.rel_error(check.torch_export_outputs(copy.deepcopy(half).float(), x),
-                          check.torch_export_outputs(deploy32, x))
+    err = check.rel_error(
+        check.torch_export_outputs(copy.deepcopy(half).float(), x), check.torch_export_outputs(deploy32, x)
+    )
     return half, {"overflow": [], "rel_error": err}
 
 
@@ -121,8 +128,10 @@ def _load(weights: Path):
     ckpt, model = load_checkpoint(weights)
     fused = fused_parts(model)
     if fused:
-        raise DeployError(f"{weights} holds a fused model ({len(fused)} fused modules, e.g. {fused[0]}): deploy "
-                          "needs the training checkpoint that train_dual.py / train.py wrote (last.pt, best.pt)")
+        raise DeployError(
+            f"{weights} holds a fused model ({len(fused)} fused modules, e.g. {fused[0]}): deploy "
+            "needs the training checkpoint that train_dual.py / train.py wrote (last.pt, best.pt)"
+        )
     head = head_kind(model.yaml)
     if head in SINGLE_HEADS:
         return ckpt, model, head, None
@@ -130,9 +139,20 @@ def _load(weights: Path):
     return ckpt, model, head, strip_dual_head(model.yaml)
 
 
-def deploy(weights, out, *, img: int = 640, half: bool = False, int8=None, opset: int = 12,
-           dynamic: bool = False, calib: int = 100, heldout: int = 8, cle: str = "auto",
-           runs: int = 20) -> DeployReport:
+def deploy(
+    weights,
+    out,
+    *,
+    img: int = 640,
+    half: bool = False,
+    int8=None,
+    opset: int = 12,
+    dynamic: bool = False,
+    calib: int = 100,
+    heldout: int = 8,
+    cle: str = "auto",
+    runs: int = 20,
+) -> DeployReport:
     """Deploys a YOLOv9 training checkpoint into ``out``; see the module docstring. Returns the report.
 
     Raises ``DeployError`` (a ``MobileOneError``) with one clear line on any input it cannot deploy.
@@ -152,37 +172,74 @@ def deploy(weights, out, *, img: int = 640, half: bool = False, int8=None, opset
     bounds = _bounds(errors)
     _refuse_failures(errors, bounds)
     report = DeployReport(
-        weights=str(weights), out=str(out), head=head,
+        weights=str(weights),
+        out=str(out),
+        head=head,
         deploy_head=head if stripped is None else DUAL_HEADS[head].single,
         note="no auxiliary branch: fused and verified only" if stripped is None else "",
-        models={"training": check.model_size(model), "fused_dual": check.model_size(
-            fuse_model(copy.deepcopy(model), torch.float32)), "deploy": check.model_size(deploy32)},
-        errors=errors, bounds=bounds)
+        models={
+            "training": check.model_size(model),
+            "fused_dual": check.model_size(fuse_model(copy.deepcopy(model), torch.float32)),
+            "deploy": check.model_size(deploy32),
+        },
+        errors=errors,
+        bounds=bounds,
+    )
     saved = deploy32
     if half:
         saved, report.half = _half(deploy32)
-    _write(paths, ckpt, saved, deploy32, stripped, model, report, img=img, opset=opset, dynamic=dynamic,
-           images=images, int8={"calib": calib, "heldout": heldout, "cle": cle}, runs=runs)
+    _write(
+        paths,
+        ckpt,
+        saved,
+        deploy32,
+        stripped,
+        model,
+        report,
+        img=img,
+        opset=opset,
+        dynamic=dynamic,
+        images=images,
+        int8={"calib": calib, "heldout": heldout, "cle": cle},
+        runs=runs,
+    )
     return report
 
 
-def _write(paths, ckpt, saved, deploy32, stripped, model, report, *, img, opset, dynamic, images, int8,
-           runs) -> None:
+def _write(
+    paths, ckpt, saved, deploy32, stripped, model, report, *, img, opset, dynamic, images, int8, runs
+) -> None:
     """Every file to a temporary name, checked, then moved into place (the report last)."""
     torch_ms = check.torch_latency(deploy32, img, runs)  # first: no ONNX Runtime threads around yet
     with contextlib.ExitStack() as stack:
         tmp = {k: stack.enter_context(replacing(p)) for k, p in paths.items() if k != "report"}
         d = stripped.yaml if stripped is not None else model.yaml
-        tmp["yaml"].write_text(yaml_text(d, getattr(model, "yaml_file", "the model"),
-                                         stripped.kept if stripped else list(range(len(d["backbone"] + d["head"])))))
+        tmp["yaml"].write_text(
+            yaml_text(
+                d,
+                getattr(model, "yaml_file", "the model"),
+                stripped.kept if stripped else list(range(len(d["backbone"] + d["head"]))),
+            )
+        )
         meta = {k: v for k, v in ckpt.items() if k in ("date", "git", "opt")}
-        torch.save({"model": saved, "ema": None, "optimizer": None, "updates": None, "epoch": -1, **meta,
-                    "deploy": {"source": report.weights, "head": report.deploy_head}}, tmp["pt"])
+        torch.save(
+            {
+                "model": saved,
+                "ema": None,
+                "optimizer": None,
+                "updates": None,
+                "epoch": -1,
+                **meta,
+                "deploy": {"source": report.weights, "head": report.deploy_head},
+            },
+            tmp["pt"],
+        )
         check.export_onnx(deploy32, tmp["onnx"], img, opset, dynamic)
         session = check.ort_session(tmp["onnx"])
         x = check.random_input((img, img), torch.float32, 2)
         report.errors["onnxruntime vs torch float32"] = check.rel_error(
-            session.run(None, {"images": x.numpy()}), check.torch_export_outputs(deploy32, x))
+            session.run(None, {"images": x.numpy()}), check.torch_export_outputs(deploy32, x)
+        )
         report.bounds["onnxruntime vs torch float32"] = check.FLOAT32_BOUND
         _refuse_failures(report.errors, report.bounds)
         del session
@@ -190,25 +247,47 @@ def _write(paths, ckpt, saved, deploy32, stripped, model, report, *, img, opset,
         if images is not None:
             from .deploy_int8 import int8_report
 
-            report.int8 = int8_report(deploy32, tmp["int8"], images, img=img, opset=opset, runs=runs, **int8,
-                                      float_ms=report.latency_ms["onnxruntime"])
+            report.int8 = int8_report(
+                deploy32,
+                tmp["int8"],
+                images,
+                img=img,
+                opset=opset,
+                runs=runs,
+                **int8,
+                float_ms=report.latency_ms["onnxruntime"],
+            )
         report.files = {k: str(p) for k, p in paths.items()}
         write_text(paths["report"], report.to_json())
 
 
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m mobileone_rs.deploy", description=__doc__.split("\n\n")[0])
-    p.add_argument("weights", help="a checkpoint that YOLOv9's train_dual.py / train.py wrote (last.pt, best.pt)")
+    p.add_argument(
+        "weights", help="a checkpoint that YOLOv9's train_dual.py / train.py wrote (last.pt, best.pt)"
+    )
     p.add_argument("--out", required=True, help="folder for the deploy files (created if absent)")
-    p.add_argument("--img", type=int, default=640, help="image size of the checks, ONNX and INT8 (default 640)")
+    p.add_argument(
+        "--img", type=int, default=640, help="image size of the checks, ONNX and INT8 (default 640)"
+    )
     p.add_argument("--half", action="store_true", help="save the .pt in float16 (fusing runs in float32)")
-    p.add_argument("--int8", metavar="IMAGES", help="a folder of images: write an INT8 ONNX (QDQ) and measure it")
-    p.add_argument("--calib", type=int, default=100, help="at most this many calibration images (default 100)")
+    p.add_argument(
+        "--int8", metavar="IMAGES", help="a folder of images: write an INT8 ONNX (QDQ) and measure it"
+    )
+    p.add_argument(
+        "--calib", type=int, default=100, help="at most this many calibration images (default 100)"
+    )
     p.add_argument("--heldout", type=int, default=8, help="images held out to measure INT8 (default 8)")
-    p.add_argument("--cle", choices=["auto", "on", "off"], default="auto",
-                   help="cross-layer equalization before INT8: where it raises SQNR (auto), always, never")
+    p.add_argument(
+        "--cle",
+        choices=["auto", "on", "off"],
+        default="auto",
+        help="cross-layer equalization before INT8: where it raises SQNR (auto), always, never",
+    )
     p.add_argument("--opset", type=int, default=12, help="ONNX opset (default 12, as export.py)")
-    p.add_argument("--dynamic", action="store_true", help="ONNX with dynamic batch and image size, as export.py")
+    p.add_argument(
+        "--dynamic", action="store_true", help="ONNX with dynamic batch and image size, as export.py"
+    )
     p.add_argument("--runs", type=int, default=20, help="timed runs per latency median (default 20)")
     return p
 
@@ -216,8 +295,19 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
-        report = deploy(args.weights, args.out, img=args.img, half=args.half, int8=args.int8, opset=args.opset,
-                        dynamic=args.dynamic, calib=args.calib, heldout=args.heldout, cle=args.cle, runs=args.runs)
+        report = deploy(
+            args.weights,
+            args.out,
+            img=args.img,
+            half=args.half,
+            int8=args.int8,
+            opset=args.opset,
+            dynamic=args.dynamic,
+            calib=args.calib,
+            heldout=args.heldout,
+            cle=args.cle,
+            runs=args.runs,
+        )
     except (MobileOneError, WriteError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

@@ -13,7 +13,9 @@ import torch
 from torch import nn
 
 FLOAT64_BOUND = 1e-9  # float64 rounding after ~100 chained layers
-FLOAT32_BOUND = 1e-3  # float32 rounding: fused vs unfused, ONNX Runtime vs torch (the docs' bound; ~1e-5 seen)
+FLOAT32_BOUND = (
+    1e-3  # float32 rounding: fused vs unfused, ONNX Runtime vs torch (the docs' bound; ~1e-5 seen)
+)
 
 
 def rel_error(actual: list, expected: list) -> float:
@@ -85,12 +87,23 @@ def export_onnx(model: nn.Module, path: Path, img: int, opset: int, dynamic: boo
     axes = None
     if dynamic:
         axes = {"images": {0: "batch", 2: "height", 3: "width"}}
-        axes.update({name: {0: "batch", 2: "anchors"} if name == "output0" else {0: "batch"} for name in names})
+        axes.update(
+            {name: {0: "batch", 2: "anchors"} if name == "output0" else {0: "batch"} for name in names}
+        )
     im = torch.zeros(1, 3, img, img)
     with warnings.catch_warnings(), torch.no_grad():
         warnings.simplefilter("ignore")
-        torch.onnx.export(model, im, str(path), opset_version=opset, do_constant_folding=True,
-                          input_names=["images"], output_names=names, dynamic_axes=axes, dynamo=False)
+        torch.onnx.export(
+            model,
+            im,
+            str(path),
+            opset_version=opset,
+            do_constant_folding=True,
+            input_names=["images"],
+            output_names=names,
+            dynamic_axes=axes,
+            dynamo=False,
+        )
 
 
 def ort_session(path: Path, spinning: bool = False):

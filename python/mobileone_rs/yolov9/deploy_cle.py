@@ -124,8 +124,15 @@ def equalize(model: onnx.ModelProto, sweeps: int = 4) -> list[dict]:
     for c1, c2 in pairs:
         r1, _ = _ranges(arrays[c1.input[1]], arrays[c2.input[1]], _group(c2) > 1)
         s = scales[id(c1)]
-        records.append({"conv1": c1.name, "conv2": c2.name, "channels": int(s.size),
-                        "scale_min": float(s.min()), "scale_max": float(s.max()),
-                        "conv1_channel_range_ratio_before": before[id(c1)],
-                        "conv1_channel_range_ratio_after": float(r1.max() / max(r1.min(), 1e-30))})
+        records.append(
+            {
+                "conv1": c1.name,
+                "conv2": c2.name,
+                "channels": int(s.size),
+                "scale_min": float(s.min()),
+                "scale_max": float(s.max()),
+                "conv1_channel_range_ratio_before": before[id(c1)],
+                "conv1_channel_range_ratio_after": float(r1.max() / max(r1.min(), 1e-30)),
+            }
+        )
     return records

@@ -15,7 +15,7 @@ def detections(output: np.ndarray, nc: int | None, conf: float) -> np.ndarray:
     after class-aware NMS, best class per anchor (as detect.py / val.py without ``--multi-label``)."""
     pred = torch.from_numpy(np.asarray(output[0], dtype=np.float32)).T  # (anchors, channels)
     nc = pred.shape[1] - 4 if nc is None else nc
-    xywh, scores = pred[:, :4], pred[:, 4:4 + nc]
+    xywh, scores = pred[:, :4], pred[:, 4 : 4 + nc]
     score, cls = scores.max(1)
     keep = score > conf
     xywh, score, cls = xywh[keep], score[keep], cls[keep]

@@ -160,7 +160,9 @@ def strip_dual_head(d: dict) -> Stripped:
     readers = [j for j in needed if INPUT in {resolve[s] for s in _sources(j, layers[j][0])}]
     holder = None
     if len(readers) > 1 or (readers and readers[0] != min(needed)):
-        holder = next((j for j in range(last) if resolve.get(j) == INPUT and _module_name(layers[j]) in IDENTITY), None)
+        holder = next(
+            (j for j in range(last) if resolve.get(j) == INPUT and _module_name(layers[j]) in IDENTITY), None
+        )
         if holder is None or holder != 0:
             raise DeployError("more than one kept layer reads the image and no identity layer 0 holds it")
         resolve = {k: (holder if v == INPUT and k != holder else v) for k, v in resolve.items()}
@@ -173,8 +175,12 @@ def strip_dual_head(d: dict) -> Stripped:
     for new_i, old in enumerate(kept):
         f, n, m, args = copy.deepcopy(layers[old])
         rows.append([-1 if old == holder else _relink(f, old, new_i, resolve.get, new_index), n, m, args])
-    new_head = [_relink(main_inputs(head_row[0], head), last, len(kept), resolve.get, new_index),
-                head_row[1], spec.single, copy.deepcopy(head_row[3])]
+    new_head = [
+        _relink(main_inputs(head_row[0], head), last, len(kept), resolve.get, new_index),
+        head_row[1],
+        spec.single,
+        copy.deepcopy(head_row[3]),
+    ]
     n_backbone = len(d["backbone"])
     out = {k: copy.deepcopy(v) for k, v in d.items() if k not in ("backbone", "head")}
     out["backbone"] = [row for row, old in zip(rows, kept, strict=True) if old < n_backbone]

@@ -30,8 +30,10 @@ def find_images(folder: Path, heldout: int) -> list[Path]:
         raise DeployError(f"--int8 {folder}: not a folder")
     paths = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
     if len(paths) < 2:
-        raise DeployError(f"--int8 {folder}: {len(paths)} images (jpg, png, ...); INT8 needs at least 2, "
-                          "some to calibrate and some held out to measure")
+        raise DeployError(
+            f"--int8 {folder}: {len(paths)} images (jpg, png, ...); INT8 needs at least 2, "
+            "some to calibrate and some held out to measure"
+        )
     if heldout < 1:
         raise DeployError(f"--heldout {heldout}: at least one image must be held out")
     import cv2
@@ -53,13 +55,13 @@ def letterbox(path: Path, img: int) -> np.ndarray:
     image = cv2.resize(image, (nw, nh), interpolation=cv2.INTER_LINEAR)
     out = np.full((img, img, 3), 114, dtype=np.uint8)
     top, left = (img - nh) // 2, (img - nw) // 2
-    out[top:top + nh, left:left + nw] = image
+    out[top : top + nh, left : left + nw] = image
     return np.ascontiguousarray(out[:, :, ::-1].transpose(2, 0, 1))[None].astype(np.float32) / 255.0
 
 
 def _split(paths: list[Path], calib: int, heldout: int) -> tuple[list[Path], list[Path]]:
     held = min(heldout, len(paths) // 2)
-    return paths[: min(calib, len(paths) - held)], paths[len(paths) - held:]
+    return paths[: min(calib, len(paths) - held)], paths[len(paths) - held :]
 
 
 def _quantize(src: Path, dst: Path, inputs: list[np.ndarray]) -> None:
@@ -85,10 +87,18 @@ def _quantize(src: Path, dst: Path, inputs: list[np.ndarray]) -> None:
 def _quantize_static(quantize_static, src, dst, reader) -> None:
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType
 
-    quantize_static(str(src), str(dst), reader, quant_format=QuantFormat.QDQ, per_channel=True,
-                    activation_type=QuantType.QInt8, weight_type=QuantType.QInt8, op_types_to_quantize=["Conv"],
-                    calibrate_method=CalibrationMethod.MinMax,
-                    extra_options={"ActivationSymmetric": True})  # MinMax keeps two numbers per tensor and image
+    quantize_static(
+        str(src),
+        str(dst),
+        reader,
+        quant_format=QuantFormat.QDQ,
+        per_channel=True,
+        activation_type=QuantType.QInt8,
+        weight_type=QuantType.QInt8,
+        op_types_to_quantize=["Conv"],
+        calibrate_method=CalibrationMethod.MinMax,
+        extra_options={"ActivationSymmetric": True},
+    )  # MinMax keeps two numbers per tensor and image
 
 
 def _run(session, inputs: list[np.ndarray]) -> list[list[np.ndarray]]:
@@ -97,6 +107,7 @@ def _run(session, inputs: list[np.ndarray]) -> list[list[np.ndarray]]:
 
 def sqnr_db(reference: list[list[np.ndarray]], test: list[list[np.ndarray]], names: list[str]) -> dict:
     """Signal to quantization noise in dB, per output (a detection output's boxes and scores apart too)."""
+
     def db(pairs):
         signal = sum(float(np.square(a.astype(np.float64)).sum()) for a, _ in pairs)
         noise = sum(float(np.square(a.astype(np.float64) - b).sum()) for a, b in pairs)
@@ -109,7 +120,9 @@ def sqnr_db(reference: list[list[np.ndarray]], test: list[list[np.ndarray]], nam
         if name == "output0":
             out["output0 boxes"] = db([(a[:, :4], b[:, :4]) for a, b in pairs])
             out["output0 scores"] = db([(a[:, 4:], b[:, 4:]) for a, b in pairs])
-    out["overall"] = db([(a, b) for r, t in zip(reference, test, strict=True) for a, b in zip(r, t, strict=True)])
+    out["overall"] = db(
+        [(a, b) for r, t in zip(reference, test, strict=True) for a, b in zip(r, t, strict=True)]
+    )
     return out
 
 
@@ -128,8 +141,14 @@ def widest_ranges(model, worst: int = 10) -> list[dict]:
             continue
         ratio = np.abs(w).max(1) / np.maximum(w.std(1), 1e-30)
         c = int(ratio.argmax())
-        rows.append({"conv": node.name, "channel": c, "max_abs_over_std": round(float(ratio[c]), 2),
-                     "max_abs": float(np.abs(w).max())})
+        rows.append(
+            {
+                "conv": node.name,
+                "channel": c,
+                "max_abs_over_std": round(float(ratio[c]), 2),
+                "max_abs": float(np.abs(w).max()),
+            }
+        )
     return sorted(rows, key=lambda r: -r["max_abs_over_std"])[:worst]
 
 
@@ -177,8 +196,19 @@ def _with_equalization(src, dst, work, cle, plain, reference, calib_inputs, held
 INT8_MIN_OPSET = 13  # per-channel QuantizeLinear/DequantizeLinear (their axis attribute)
 
 
-def int8_report(model32, dst: Path, images: list[Path], *, img: int, opset: int, calib: int, heldout: int = 8,
-                cle: str = "auto", runs: int = 20, float_ms: float | None = None) -> dict:
+def int8_report(
+    model32,
+    dst: Path,
+    images: list[Path],
+    *,
+    img: int,
+    opset: int,
+    calib: int,
+    heldout: int = 8,
+    cle: str = "auto",
+    runs: int = 20,
+    float_ms: float | None = None,
+) -> dict:
     """Exports ``model32`` (at opset 13 or above), quantizes it into ``dst`` with cross-layer
     equalization per ``cle``, and measures it on held-out images."""
     import onnx
@@ -196,8 +226,9 @@ def int8_report(model32, dst: Path, images: list[Path], *, img: int, opset: int,
         cle_info, chosen = None, None
         plain = None if cle == "on" else _quantized_outputs(src, dst, calib_inputs, held_inputs)
         if cle != "off":
-            cle_info, chosen = _with_equalization(src, dst, work, cle, plain, reference, calib_inputs,
-                                                  held_inputs, names)
+            cle_info, chosen = _with_equalization(
+                src, dst, work, cle, plain, reference, calib_inputs, held_inputs, names
+            )
         chosen = chosen if chosen is not None else plain
         widest = widest_ranges(onnx.load(str(src)))
         float_ms = float_ms if float_ms is not None else check.ort_latency(src, img, runs)
@@ -206,11 +237,14 @@ def int8_report(model32, dst: Path, images: list[Path], *, img: int, opset: int,
     float_dets = [detections(r[0], nc, conf=0.25) for r in reference]
     return {
         "format": "QDQ, Conv only, int8 per-channel symmetric weights, int8 symmetric activations (MinMax)",
-        "calibration_images": len(calib_paths), "heldout_images": len(held_paths),
+        "calibration_images": len(calib_paths),
+        "heldout_images": len(held_paths),
         "sqnr_db": sqnr_db(reference, chosen, names),
         "map50_vs_float": map50(float_dets, [detections(o[0], nc, conf=0.001) for o in chosen]),
         "float_detections": int(sum(len(d) for d in float_dets)),
-        "latency_ms": {"float": float_ms, "int8": int8_ms}, "latency_ratio": round(int8_ms / float_ms, 3),
-        "opset": max(opset, INT8_MIN_OPSET), "widest_range_convs": widest,
+        "latency_ms": {"float": float_ms, "int8": int8_ms},
+        "latency_ratio": round(int8_ms / float_ms, 3),
+        "opset": max(opset, INT8_MIN_OPSET),
+        "widest_range_convs": widest,
         "cle": cle_info,
     }

@@ -62,8 +62,11 @@ def load_checkpoint(path: Path) -> tuple[dict, nn.Module]:
     except Exception as err:
         raise DeployError(f"{path}: not a torch checkpoint ({type(err).__name__}: {err})") from err
     model = (ckpt.get("ema") or ckpt.get("model")) if isinstance(ckpt, dict) else None
-    if not isinstance(model, nn.Module) or not isinstance(getattr(model, "yaml", None), dict) \
-            or not isinstance(getattr(model, "model", None), nn.Sequential):
+    if (
+        not isinstance(model, nn.Module)
+        or not isinstance(getattr(model, "yaml", None), dict)
+        or not isinstance(getattr(model, "model", None), nn.Sequential)
+    ):
         raise DeployError(f"{path}: not a YOLOv9 checkpoint (no 'model' or 'ema' entry with a model yaml)")
     return ckpt, model
 
@@ -98,7 +101,7 @@ def _head_state(dual_head: nn.Module, renames) -> dict[str, torch.Tensor]:
     for key, value in dual_head.state_dict().items():
         for old, new in renames:
             if key.startswith(old):
-                state[new + key[len(old):]] = value
+                state[new + key[len(old) :]] = value
     return state
 
 
@@ -108,7 +111,7 @@ def _copy_bn_settings(source: nn.Module, target: nn.Module, renames) -> None:
         if isinstance(m, nn.BatchNorm2d):
             for old, new in renames:
                 if (name + ".").startswith(new):
-                    src = bns[old + name[len(new):]]
+                    src = bns[old + name[len(new) :]]
                     m.eps, m.momentum = src.eps, src.momentum
 
 
@@ -127,13 +130,17 @@ def build_deploy_model(dual: nn.Module, stripped: Stripped) -> nn.Module:
     for new, old in enumerate(stripped.kept):
         built, trained = deploy.model[new], dual.model[old]
         if type(built).__name__ != type(trained).__name__ or _shapes(built) != _shapes(trained):
-            raise DeployError(f"yaml layer {old} ({type(trained).__name__}) does not rebuild as deploy layer {new}")
+            raise DeployError(
+                f"yaml layer {old} ({type(trained).__name__}) does not rebuild as deploy layer {new}"
+            )
         trained.i, trained.f = built.i, built.f
         deploy.model[new] = trained
     head, dual_head = deploy.model[-1], dual.model[-1]
     state = _head_state(dual_head, stripped.renames)
     if _shapes(head) != {k: tuple(v.shape) for k, v in state.items()}:
-        raise DeployError(f"the {stripped.head} head's main half does not fit a {DUAL_HEADS[stripped.head].single}")
+        raise DeployError(
+            f"the {stripped.head} head's main half does not fit a {DUAL_HEADS[stripped.head].single}"
+        )
     head.load_state_dict(state)
     _copy_bn_settings(dual_head, head, stripped.renames)
     head.stride, head.inplace = dual_head.stride.clone(), getattr(dual_head, "inplace", True)

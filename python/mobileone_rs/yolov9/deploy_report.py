@@ -33,7 +33,9 @@ class DeployReport:
         return json.dumps(self.to_dict(), indent=2) + "\n"
 
     def __str__(self) -> str:
-        rows = [f"{self.weights}: {self.head} -> {self.deploy_head}" + (f" ({self.note})" if self.note else "")]
+        rows = [
+            f"{self.weights}: {self.head} -> {self.deploy_head}" + (f" ({self.note})" if self.note else "")
+        ]
         rows.append(f"{'model':<12} {'layers':>7} {'params':>12} {'GFLOPs@640':>10}")
         for name, size in self.models.items():
             gflops = "-" if size.get("gflops") is None else f"{size['gflops']:.1f}"
@@ -43,10 +45,14 @@ class DeployReport:
             bound = self.bounds.get(name)
             rows.append(f"{name:<32} {err:>12.3e} {'' if bound is None else f'{bound:.0e}':>8}")
         if self.latency_ms:
-            rows.append("latency (CPU, batch 1, median): "
-                        + ", ".join(f"{k} {v:.1f} ms" for k, v in self.latency_ms.items()))
+            rows.append(
+                "latency (CPU, batch 1, median): "
+                + ", ".join(f"{k} {v:.1f} ms" for k, v in self.latency_ms.items())
+            )
         if self.half:
-            rows.append(f"half: weights' rounding changes the output by {self.half['rel_error']:.3e} (relative)")
+            rows.append(
+                f"half: weights' rounding changes the output by {self.half['rel_error']:.3e} (relative)"
+            )
         if self.int8:
             rows.extend(_int8_rows(self.int8))
         rows.extend(f"wrote {path}" for path in self.files.values())
@@ -54,14 +60,18 @@ class DeployReport:
 
 
 def _int8_rows(int8: dict) -> list[str]:
-    rows = [f"int8: {int8['calibration_images']} calibration images, {int8['heldout_images']} held out; "
-            f"SQNR {int8['sqnr_db']['overall']:.1f} dB; detection agreement mAP@0.5 "
-            + ("-" if int8["map50_vs_float"] is None else f"{int8['map50_vs_float']:.3f}")
-            + f" ({int8['float_detections']} float detections); latency INT8/float {int8['latency_ratio']:.2f}"]
+    rows = [
+        f"int8: {int8['calibration_images']} calibration images, {int8['heldout_images']} held out; "
+        f"SQNR {int8['sqnr_db']['overall']:.1f} dB; detection agreement mAP@0.5 "
+        + ("-" if int8["map50_vs_float"] is None else f"{int8['map50_vs_float']:.3f}")
+        + f" ({int8['float_detections']} float detections); latency INT8/float {int8['latency_ratio']:.2f}"
+    ]
     cle = int8.get("cle")
     if cle:
-        rows.append(f"cross-layer equalization: {len(cle['pairs'])} conv pairs, SQNR {cle['sqnr_db_without']:.1f} "
-                    f"-> {cle['sqnr_db_with']:.1f} dB, {'applied' if cle['applied'] else 'not applied'}")
+        rows.append(
+            f"cross-layer equalization: {len(cle['pairs'])} conv pairs, SQNR {cle['sqnr_db_without']:.1f} "
+            f"-> {cle['sqnr_db_with']:.1f} dB, {'applied' if cle['applied'] else 'not applied'}"
+        )
     return rows
 
 

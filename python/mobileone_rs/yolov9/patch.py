@@ -275,7 +275,9 @@ def _change(root: Path, relative: Path, source: tuple[str, bool], steps) -> File
 
 def _check_root(root: Path) -> None:
     if not root.exists():
-        raise NotYolov9Error(f"{root}: no such directory (PATH is the YOLOv9 checkout, the folder that holds models/)")
+        raise NotYolov9Error(
+            f"{root}: no such directory (PATH is the YOLOv9 checkout, the folder that holds models/)"
+        )
     if not root.is_dir():
         raise NotYolov9Error(f"{root} is a file: PATH is the YOLOv9 checkout, the folder that holds models/")
 

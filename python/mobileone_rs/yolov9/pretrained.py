@@ -59,7 +59,9 @@ def _backbone_layers(spec: Variant, cfg_text: str) -> tuple[int, list[int]]:
     return stem, indices
 
 
-def yolov9_backbone(converted: ConvertedCheckpoint, cfg_text: str) -> tuple[nn.Module, dict[str, tuple[str, int]]]:
+def yolov9_backbone(
+    converted: ConvertedCheckpoint, cfg_text: str
+) -> tuple[nn.Module, dict[str, tuple[str, int]]]:
     """A module whose ``state_dict`` is the detector's backbone under YOLOv9's names, loaded strictly.
 
     Returns the module (``model.{layer}...`` keys) and, per Apple stage, ``(YOLOv9 layer, tensors)``.
@@ -101,8 +103,9 @@ def _convert(args) -> ConvertedCheckpoint:
     if converted.fused:
         raise CheckpointError(_FUSED_REFUSAL.format(path=args.weights, v=converted.variant or "sX"))
     if converted.fused is None:
-        raise CheckpointError(f"{args.weights}: some blocks are fused and some are not; YOLOv9 trains "
-                              "train-time blocks only")
+        raise CheckpointError(
+            f"{args.weights}: some blocks are fused and some are not; YOLOv9 trains train-time blocks only"
+        )
     if converted.variant is None:
         raise CheckpointError(
             f"{args.weights}: its tensors do not have the names and shapes of Apple's MobileOne S0-S4"
@@ -116,10 +119,21 @@ def _write_init(args) -> None:
     model, counts = yolov9_backbone(converted, read_yaml(args.cfg))
     total = len(model.state_dict())
     checkpoint = {
-        "epoch": -1, "best_fitness": None, "model": model, "ema": None, "updates": None, "optimizer": None,
-        "opt": None, "git": None, "date": datetime.datetime.now().isoformat(),
-        "mobileone_rs": {"weights": str(args.weights), "source": converted.source, "variant": converted.variant,
-                         "tensors": total},
+        "epoch": -1,
+        "best_fitness": None,
+        "model": model,
+        "ema": None,
+        "updates": None,
+        "optimizer": None,
+        "opt": None,
+        "git": None,
+        "date": datetime.datetime.now().isoformat(),
+        "mobileone_rs": {
+            "weights": str(args.weights),
+            "source": converted.source,
+            "variant": converted.variant,
+            "tensors": total,
+        },
     }
     with replacing(args.out) as tmp:  # whole or not at all: an old init.pt stays until the new one is written
         torch.save(checkpoint, tmp)
@@ -128,25 +142,40 @@ def _write_init(args) -> None:
         print(f"{stage:<8} model.{layer:<3} {count:>7}")
     head = [k for k in converted if k.startswith("linear.")]
     if head:
-        print(f"{'linear':<8} {'-':<9} {len(head):>7}  (the {converted.num_classes}-class ImageNet classifier: "
-              "no detector layer takes it)")
-    print(f"wrote {args.out}: {total} backbone tensors, nothing else dropped; train_dual.py --weights "
-          f"{args.out} --cfg {args.cfg} should print 'Transferred {total}/...'")
+        print(
+            f"{'linear':<8} {'-':<9} {len(head):>7}  (the {converted.num_classes}-class ImageNet classifier: "
+            "no detector layer takes it)"
+        )
+    print(
+        f"wrote {args.out}: {total} backbone tensors, nothing else dropped; train_dual.py --weights "
+        f"{args.out} --cfg {args.cfg} should print 'Transferred {total}/...'"
+    )
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m mobileone_rs.pretrained", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m mobileone_rs.pretrained", description=__doc__.split("\n")[0]
+    )
     mode = parser.add_mutually_exclusive_group(required=True)
-    mode.add_argument("--weights", help="MobileOne ImageNet checkpoint (Apple, timm or mmpretrain; train-time)")
+    mode.add_argument(
+        "--weights", help="MobileOne ImageNet checkpoint (Apple, timm or mmpretrain; train-time)"
+    )
     mode.add_argument("--write-yamls", metavar="PATH", help="write the S0-S4 yamls into PATH/models/detect/")
-    parser.add_argument("--cfg", help="YOLOv9 model yaml (a path, or a packaged name such as "
-                                      "yolov9-c-mobileone-s0.yaml)")
+    parser.add_argument(
+        "--cfg", help="YOLOv9 model yaml (a path, or a packaged name such as yolov9-c-mobileone-s0.yaml)"
+    )
     parser.add_argument("--out", default="init.pt", help="checkpoint to write (default init.pt)")
     parser.add_argument("--source", default="auto", choices=["auto", "apple", "timm", "mmpretrain"])
-    parser.add_argument("--force", action="store_true",
-                        help="with --write-yamls: overwrite yamls that differ from ours (e.g. edited ones)")
-    parser.add_argument("--trust-pickle", action="store_true",
-                        help="load CKPT with weights_only=False (only for a file you trust)")
+    parser.add_argument(
+        "--force",
+        action="store_true",
+        help="with --write-yamls: overwrite yamls that differ from ours (e.g. edited ones)",
+    )
+    parser.add_argument(
+        "--trust-pickle",
+        action="store_true",
+        help="load CKPT with weights_only=False (only for a file you trust)",
+    )
     return parser
 
 

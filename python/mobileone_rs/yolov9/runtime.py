@@ -117,7 +117,9 @@ def trapezoid_for_numpy2(text: str) -> str:
     if tree is None:
         return text
     spans = [(start_of(text, c.func), end_of(text, c.func)) for c in _calls(tree, "np.trapz")]
-    return splice(text, [(a, b, "(np.trapezoid if hasattr(np, 'trapezoid') else np.trapz)") for a, b in spans])
+    return splice(
+        text, [(a, b, "(np.trapezoid if hasattr(np, 'trapezoid') else np.trapz)") for a, b in spans]
+    )
 
 
 def text_size_from_getbbox(text: str) -> str:
@@ -279,7 +281,9 @@ def python_files(root: Path) -> list[Path]:
         dirs[:] = sorted(
             d
             for d in dirs
-            if not d.startswith(".") and d not in _SKIPPED_DIRS and not (Path(folder, d, "pyvenv.cfg")).exists()
+            if not d.startswith(".")
+            and d not in _SKIPPED_DIRS
+            and not (Path(folder, d, "pyvenv.cfg")).exists()
         )
         found += [Path(folder, f).relative_to(root) for f in sorted(files) if f.endswith(".py")]
     return found

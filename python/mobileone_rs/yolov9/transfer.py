@@ -56,8 +56,9 @@ def warn_in_intersect_dicts(text: str) -> str:
         tree = ast.parse(text)
     except SyntaxError:
         return text
-    function = next((n for n in tree.body if isinstance(n, ast.FunctionDef) and n.name == "intersect_dicts"),
-                    None)
+    function = next(
+        (n for n in tree.body if isinstance(n, ast.FunctionDef) and n.name == "intersect_dicts"), None
+    )
     if function is None or len(function.args.args) < 2 or WARNING_FUNCTION in ast.unparse(function):
         return text
     da, db = (a.arg for a in function.args.args[:2])

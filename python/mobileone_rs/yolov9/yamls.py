@@ -108,7 +108,9 @@ head:
 
 
 _MARKER = "# mobileone_rs sha256 of this text without this line: {sha256}"
-_MARKER_LINE = re.compile("^" + re.escape(_MARKER).replace(r"\{sha256\}", "([0-9a-f]{64})") + "\n", re.MULTILINE)
+_MARKER_LINE = re.compile(
+    "^" + re.escape(_MARKER).replace(r"\{sha256\}", "([0-9a-f]{64})") + "\n", re.MULTILINE
+)
 
 
 def _sha256(text: str) -> str:
@@ -222,7 +224,9 @@ def write_yamls(root: str | Path, force: bool = False) -> list[tuple[Path, bool]
             f"not overwriting {names}: {'it differs' if len(edited) == 1 else 'they differ'} from the yaml "
             "mobileone_rs writes (edited?); no yaml was written. Move the file away or pass --force"
         )
-    stale = {path: text for path, text in texts.items() if not path.is_file() or path.read_bytes() != text.encode()}
+    stale = {
+        path: text for path, text in texts.items() if not path.is_file() or path.read_bytes() != text.encode()
+    }
     check_writable(stale)
     for path, text in stale.items():
         write_text(path, text)
