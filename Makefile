@@ -55,7 +55,7 @@ bench: build ## side-by-side benchmark against the pure-PyTorch reference
 
 lint: lint-rust lint-python ## every lint CI runs: rustfmt, clippy, ruff (check, format), mypy, stubtest, layout
 
-lint-rust: ## rustfmt and clippy (-D warnings, both feature sets; undocumented unsafe is denied in src/lib.rs)
+lint-rust: venv ## rustfmt and clippy (-D warnings, both feature sets; undocumented unsafe is denied in src/lib.rs)
 	cargo fmt --check
 	cargo clippy --release -q -- -D warnings
 	cargo clippy --release -q --no-default-features --tests -- -D warnings

@@ -129,6 +129,8 @@ fn training_blocks_take_their_geometry_training_path() {
     assert_eq!(dw.path(), Path::Train(TrainPath::DepthwiseCpu));
     let mut no_cpu = env();
     no_cpu.options.cpu_kernel = false;
+    refused(&unfused(depthwise(), true), &no_cpu, "low_memory=True");
+    no_cpu.options.low_memory = true;
     let recompute = plan(&unfused(depthwise(), true), &no_cpu);
     assert_eq!(recompute.path(), Path::Train(TrainPath::DepthwiseRecompute));
     let pw = plan(&unfused(pointwise(), true), &env());
