@@ -35,12 +35,14 @@ def load_native() -> ModuleType:
             raise
         raise ImportError(
             f"mobileone_rs's extension does not link against torch {torch.__version__}'s libtorch ({err}): "
-            f"it was built for another torch; install mobileone-rs built for torch {_minor(torch.__version__)} "
+            "it was built for another torch; install mobileone-rs built for torch "
+            f"{_minor(torch.__version__)} "
             f"(make wheel TORCH={_minor(torch.__version__)})"
         ) from err
     if _minor(torch.__version__) not in native.TORCH_SUPPORTED:
         raise ImportError(
-            f"mobileone_rs supports torch {', '.join(native.TORCH_SUPPORTED)} (its extension is built against "
+            f"mobileone_rs supports torch {', '.join(native.TORCH_SUPPORTED)} (its extension is "
+            "built against "
             f"libtorch {native.TORCH_BUILT_FOR}) but torch {torch.__version__} is installed: pip install "
             f"'{native.TORCH_REQUIREMENT}'{_other_build(native, _minor(torch.__version__))}"
         )

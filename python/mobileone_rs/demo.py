@@ -173,7 +173,8 @@ def run(args) -> int:
     chain = nn.Sequential(*[s for *_, s in stages])
     print(
         f"{len(stages)} MobileOne stages from layer {first_layer}; stage input {tuple(x.shape)} (batch, "
-        f"channels, height, width: a {args.img}x{args.img} image after the stride-{first_stride} layers before "
+        f"channels, height, width: a {args.img}x{args.img} image after the stride-{first_stride} "
+        "layers before "
         f"layer {first_layer})"
     )
     losses = train(chain, x, args.steps)

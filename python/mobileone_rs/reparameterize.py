@@ -68,7 +68,8 @@ def fused_kernel_bias(block: Any) -> tuple[torch.Tensor, torch.Tensor]:
     n = block.num_conv_branches
     if type(n) is not int or not 1 <= n <= len(block.rbr_conv):
         raise _native.ConfigError(
-            f"cannot re-parameterize: num_conv_branches={n!r} but rbr_conv holds {len(block.rbr_conv)} branches"
+            f"cannot re-parameterize: num_conv_branches={n!r} but rbr_conv holds "
+            f"{len(block.rbr_conv)} branches"
         )
     convs = [block.rbr_conv[i] for i in range(n)]
     _check_fusable(block, convs)

@@ -32,10 +32,12 @@ def _pairs(stage: nn.Module):
 
 
 def misequalize(model: nn.Module, layers: tuple[int, ...], spread: float, seed: int) -> nn.Module:
-    """The same function with wide fused-kernel ranges: in each depthwise -> pointwise block pair of ``layers``,
-    the depthwise block's output channel ``i`` is scaled by ``g_i`` (every branch's BN gamma and beta) and the
-    pointwise block divides it back out (its conv columns; its skip BN's statistics). ReLU between them is
-    positively homogeneous, so the model's output is unchanged; cross-layer equalization can undo exactly this.
+    """The same function with wide fused-kernel ranges.
+
+    In each depthwise -> pointwise block pair of ``layers``, the depthwise block's output channel ``i``
+    is scaled by ``g_i`` (every branch's BN gamma and beta) and the pointwise block divides it back out
+    (its conv columns; its skip BN's statistics). ReLU between them is positively homogeneous, so the
+    model's output is unchanged; cross-layer equalization can undo exactly this.
     """
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():

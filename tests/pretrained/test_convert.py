@@ -19,7 +19,8 @@ from tests.pretrained.helpers import VARIANTS, images, rel_err, to_mmpretrain, t
 
 
 def apple_state(variant: str, fused: bool = False, num_classes: int = 1000) -> OrderedDict:
-    """Apple-named tensors of one variant as shapes only (meta tensors: the names and shapes are the point)."""
+    """Apple-named tensors of one variant as shapes only (meta tensors: the names and shapes are
+    the point)."""
     with torch.device("meta"):
         return mobileone_rs.mobileone(variant, num_classes=num_classes, inference_mode=fused).state_dict()
 

@@ -62,7 +62,8 @@ def test_missing_channel_set_edit_names_the_yaml_layer_and_the_edit(copy_dir: Pa
     check = h.run_patch(copy_dir, "--check", "--model-only")
     assert check.stdout.endswith("parse_model channel set (models/yolo.py)\n")
     assert _build(copy_dir, h.SEED_YAML) == (
-        "yaml layer 2 (MobileOne [64, 2, 4, False, 0]): num_conv_branches must be an integer, got bool False. "
+        "yaml layer 2 (MobileOne [64, 2, 4, False, 0]): num_conv_branches must be an integer, got "
+        "bool False. "
         "parse_model called MobileOne(64, 2, 4, False, 0): the yaml row's arguments without the input "
         "channels in front, so every argument shifted by one. models/yolo.py's parse_model lacks "
         "MobileOne in its channel set (model edit 2): run `python -m mobileone_rs.yolov9 patch PATH`"
@@ -112,7 +113,8 @@ def test_the_hint_edit_on_parse_models_loop():
     with pytest.raises(mobileone_rs.ConfigError) as raised:
         parse_model({"backbone": [row], "head": []}, [3])
     assert str(raised.value).startswith(
-        "yaml layer 0 (MobileOne [64, 2, 0, False, 0]): num_conv_branches must be an integer, got bool False. "
+        "yaml layer 0 (MobileOne [64, 2, 0, False, 0]): num_conv_branches must be an integer, got "
+        "bool False. "
         "parse_model called MobileOne(64, 2, 0, False, 0): the yaml row's arguments without the input "
         "channels"
     )

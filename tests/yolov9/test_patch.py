@@ -336,6 +336,7 @@ def test_the_yolo9_package_gets_only_what_it_lacks(copy_dir: Path):
     summary = result.stdout.strip().splitlines()[-1]
     assert summary == (
         f"{copy_dir}: patched: import mobileone_rs (models/common.py); parse_model channel set "
-        "(models/yolo.py); fuse reparameterize (models/yolo.py); parse_model yaml-layer hint (models/yolo.py); "
+        "(models/yolo.py); fuse reparameterize (models/yolo.py); parse_model yaml-layer hint "
+        "(models/yolo.py); "
         "ONNX TorchScript exporter (export.py); fused-weights warning (utils/general.py)"
     )

@@ -17,7 +17,8 @@ from .._native import MobileOneError
 
 
 class DeployError(MobileOneError, ValueError):
-    """A checkpoint, yaml, image folder or output folder that deploy cannot work with; the message says why."""
+    """A checkpoint, yaml, image folder or output folder that deploy cannot work with; the message
+    says why."""
 
 
 @dataclass(frozen=True)

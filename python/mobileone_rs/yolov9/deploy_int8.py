@@ -172,7 +172,8 @@ def _equalized(src: Path, work: Path, reference, held_inputs) -> tuple[Path, lis
 
 
 def _with_equalization(src, dst, work, cle, plain, reference, calib_inputs, held_inputs, names):
-    """Equalizes, checks it exact in float, quantizes; keeps it in ``dst`` where it raises SQNR (or ``on``)."""
+    """Equalizes, checks it exact in float, quantizes; keeps it in ``dst`` where it raises SQNR (or
+    ``on``)."""
     path, records, error = _equalized(src, work, reference, held_inputs)
     info = {"mode": cle, "float_rel_error": error, "sqnr_db_without": None, "sqnr_db_with": None}
     if plain is not None:

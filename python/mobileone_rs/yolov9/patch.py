@@ -17,7 +17,8 @@ These alone make the model build, train and fuse. A fourth model edit helps when
    naming the yaml layer (index, module, the row's arguments): :mod:`mobileone_rs.yolov9.hints`.
 
 A file that starts with a UTF-8 byte-order mark keeps it. Every file is written whole or not at all,
-and none is changed unless all can be (:func:`apply_patch`). Unless ``--model-only`` is given, the runtime edits
+and none is changed unless all can be (:func:`apply_patch`). Unless ``--model-only`` is given, the runtime
+edits
 of :mod:`mobileone_rs.yolov9.runtime` follow: they make YOLOv9's own scripts (train, val, detect,
 export) run under torch 2.13 with today's Pillow, NumPy and albumentations, offline.
 

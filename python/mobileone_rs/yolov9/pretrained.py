@@ -46,7 +46,8 @@ def _backbone_layers(spec: Variant, cfg_text: str) -> tuple[int, list[int]]:
         have = "; ".join(f"layer {i}: MobileOne{list(astuple(a))}" for i, a, _ in stages)
         need = "; ".join(f"MobileOne{list(astuple(a))}" for a in wanted)
         raise CheckpointError(
-            f"the model yaml's backbone is not MobileOne-{spec.name.upper()}'s: it has {have or 'no MobileOne'}, "
+            f"the model yaml's backbone is not MobileOne-{spec.name.upper()}'s: it has "
+            f"{have or 'no MobileOne'}, "
             f"the checkpoint needs {need} (use {YAML_NAMES[spec.name]})"
         )
     indices = [i for i, _, _ in stages]
@@ -93,7 +94,8 @@ _FUSED_REFUSAL = (
     "branches and batch norms YOLOv9 trains, so it cannot initialize training (the branches cannot be "
     "recovered exactly). Use the train-time weights: Apple's mobileone_{v}_unfused.pth.tar, timm's "
     "mobileone_{v}.apple_in1k or mmpretrain's checkpoint. A fused checkpoint initializes an inference "
-    "model only: mobileone_rs.mobileone('{v}', inference_mode=True).load_state_dict(convert_checkpoint(path))."
+    "model only: mobileone_rs.mobileone('{v}', "
+    "inference_mode=True).load_state_dict(convert_checkpoint(path))."
 )
 
 

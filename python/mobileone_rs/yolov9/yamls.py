@@ -136,7 +136,8 @@ def _yolov9_yaml(variant: str) -> str:
     spec = get_variant(variant)
     name = spec.name.upper()
     stage_rows = "".join(
-        f"   [-1, 1, MobileOne, [{s.out_channels}, {s.num_blocks}, {s.num_conv_branches}, {s.use_se}, {s.num_se}]],"
+        f"   [-1, 1, MobileOne, [{s.out_channels}, {s.num_blocks}, {s.num_conv_branches}, "
+        f"{s.use_se}, {s.num_se}]],"
         f"  # {k + 1}-P{k + 1}/{2 ** (k + 1)} stage{k}\n"
         for k, s in enumerate(spec.stages(), start=1)
     )
