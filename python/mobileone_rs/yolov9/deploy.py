@@ -15,13 +15,23 @@ import contextlib
 import copy
 import sys
 from pathlib import Path
+from typing import cast
 
 import torch
+from torch import nn
 
 from .._native import MobileOneError
 from ..files import WriteError, replacing, write_text
 from . import deploy_check as check
-from .deploy_graph import DUAL_HEADS, SINGLE_HEADS, DeployError, check_dual_head, head_kind, strip_dual_head
+from .deploy_graph import (
+    DUAL_HEADS,
+    SINGLE_HEADS,
+    DeployError,
+    Stripped,
+    check_dual_head,
+    head_kind,
+    strip_dual_head,
+)
 from .deploy_model import build_deploy_model, fuse_model, fused_parts, load_checkpoint, main_output
 from .deploy_report import DeployReport, yaml_text
 
@@ -55,7 +65,7 @@ def deploy_model(model, dtype: torch.dtype = torch.float32):
     return _deploy_model(model, stripped, dtype)
 
 
-def _verify(model, stripped, head, img) -> tuple[object, dict[str, float]]:
+def _verify(model, stripped, head, img) -> tuple[nn.Module, dict[str, float]]:
     """The float32 deploy model and its errors against the training model's main head."""
     single_head = head if stripped is None else DUAL_HEADS[head].single
     stride = int(model.stride.max())
@@ -86,7 +96,7 @@ def _refuse_failures(errors: dict, bounds: dict) -> None:
         raise DeployError("verification failed, nothing written: " + "; ".join(failed))
 
 
-def _half(deploy32) -> tuple[object, dict]:
+def _half(deploy32: nn.Module) -> tuple[nn.Module, dict]:
     half = copy.deepcopy(deploy32).half()
     overflow = [
         name
@@ -124,7 +134,7 @@ def _prepare_out(out: Path, stem: str, int8: bool) -> dict[str, Path]:
     return paths
 
 
-def _load(weights: Path):
+def _load(weights: Path) -> tuple[dict, nn.Module, str, Stripped | None]:
     ckpt, model = load_checkpoint(weights)
     fused = fused_parts(model)
     if fused:
@@ -132,11 +142,12 @@ def _load(weights: Path):
             f"{weights} holds a fused model ({len(fused)} fused modules, e.g. {fused[0]}): deploy "
             "needs the training checkpoint that train_dual.py / train.py wrote (last.pt, best.pt)"
         )
-    head = head_kind(model.yaml)
+    yaml = cast(dict, model.yaml)  # load_checkpoint checked it is a dict
+    head = head_kind(yaml)
     if head in SINGLE_HEADS:
         return ckpt, model, head, None
     check_dual_head(head)
-    return ckpt, model, head, strip_dual_head(model.yaml)
+    return ckpt, model, head, strip_dual_head(yaml)
 
 
 def deploy(

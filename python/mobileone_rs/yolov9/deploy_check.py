@@ -7,6 +7,7 @@ import statistics
 import time
 import warnings
 from pathlib import Path
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -58,7 +59,7 @@ def _gflops(model: nn.Module, img: int) -> float | None:
     except ImportError:
         return None
     p = next(model.parameters())
-    stride = max(int(model.stride.max()), 32)
+    stride = max(int(cast(torch.Tensor, model.stride).max()), 32)  # YOLOv9 models hold a stride tensor
     im = torch.zeros((1, 3, stride, stride), dtype=p.dtype)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -71,12 +72,13 @@ def export_mode(model: nn.Module, dynamic: bool = False) -> nn.Module:
     model = copy.deepcopy(model).float().eval()
     for m in model.modules():
         if hasattr(m, "export") and hasattr(m, "nl"):
-            m.export, m.dynamic = True, dynamic
+            head: Any = m  # YOLOv9's detection head: untyped
+            head.export, head.dynamic = True, dynamic
     return model
 
 
 def output_names(model: nn.Module) -> list[str]:
-    segment = hasattr(model.model[-1], "proto")
+    segment = hasattr(cast(nn.Sequential, model.model)[-1], "proto")  # a YOLOv9 model's layers
     return ["output0", "output1"] if segment else ["output0"]
 
 
@@ -95,7 +97,7 @@ def export_onnx(model: nn.Module, path: Path, img: int, opset: int, dynamic: boo
         warnings.simplefilter("ignore")
         torch.onnx.export(
             model,
-            im,
+            (im,),
             str(path),
             opset_version=opset,
             do_constant_folding=True,

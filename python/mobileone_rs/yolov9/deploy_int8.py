@@ -49,6 +49,8 @@ def letterbox(path: Path, img: int) -> np.ndarray:
     import cv2
 
     image = cv2.imread(str(path))
+    if image is None:  # the image folder was checked readable; the file changed since
+        raise DeployError(f"cannot read {path} as an image")
     h, w = image.shape[:2]
     r = img / max(h, w)
     nh, nw = max(round(h * r), 1), max(round(w * r), 1)
@@ -217,8 +219,8 @@ def int8_report(
     calib_paths, held_paths = _split(images, calib, heldout)
     calib_inputs = [letterbox(p, img) for p in calib_paths]
     held_inputs = [letterbox(p, img) for p in held_paths]
-    with tempfile.TemporaryDirectory(prefix="mobileone-deploy-") as work:
-        work = Path(work)
+    with tempfile.TemporaryDirectory(prefix="mobileone-deploy-") as work_dir:
+        work = Path(work_dir)
         src = work / "float.onnx"
         check.export_onnx(model32, src, img, max(opset, INT8_MIN_OPSET), dynamic=False)
         session = check.ort_session(src)
@@ -231,6 +233,8 @@ def int8_report(
                 src, dst, work, cle, plain, reference, calib_inputs, held_inputs, names
             )
         chosen = chosen if chosen is not None else plain
+        if chosen is None:  # "on" quantizes in _with_equalization, "off" and "auto" above
+            raise AssertionError("the int8 model was not run on the held-out images")
         widest = widest_ranges(onnx.load(str(src)))
         float_ms = float_ms if float_ms is not None else check.ort_latency(src, img, runs)
     int8_ms = check.ort_latency(dst, img, runs)

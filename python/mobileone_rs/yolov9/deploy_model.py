@@ -14,6 +14,7 @@ import copy
 import logging
 import sys
 from pathlib import Path
+from typing import Any, cast
 
 import torch
 from torch import nn
@@ -121,21 +122,23 @@ def build_deploy_model(dual: nn.Module, stripped: Stripped) -> nn.Module:
     ``dual`` is consumed: its kept layers move into the result.
     """
     yolo = yolo_module(dual)
+    yaml, layers = cast(dict, dual.yaml), cast(nn.Sequential, dual.model)  # as load_checkpoint checked
     dtype = next(dual.parameters()).dtype
     try:
         with quiet_yolo(), default_dtype(torch.float32):
-            deploy = yolo.Model(copy.deepcopy(stripped.yaml), ch=dual.yaml.get("ch", 3), nc=dual.yaml["nc"])
+            deploy = yolo.Model(copy.deepcopy(stripped.yaml), ch=yaml.get("ch", 3), nc=yaml["nc"])
     except Exception as err:
         raise DeployError(f"the deploy yaml does not build: {type(err).__name__}: {err}") from err
     for new, old in enumerate(stripped.kept):
-        built, trained = deploy.model[new], dual.model[old]
+        built, trained = deploy.model[new], layers[old]
         if type(built).__name__ != type(trained).__name__ or _shapes(built) != _shapes(trained):
             raise DeployError(
                 f"yaml layer {old} ({type(trained).__name__}) does not rebuild as deploy layer {new}"
             )
         trained.i, trained.f = built.i, built.f
         deploy.model[new] = trained
-    head, dual_head = deploy.model[-1], dual.model[-1]
+    head = deploy.model[-1]
+    dual_head: Any = layers[-1]  # YOLOv9's dual head (untyped: stride, inplace)
     state = _head_state(dual_head, stripped.renames)
     if _shapes(head) != {k: tuple(v.shape) for k, v in state.items()}:
         raise DeployError(
@@ -144,7 +147,7 @@ def build_deploy_model(dual: nn.Module, stripped: Stripped) -> nn.Module:
     head.load_state_dict(state)
     _copy_bn_settings(dual_head, head, stripped.renames)
     head.stride, head.inplace = dual_head.stride.clone(), getattr(dual_head, "inplace", True)
-    deploy.stride = dual.stride.clone()
+    deploy.stride = cast(torch.Tensor, dual.stride).clone()
     for key in ("names", "hyp", "nc", "args", "class_weights"):
         if hasattr(dual, key):
             setattr(deploy, key, copy.deepcopy(getattr(dual, key)))
@@ -156,8 +159,9 @@ def fuse_model(model: nn.Module, dtype: torch.dtype) -> nn.Module:
     """``model`` in ``dtype``, eval, with YOLOv9's ``fuse()`` (Conv+BN, RepConvN) and every MobileOne block
     fused (in place; the fuse is computed in ``dtype``)."""
     model = model.to(dtype).eval()
+    yolo_model: Any = model  # YOLOv9's model: fuse() is untyped
     with quiet_yolo(), default_dtype(dtype), torch.no_grad():
-        model.fuse()
+        yolo_model.fuse()
         reparameterize_model(model, inplace=True)
     for p in model.parameters():
         p.requires_grad_(False)

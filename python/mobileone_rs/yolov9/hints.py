@@ -12,7 +12,7 @@ from __future__ import annotations
 import ast
 
 from .._native import ConfigError
-from .source_text import indent_of, lines, replace_lines
+from .source_text import end_lineno, indent_of, lines, replace_lines
 
 PATCH_COMMAND = "python -m mobileone_rs.yolov9 patch PATH"
 HINT_FUNCTION = "raise_with_yaml_layer"
@@ -86,7 +86,7 @@ def _layer_statement(parse_model: ast.FunctionDef) -> ast.Assign | None:
     """The one layer-building statement of a loop over the rows (``i``) of the model dict ``d``."""
     names = {n.id for n in ast.walk(parse_model) if isinstance(n, ast.Name)}
     params = {a.arg for a in parse_model.args.args}
-    found = [n for n in ast.walk(parse_model) if isinstance(n, ast.stmt) and _builds_layer(n)]
+    found = [n for n in ast.walk(parse_model) if isinstance(n, ast.Assign) and _builds_layer(n)]
     if len(found) != 1 or "d" not in params or "i" not in names:
         return None
     return found[0]
@@ -106,10 +106,10 @@ def add_yaml_layer_hint(text: str) -> str:
         return text
     indent = indent_of(text, statement.lineno)
     step = "    " if not indent.startswith("\t") else "\t"
-    body = [line.rstrip("\r\n") for line in lines(text)[statement.lineno - 1 : statement.end_lineno]]
+    body = [line.rstrip("\r\n") for line in lines(text)[statement.lineno - 1 : end_lineno(statement)]]
     wrapped = [
         f"{indent}try:",
         *(step + line for line in body),
         *(indent + line.replace("    ", step, 1) for line in _HANDLER),
     ]
-    return replace_lines(text, statement.lineno, statement.end_lineno, wrapped)
+    return replace_lines(text, statement.lineno, end_lineno(statement), wrapped)

@@ -42,6 +42,8 @@ from pathlib import Path
 
 from . import runtime as _yolov9_runtime
 from .hints import add_yaml_layer_hint
+from .source_text import end_col_offset as _end_col_offset
+from .source_text import end_lineno as _end_lineno
 from .source_text import indent_of as _indent_of
 from .source_text import insert_after_line as _insert_after_line
 from .source_text import lines as _lines
@@ -97,7 +99,7 @@ def _own_mobileone_definition(tree: ast.Module) -> ast.stmt | None:
     return None
 
 
-def _imports_yolov9_tree(node: ast.stmt) -> bool:
+def _imports_yolov9_tree(node: ast.Import | ast.ImportFrom) -> bool:
     """``from utils... import``, ``import models...``, ``from yolo9... import``, relative imports."""
     if isinstance(node, ast.ImportFrom):
         if node.level:
@@ -141,7 +143,7 @@ def add_package_import(text: str) -> str:
             f"{COMMON}:{own.lineno} already defines MobileOne (the seed's code pasted in?); "
             "remove that definition so the package's MobileOne is the one YOLOv9 uses"
         )
-    return _insert_after_line(text, _import_anchor(tree).end_lineno, [IMPORT_LINE])
+    return _insert_after_line(text, _end_lineno(_import_anchor(tree)), [IMPORT_LINE])
 
 
 # ----------------------------------------------------------------------------------------------
@@ -195,7 +197,7 @@ def add_to_channel_set(text: str) -> str:
     if not missing:
         return text
     last = literal.elts[-1]
-    at = _offset(_lines(text), last.end_lineno, last.end_col_offset)
+    at = _offset(_lines(text), _end_lineno(last), _end_col_offset(last))
     return text[:at] + "".join(f", {name}" for name in missing) + text[at:]
 
 
@@ -227,7 +229,7 @@ def _fuse_loop(tree: ast.Module) -> ast.For:
     return loops[0]
 
 
-def _calls_reparameterize(node: ast.stmt) -> bool:
+def _calls_reparameterize(node: ast.AST) -> bool:
     return (
         isinstance(node, ast.If)
         and isinstance(node.test, ast.Call)
@@ -246,7 +248,7 @@ def add_reparameterize_to_fuse(text: str) -> str:
     outer, body = _indent_of(text, loop.lineno), _indent_of(text, loop.body[0].lineno)
     step = body[len(outer) :] or "    "
     new_lines = [body + REPARAM_LINES[0], body + step + REPARAM_LINES[1]]
-    return _insert_after_line(text, loop.body[-1].end_lineno, new_lines)
+    return _insert_after_line(text, _end_lineno(loop.body[-1]), new_lines)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -264,9 +266,12 @@ def _read(root: Path, relative: Path) -> tuple[str, bool]:
         raise NotYolov9Error(f"cannot read {path}: {exc}") from exc
 
 
-def _change(root: Path, relative: Path, source: tuple[str, bool], steps) -> FileChange | None:
+def _change(
+    root: Path, relative: Path, source: tuple[str, bool], steps: list[tuple[str, _yolov9_runtime.Edit]]
+) -> FileChange | None:
     old, bom = source
-    new, edits = old, []
+    new = old
+    edits: list[str] = []
     for name, step in steps:
         edited = step(new)
         if edited != new:
@@ -307,7 +312,8 @@ def plan_patch(root: str | Path, runtime: bool = True) -> list[FileChange]:
     _check_root(root)
     # Check both model files before changing anything, so a refusal never leaves a half-patched tree.
     texts = {COMMON: _read(root, COMMON), YOLO: _read(root, YOLO)}
-    steps: dict[Path, list] = {
+    unreadable: set[Path] = set()  # runtime-edit files that cannot be read as UTF-8: left alone
+    steps: dict[Path, list[tuple[str, _yolov9_runtime.Edit]]] = {
         COMMON: [("import mobileone_rs", add_package_import)],
         YOLO: [
             ("parse_model channel set", add_to_channel_set),
@@ -317,9 +323,13 @@ def plan_patch(root: str | Path, runtime: bool = True) -> list[FileChange]:
     }
     if runtime:
         for relative, name, step in _yolov9_runtime.runtime_steps(root):
-            if relative not in texts:
-                texts[relative] = _read_optional(root, relative)
-            if texts[relative] is not None:
+            if relative not in texts and relative not in unreadable:
+                source = _read_optional(root, relative)
+                if source is None:
+                    unreadable.add(relative)
+                else:
+                    texts[relative] = source
+            if relative in texts:
                 steps.setdefault(relative, []).append((name, step))
     changes = [_change(root, relative, texts[relative], file_steps) for relative, file_steps in steps.items()]
     return [c for c in changes if c is not None]

@@ -67,9 +67,13 @@ def yolov9_backbone(
 
     Returns the module (``model.{layer}...`` keys) and, per Apple stage, ``(YOLOv9 layer, tensors)``.
     """
+    if converted.variant is None:
+        raise CheckpointError("the checkpoint is not one of Apple's MobileOne S0-S4 variants")
     spec = get_variant(converted.variant)
     stem, indices = _backbone_layers(spec, cfg_text)
-    layers = OrderedDict({str(stem): MobileOneBlock(3, spec.stem_channels, 3, stride=2, padding=1)})
+    layers: OrderedDict[str, nn.Module] = OrderedDict(
+        {str(stem): MobileOneBlock(3, spec.stem_channels, 3, stride=2, padding=1)}
+    )
     for index, args in zip(indices, spec.stages()):
         layers[str(index)] = MobileOne(*astuple(args))
     names = {"stage0": f"model.{stem}."}

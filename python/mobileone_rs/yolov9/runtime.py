@@ -35,7 +35,17 @@ import re
 from pathlib import Path
 from typing import Callable
 
-from .source_text import end_of, indent_of, lines, newline_of, splice, start_of
+from .source_text import (
+    Located,
+    end_col_offset,
+    end_lineno,
+    end_of,
+    indent_of,
+    lines,
+    newline_of,
+    splice,
+    start_of,
+)
 from .transfer import warn_in_intersect_dicts
 
 WEIGHTS_ONLY = "torch.load weights_only=False"
@@ -95,7 +105,8 @@ def _add_keyword(text: str, function: str, keyword: str, value: str) -> str:
     for call in _calls(tree, function):
         if any(k.arg in (None, keyword) for k in call.keywords) or not (call.args or call.keywords):
             continue
-        last = max([*call.args, *call.keywords], key=lambda n: (n.end_lineno, n.end_col_offset))
+        arguments: list[Located] = [*call.args, *call.keywords]
+        last = max(arguments, key=lambda n: (end_lineno(n), end_col_offset(n)))
         at = end_of(text, last)
         inserts.append((at, at, f", {keyword}={value}"))
     return splice(text, inserts)
@@ -149,7 +160,7 @@ def _function(tree: ast.Module, name: str) -> ast.FunctionDef | None:
     return next((n for n in tree.body if isinstance(n, ast.FunctionDef) and n.name == name), None)
 
 
-def _font_download(check_font: ast.FunctionDef) -> tuple[ast.If, ast.Expr] | None:
+def _font_download(check_font: ast.FunctionDef) -> tuple[ast.If, ast.stmt] | None:
     """``torch.hub.download_url_to_file(...)`` directly in an ``if`` of check_font, with that ``if``."""
     for node in ast.walk(check_font):
         if not isinstance(node, ast.If):
@@ -166,7 +177,8 @@ def try_font_download_once(text: str) -> str:
     tree = _parse(text) if "def check_font" in text else None
     check_font = _function(tree, "check_font") if tree else None
     found = _font_download(check_font) if check_font else None
-    if found is None:  # no bare download (already guarded, or not upstream's check_font)
+    # No bare download (already guarded, or not upstream's check_font):
+    if check_font is None or found is None:
         return text
     branch, download = found
     text_lines = lines(text)
@@ -175,14 +187,14 @@ def try_font_download_once(text: str) -> str:
     step = indent[len(indent_of(text, branch.lineno)) :] or "    "
     guarded = [
         f"{indent}try:",
-        *(step + line.rstrip("\r\n") for line in text_lines[download.lineno - 1 : download.end_lineno]),
+        *(step + line.rstrip("\r\n") for line in text_lines[download.lineno - 1 : end_lineno(download)]),
         f"{indent}except Exception as e:  # offline: warn once, plots use Pillow's font",
         f"{indent}{step}{FONT_MEMO}.add(font.name)",
         f"{indent}{step}LOGGER.warning(f'WARNING ⚠️ {{font.name}} not downloaded ({{e}}), {FONT_FALLBACK}')",
     ]
     first = start_of(text, download) - len(indent)
-    last_line = text_lines[download.end_lineno - 1]  # to its end: a trailing comment moves with the call
-    last = sum(len(x) for x in text_lines[: download.end_lineno - 1]) + len(last_line.rstrip("\r\n"))
+    last_line = text_lines[end_lineno(download) - 1]  # to its end: a trailing comment moves with the call
+    last = sum(len(x) for x in text_lines[: end_lineno(download) - 1]) + len(last_line.rstrip("\r\n"))
     test_end = end_of(text, branch.test)
     def_line = start_of(text, check_font.decorator_list[0] if check_font.decorator_list else check_font)
     memo = f"{FONT_MEMO} = set()  # fonts whose download failed in this process{newline * 3}"
@@ -206,8 +218,10 @@ def _returns_default_font(handler: ast.ExceptHandler) -> bool:
 
 
 def _catches_oserror(handler: ast.ExceptHandler) -> bool:
+    if handler.type is None:
+        return True
     types = handler.type.elts if isinstance(handler.type, ast.Tuple) else [handler.type]
-    return handler.type is None or any(_dotted(t) in {"OSError", "Exception", "BaseException"} for t in types)
+    return any(_dotted(t) in {"OSError", "Exception", "BaseException"} for t in types)
 
 
 def default_font_when_missing(text: str) -> str:
@@ -223,7 +237,11 @@ def default_font_when_missing(text: str) -> str:
     handlers = [
         n for n in ast.walk(function) if isinstance(n, ast.ExceptHandler) and _returns_default_font(n)
     ]
-    spans = [(start_of(text, h.type), end_of(text, h.type)) for h in handlers if not _catches_oserror(h)]
+    spans = [
+        (start_of(text, h.type), end_of(text, h.type))
+        for h in handlers
+        if h.type is not None and not _catches_oserror(h)
+    ]
     return splice(text, [(a, b, f"({text[a:b]}, OSError)") for a, b in spans])
 
 
@@ -261,6 +279,8 @@ def pin_requirements(text: str) -> str:
             continue
         line = text_lines[index]
         match = pattern.match(line)
+        if match is None:  # ``index`` is the first line that matches
+            raise AssertionError(f"requirement line no longer matches: {line!r}")
         spec = re.sub(r"\s+", "", match.group(2)).rstrip(",")
         pinned = _pinned(spec, bound)
         if pinned != spec:

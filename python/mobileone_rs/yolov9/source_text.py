@@ -9,6 +9,10 @@ from __future__ import annotations
 
 import ast
 import re
+from typing import Union
+
+# The nodes that carry a source position (``ast.AST`` itself declares none).
+Located = Union[ast.expr, ast.stmt, ast.keyword, ast.arg]
 
 _LINE = re.compile(r"[^\r\n]*(?:\r\n|\n|\r)|[^\r\n]+$")
 
@@ -25,14 +29,28 @@ def offset(text_lines: list[str], lineno: int, col_bytes: int) -> int:
     return sum(len(x) for x in text_lines[: lineno - 1]) + col
 
 
-def start_of(text: str, node: ast.AST) -> int:
+def end_lineno(node: Located) -> int:
+    """The 1-based last line of ``node``; an error for a node built by hand rather than parsed."""
+    if node.end_lineno is None:
+        raise ValueError(f"{type(node).__name__} node has no end position")
+    return node.end_lineno
+
+
+def end_col_offset(node: Located) -> int:
+    """The UTF-8 byte column just past ``node``; an error for a node built by hand rather than parsed."""
+    if node.end_col_offset is None:
+        raise ValueError(f"{type(node).__name__} node has no end position")
+    return node.end_col_offset
+
+
+def start_of(text: str, node: Located) -> int:
     """Character offset of the first character of ``node``."""
     return offset(lines(text), node.lineno, node.col_offset)
 
 
-def end_of(text: str, node: ast.AST) -> int:
+def end_of(text: str, node: Located) -> int:
     """Character offset just past the last character of ``node``."""
-    return offset(lines(text), node.end_lineno, node.end_col_offset)
+    return offset(lines(text), end_lineno(node), end_col_offset(node))
 
 
 def newline_of(line: str) -> str:
@@ -63,7 +81,9 @@ def replace_lines(text: str, first: int, last: int, new_lines: list[str]) -> str
 
 def indent_of(text: str, lineno: int) -> str:
     """The leading spaces and tabs of 1-based ``lineno``."""
-    return re.match(r"[ \t]*", lines(text)[lineno - 1]).group()
+    indent = re.match(r"[ \t]*", lines(text)[lineno - 1])
+    assert indent is not None  # the pattern matches the empty string
+    return indent.group()
 
 
 def splice(text: str, replacements: list[tuple[int, int, str]]) -> str:

@@ -14,7 +14,7 @@ import ast
 import warnings
 from collections.abc import Mapping
 
-from .source_text import indent_of, insert_after_line
+from .source_text import end_lineno, indent_of, insert_after_line
 
 WARNING_FUNCTION = "warn_fused_mobileone"
 _TRAIN_TIME = ".rbr_conv.0.conv.weight"
@@ -66,7 +66,7 @@ def warn_in_intersect_dicts(text: str) -> str:
     if first.lineno == function.lineno:  # a one-line function: left alone
         return text
     docstring = isinstance(first, ast.Expr) and isinstance(getattr(first, "value", None), ast.Constant)
-    after = first.end_lineno if docstring else first.lineno - 1
+    after = end_lineno(first) if docstring else first.lineno - 1
     indent = indent_of(text, first.lineno)
     return insert_after_line(
         text,
