@@ -302,8 +302,10 @@ fn decide(
         )),
         Body::Opaque(why) => return Ok(Decision::refuse(why.clone())),
     };
-    fast!(finite_for_eval(&work, x));
+    // The cost rule first: the finiteness check reads the input (a device sync on CUDA), so it runs
+    // only for the path that will run.
     let work = fast!(now by_cost(work, &block.spec, x, weight));
+    fast!(finite_for_eval(&work, x));
     Ok(Decision::Fast((work, se)))
 }
 
