@@ -47,7 +47,7 @@ def test_state_dict_keys_match_oracle_before_and_after_fusing(name):
     assert list(built_fused.state_dict()) == list(ours_fused.state_dict())
 
 
-def test_num_se_ignored_without_use_se_like_the_seed():
+def test_num_se_ignored_without_use_se_like_the_reference():
     args = (64, 64, 2, 4, False, 3)
     assert list(mobileone_rs.MobileOne(*args).state_dict()) == list(oracle.MobileOne(*args).state_dict())
 

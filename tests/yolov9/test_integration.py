@@ -102,7 +102,7 @@ def test_every_layer_matches_the_seed_table(built):
     ]
 
 
-def test_model_info_totals_match_the_seed(built):
+def test_model_info_totals_match_the_reference(built):
     params, _, gflops = h.parse_summary(built.log)[-1]
     assert (params, gflops) == (SEED_PARAMS, SEED_GFLOPS)
 
