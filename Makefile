@@ -15,11 +15,11 @@ BUNDLE ?= dist/gpu-bundle-torch$(TORCH)
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' Makefile | awk -F ':.*## ' '{printf "  %-12s %s\n", $$1, $$2}'
 
-$(VENV)/.installed: pyproject.toml requirements-dev.txt requirements-yolov9.txt
+$(VENV)/.installed: pyproject.toml requirements-dev.txt requirements-yolov9.txt tools/pip_install.sh
 	test -x $(PY) || python3 -m venv $(VENV)
-	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -r requirements-dev.txt -r requirements-yolov9.txt
-	$(PY) -m pip install -q --no-deps yolo9==1.0.18
+	tools/pip_install.sh $(PY) --upgrade pip
+	tools/pip_install.sh $(PY) -r requirements-dev.txt -r requirements-yolov9.txt
+	tools/pip_install.sh $(PY) --no-deps yolo9==1.0.18
 	touch $@
 
 venv: $(VENV)/.installed ## create .venv: torch 2.13, maturin, test tools, YOLOv9 (yolo9) for its tests

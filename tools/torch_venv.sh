@@ -10,7 +10,7 @@ torch=$1 venv=$2 kind=${3:-dev}
 vision=$(awk -v t="$torch" '$1 == t { print $4 }' torch-versions.txt)
 [ -n "$vision" ] || { echo "torch $torch is not in torch-versions.txt" >&2; exit 2; }
 test -x "$venv/bin/python" || python3 -m venv "$venv"
-pip=("$venv/bin/python" -m pip install -q)
+pip=(tools/pip_install.sh "$venv/bin/python")
 "${pip[@]}" --upgrade pip
 pins=("torch==$torch.*" "torchvision==$vision")
 if [ "$kind" = wheel ]; then
