@@ -8,7 +8,7 @@
 set -uo pipefail
 py=$1; shift
 attempts=${PIP_INSTALL_ATTEMPTS:-5}
-opts=(-q --retries 10 --timeout 60)
+opts=(-q --retries 10)
 # --resume-retries is pip >= 25.1; the first call (upgrading a venv's own old pip) may run without it.
 if "$py" -m pip install --help 2>/dev/null | grep -q -- --resume-retries; then
   opts+=(--resume-retries 10)
