@@ -2,7 +2,7 @@
 intended caller; every function validates its arguments and raises, never crashes. The state it
 reads is defined once, in ``mobileone_rs.state``."""
 
-from typing import Any, final
+from typing import Any, ClassVar, final
 
 import torch
 
@@ -53,6 +53,8 @@ class TorchError(MobileOneError, RuntimeError): ...
 @final
 class BlockSpec:
     """A block's constructor arguments, validated once (``ConfigError`` names a wrong one)."""
+
+    FIELDS: ClassVar[tuple[str, ...]]
 
     def __new__(
         cls,

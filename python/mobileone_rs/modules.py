@@ -22,18 +22,6 @@ from .options import Options
 from .reparameterize import fused_copy, fused_kernel_bias, reparameterize_block
 from .state import CallEnv
 
-_SPEC_FIELDS = (
-    "in_channels",
-    "out_channels",
-    "kernel_size",
-    "stride",
-    "padding",
-    "dilation",
-    "groups",
-    "use_se",
-    "num_conv_branches",
-)
-
 
 def _require_tensor(x: Any, owner: str) -> None:
     if not isinstance(x, torch.Tensor):
@@ -178,7 +166,7 @@ class MobileOneBlock(nn.Module):
         state = {"fast": True, "low_memory": False, "cpu_kernel": True, **state}
         spec = state["_spec"]
         if isinstance(spec, tuple):
-            spec = dict(zip(_SPEC_FIELDS, spec))
+            spec = dict(zip(_native.BlockSpec.FIELDS, spec))
         if isinstance(spec, dict):
             state["_spec"] = _native.BlockSpec(**spec)
         super().__setstate__(state)

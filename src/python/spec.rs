@@ -27,6 +27,13 @@ const FIELDS: [&str; 9] = [
 
 #[pymethods]
 impl PyBlockSpec {
+    /// The field names, in the order old pickles stored them as a tuple.
+    #[classattr]
+    #[pyo3(name = "FIELDS")]
+    fn fields(py: Python<'_>) -> PyResult<Py<PyTuple>> {
+        Ok(PyTuple::new(py, FIELDS)?.unbind())
+    }
+
     #[new]
     #[pyo3(signature = (**fields))]
     #[pyo3(

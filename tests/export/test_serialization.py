@@ -101,3 +101,21 @@ def test_whole_module_round_trip_gives_identical_outputs(key, fused, round_trip)
         for param in restored.parameters():
             param.add_(1.0)
     assert torch.equal(eval_output(ours, x), expected)
+
+
+@pytest.mark.parametrize("stored", ["tuple", "dict"])
+def test_pickles_from_earlier_releases_still_load(stored):
+    # Earlier releases pickled the spec as a 9-tuple and had no fast/low_memory/cpu_kernel attributes.
+    ours, reference = build_pair("MobileOneBlock", 16, 16, 3, 1, 1, 1, 1, True, 2)
+    state = ours.__getstate__()
+    spec = state["_spec"]
+    assert list(spec) == list(mobileone_rs.BlockSpec.FIELDS)
+    state["_spec"] = tuple(spec.values()) if stored == "tuple" else dict(spec)
+    for option in ("fast", "low_memory", "cpu_kernel"):
+        del state[option]
+    restored = type(ours).__new__(type(ours))
+    restored.__setstate__(state)
+    assert restored._spec == ours._spec
+    assert (restored.fast, restored.low_memory, restored.cpu_kernel) == (True, False, True)
+    x = random_input((2, 16, 9, 9))
+    assert_close(eval_output(restored, x), eval_output(reference, x), F64, "restored vs oracle")
