@@ -206,7 +206,11 @@ def block_rows(args, start: float) -> list[Row]:
 
 
 def git_revision() -> str:
-    """The commit under test, with ``-dirty`` when the tree has changes."""
+    """The commit under test, with ``-dirty`` when the tree has changes; in a GPU bundle, the commit it
+    was built from (its REVISION file), not that of the tree the bundle was copied into."""
+    stamped = workloads.REPO_ROOT / "REVISION"
+    if stamped.is_file():
+        return stamped.read_text().strip()
 
     def git(*cmd: str) -> str:
         done = subprocess.run(

@@ -18,6 +18,8 @@ files=(tests/__init__.py tests/conftest.py tests/_util.py tests/oracle.py tests/
        tests/block/grid.py tests/device bench torch-versions.txt)
 git ls-files -co --exclude-standard -- "${files[@]}" | tar -T - -cf - | tar -xf - -C "$bundle"
 cp tools/gpu_bundle/run_gpu_checks.sh tools/gpu_bundle/collect_results.py "$bundle/"
+# The benchmark names the commit it measured: this checkout's, not that of whatever tree holds the bundle.
+echo "$(git rev-parse --short HEAD)$([ -z "$(git status --porcelain)" ] || echo -dirty)" > "$bundle/REVISION"
 size=$(du -sm "$bundle" | cut -f1)
 echo "$bundle: ${size} MiB ($(ls "$bundle"/*.whl | xargs -n1 basename))"
 [ "$size" -le 64 ] || { echo "the bundle exceeds 64 MiB" >&2; exit 1; }
