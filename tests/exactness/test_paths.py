@@ -1,7 +1,8 @@
 """Which path each state takes (``MobileOneBlock.forward_path``): the fast paths serve the states
 they model, and every state or tool they do not model takes the module path, with a reason.
 The numbers of those paths are checked against the oracle elsewhere (test_harness,
-test_regressions); this file guards against a fast path silently lost or silently widened."""
+test_module_states, test_pytorch_tools, test_native_boundary); this file guards against a fast path
+silently lost or silently widened."""
 
 from __future__ import annotations
 
