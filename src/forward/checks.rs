@@ -346,7 +346,11 @@ fn choose_work(
             .flat_map(|b| [&b.weight, &b.bias])
             .chain(branches.kernels());
         let cpu = ctx.cpu_inference(params);
-        return Ok(Decision::Fast(Work::Folded { branches, cpu }));
+        return Ok(Decision::Fast(Work::Folded {
+            branches,
+            kernel: None,
+            cpu,
+        }));
     }
     for (b, name, values) in trained {
         fast!(bn_trainable(b, *values, name));

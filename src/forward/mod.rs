@@ -21,7 +21,7 @@ pub mod state;
 use tch::{Device, Tensor};
 
 use crate::error::{config, Result};
-use crate::fuse::Branches;
+use crate::fuse::{self, Branches};
 use crate::spec::BlockSpec;
 use crate::train::{self, TrainForward, TrainPath};
 use checks::Ctx;
@@ -70,6 +70,8 @@ pub enum Work {
     },
     Folded {
         branches: Branches,
+        /// The one conv the branches fold into, computed once the path is chosen.
+        kernel: Option<(Tensor, Tensor)>,
         cpu: bool,
     },
     Fused {
@@ -124,7 +126,12 @@ impl Plan {
         self.check_input(x)?;
         let se = self.se.as_ref();
         match &self.work {
-            Work::Folded { branches, cpu } => {
+            Work::Folded {
+                kernel: Some((weight, bias)),
+                cpu,
+                ..
+            } => eval::forward_fused(&self.spec, weight, bias, se, x, *cpu),
+            Work::Folded { branches, cpu, .. } => {
                 eval::forward_folded(&self.spec, branches, se, x, *cpu)
             }
             Work::Fused { weight, bias, cpu } => {
@@ -305,6 +312,7 @@ fn decide(
     // The cost rule first: the finiteness check reads the input (a device sync on CUDA), so it runs
     // only for the path that will run.
     let work = fast!(now by_cost(work, &block.spec, x, weight));
+    let work = fold(work, &block.spec)?;
     fast!(finite_for_eval(&work, x));
     Ok(Decision::Fast((work, se)))
 }
@@ -320,6 +328,7 @@ fn by_cost(work: Work, spec: &BlockSpec, x: &Tensor, weight: &Tensor) -> Decisio
         (cost::Cost::Instead(_, _), Work::Folded { branches, .. }) => {
             Decision::Fast(Work::Folded {
                 branches,
+                kernel: None,
                 cpu: false,
             })
         }
@@ -336,22 +345,56 @@ fn by_cost(work: Work, spec: &BlockSpec, x: &Tensor, weight: &Tensor) -> Decisio
     }
 }
 
-/// The folded and CPU-kernel eval paths sum the branches before an inf can meet another: where
-/// the reference gives NaN (inf - inf between branches) they could give inf. A non-finite input
-/// goes to the module path. (`Fused` is the reference's own one conv; the training paths hand
-/// non-finite batches over themselves.) The sum is finite only if every value is: one pass,
-/// no allocation; a finite input whose sum overflows goes to the module path too, still exact.
+/// `Folded` work with its one conv computed now (differentiable, as the branches are): the
+/// finiteness check then sees the kernel that will run, and the plan runs it.
+fn fold(work: Work, spec: &BlockSpec) -> Result<Work> {
+    Ok(match work {
+        Work::Folded { branches, cpu, .. } => {
+            let (weight, bias) = fuse::fused_kernel_bias(spec, &branches)?;
+            Work::Folded {
+                branches,
+                kernel: Some((weight, bias)),
+                cpu,
+            }
+        }
+        work => work,
+    })
+}
+
+/// The folded and CPU-kernel eval paths differ from the reference wherever a value is not finite:
+/// they sum the branches before an inf can meet another (the reference gives NaN for inf - inf
+/// between branches, they could give inf); the CPU kernel multiplies the zero padding by the
+/// weight (inf * 0 = NaN where libtorch's conv skips the padding); a fold of finite BN
+/// parameters can overflow where the reference's BN after the conv stays finite. So these paths
+/// run only where the input and the conv that will run (the folded kernel and bias, or the fused
+/// ones for the CPU kernel) are finite. (`Fused` on libtorch's conv is the reference's own one
+/// conv; the training paths hand non-finite batches over themselves.) One sum per tensor and one
+/// read of their total (one device sync); a finite total that overflows goes to the module path
+/// too, still exact.
 fn finite_for_eval(work: &Work, x: &Tensor) -> Result<Decision<()>> {
-    let checked = matches!(work, Work::Folded { .. } | Work::Fused { cpu: true, .. });
-    if !checked {
-        return Ok(Decision::Fast(()));
+    let conv = match work {
+        Work::Folded {
+            kernel: Some((weight, bias)),
+            ..
+        } => [weight, bias],
+        Work::Fused {
+            weight,
+            bias,
+            cpu: true,
+        } => [weight, bias],
+        _ => return Ok(Decision::Fast(())),
+    };
+    let kind = x.f_kind()?;
+    let mut total = x.f_sum(kind)?;
+    for t in conv {
+        total = total.f_add(&t.f_sum(kind)?)?;
     }
-    let total = x.f_sum(x.f_kind()?)?.f_double_value(&[])?;
+    let total = total.f_double_value(&[])?;
     Ok(Decision::unless(
         !total.is_finite(),
         || {
-            "the input holds NaN or inf (or overflows a sum): the module path keeps the \
-             reference's NaN/inf pattern"
+            "the input or the block's weights hold NaN or inf (or their folded conv overflows): \
+             the module path keeps the reference's NaN/inf pattern"
                 .to_string()
         },
         (),

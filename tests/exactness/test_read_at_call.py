@@ -95,6 +95,61 @@ def test_non_finite_inputs_give_the_reference_nan_inf_pattern_in_eval(kwargs, fu
     )
 
 
+def _set(block, name, value, index):
+    with torch.no_grad():
+        tensor = block.get_parameter(name) if name.endswith(("weight", "bias")) else block.get_buffer(name)
+        tensor.view(-1)[index] = value
+
+
+_WEIGHTS = ["rbr_conv.0.conv.weight", "rbr_conv.1.bn.weight", "rbr_conv.2.bn.running_var", "rbr_skip.bias"]
+_SCALE = ["rbr_scale.conv.weight", "rbr_scale.bn.running_mean"]  # depthwise 3x3 only: 1x1 has no scale
+
+
+@pytest.mark.parametrize(
+    "kwargs, name",
+    [pytest.param(DW, n, id=f"depthwise-{n}") for n in _WEIGHTS + _SCALE]
+    + [pytest.param(PW, n, id=f"pointwise-{n}") for n in _WEIGHTS],
+)
+@pytest.mark.parametrize("value", [float("inf"), float("nan")], ids=["inf", "nan"])
+@pytest.mark.parametrize("fused", [False, True], ids=["unfused", "fused"])
+def test_non_finite_weights_give_the_reference_nan_inf_pattern_in_eval(kwargs, fused, value, name):
+    """A non-finite weight or BN statistic: the CPU kernel would multiply the zero padding by it
+    and the fold would spread it differently than the reference's branches do."""
+    ours, reference = build_pair("MobileOneBlock", dtype=torch.float32, **kwargs)
+    ours.eval(), reference.eval()
+    for block in (ours, reference):
+        _set(block, name, value, 1)
+    if fused:  # the reference's own fuse of the same state; ours refuses it (FuseOverflowError)
+        reference = oracle.reparameterize_model(reference)
+        ours = mobileone_rs.MobileOneBlock(**kwargs, inference_mode=True).eval()
+        ours.load_state_dict(reference.state_dict())
+    x = random_input((2, 8, 7, 6), torch.float32)
+    with torch.no_grad():
+        got, want = ours(x), reference(x)
+    for have, expected, what in zip(
+        _nonfinite_pattern(got), _nonfinite_pattern(want), ("NaN", "+inf", "-inf")
+    ):
+        assert torch.equal(have, expected), f"{what} positions differ from the reference's"
+    finite = torch.isfinite(want)
+    torch.testing.assert_close(got[finite], want[finite], rtol=0, atol=1e-4 * want[finite].abs().max())
+
+
+@pytest.mark.parametrize("kwargs", [DW, PW], ids=["depthwise", "pointwise"])
+def test_a_fold_that_overflows_where_the_reference_stays_finite_takes_the_module_path(kwargs):
+    ours, reference = build_pair("MobileOneBlock", dtype=torch.float32, **kwargs)
+    ours.eval(), reference.eval()
+    with torch.no_grad():
+        for block in (ours, reference):
+            block.rbr_conv[0].conv.weight.fill_(1e10)  # folded: 1e10 * 1e30 overflows float32
+            block.rbr_conv[0].bn.weight.fill_(1e30)
+            block.rbr_conv[0].bn.running_var.fill_(1.0)
+        x = random_input((2, 8, 7, 6), torch.float32) * 1e-20
+        assert ours.forward_path(x) == "module", ours.forward_path(x, explain=True)
+        got, want = ours(x), reference(x)
+    assert torch.isfinite(want).all()
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=0)
+
+
 @pytest.mark.parametrize(
     "args, name",
     [
