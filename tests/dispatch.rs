@@ -58,8 +58,8 @@ fn bn(channels: i64, training: bool) -> BnState {
         num_batches_tracked: Some(Tensor::zeros([], (Kind::Int64, tch::Device::Cpu))),
         momentum: Momentum::Value(0.1),
         eps: Some(1e-5),
-        training,
-        track_running_stats: true,
+        training: Some(training),
+        track_running_stats: Some(true),
         plain: true,
     }
 }
@@ -180,7 +180,7 @@ fn call_facts_send_every_block_to_the_module_path() {
 fn child_states_the_fast_paths_do_not_model_are_refused_by_name() {
     let mut mixed = unfused(depthwise(), true);
     if let Body::Branches { conv, .. } = &mut mixed.body {
-        conv[1].bn.training = false;
+        conv[1].bn.training = Some(false);
     }
     refused(&mixed, &env(), "some BNs train");
     let mut hooked = unfused(pointwise(), true);
@@ -203,13 +203,18 @@ fn child_states_the_fast_paths_do_not_model_are_refused_by_name() {
         ..unfused(depthwise(), true)
     };
     refused(&opaque, &env(), "SyncBatchNorm");
+    let mut truthy = unfused(depthwise(), false);
+    if let Body::Branches { conv, .. } = &mut truthy.body {
+        conv[0].bn.training = None; // `bn.training = 1`: torch reads it as truthy
+    }
+    refused(&truthy, &env(), "rbr_conv.0.bn.training");
     let mut relu = unfused(depthwise(), true);
     relu.activation_plain = false;
     refused(&relu, &env(), "activation");
 }
 
 #[test]
-fn non_finite_inputs_leave_the_folded_and_cpu_eval_paths() {
+fn non_finite_inputs_and_weights_leave_the_folded_and_cpu_eval_paths() {
     let no_grad = Env {
         grad_enabled: false,
         ..env()
@@ -230,6 +235,22 @@ fn non_finite_inputs_leave_the_folded_and_cpu_eval_paths() {
         choose(&x, &fused(pointwise()), &no_grad).unwrap().path(),
         Path::Fused
     );
+    // A non-finite weight: the CPU kernel would multiply the zero padding by it, the fold would
+    // spread it otherwise than the branches.
+    let finite = input();
+    let mut inf_weight = fused(depthwise());
+    if let Body::Fused(conv) = &mut inf_weight.body {
+        let _ = conv.weight.get(0).fill_(f64::INFINITY);
+    }
+    let mut nan_var = unfused(depthwise(), false);
+    if let Body::Branches { conv, .. } = &mut nan_var.body {
+        let _ = conv[0].bn.running_var.as_mut().unwrap().fill_(f64::NAN);
+    }
+    for block in [inf_weight, nan_var] {
+        let plan = choose(&finite, &block, &no_grad).unwrap();
+        assert_eq!(plan.path(), Path::Module, "{:?}", plan.reason);
+        assert!(plan.reason.contains("weights hold NaN or inf"));
+    }
 }
 
 #[test]

@@ -18,7 +18,7 @@ from torch import nn
 
 from . import _native, observe, probes
 from .function import NonFinite, TrainBranchSum
-from .options import Options
+from .options import Options, require_bool
 from .reparameterize import fused_copy, fused_kernel_bias, reparameterize_block
 from .state import CallEnv
 
@@ -26,14 +26,6 @@ from .state import CallEnv
 def _require_tensor(x: Any, owner: str) -> None:
     if not isinstance(x, torch.Tensor):
         raise _native.InputTypeError(f"{owner} input must be a torch.Tensor, got {type(x).__name__}")
-
-
-def _require_bool(value: Any, name: str) -> bool:
-    if type(value) is not bool:
-        raise _native.ArgumentTypeError(
-            f"{name} must be a bool (True or False), got {type(value).__name__} {value!r}"
-        )
-    return value
 
 
 class SEBlock(nn.Module):
@@ -122,8 +114,10 @@ class MobileOneBlock(nn.Module):
             use_se=use_se,
             num_conv_branches=num_conv_branches,
         )
-        self.fast, self.low_memory, self.cpu_kernel = bool(fast), bool(low_memory), bool(cpu_kernel)
-        self.inference_mode = _require_bool(inference_mode, "inference_mode")
+        self.fast = require_bool(fast, "fast")
+        self.low_memory = require_bool(low_memory, "low_memory")
+        self.cpu_kernel = require_bool(cpu_kernel, "cpu_kernel")
+        self.inference_mode = require_bool(inference_mode, "inference_mode")
         self.groups = groups
         self.stride = stride
         self.kernel_size = kernel_size
@@ -196,8 +190,13 @@ class MobileOneBlock(nn.Module):
 
     @property
     def options(self) -> Options:
-        """This block's own fast-path options (a scope's :func:`fast_paths` may override them)."""
-        return Options(self.fast, self.low_memory, self.cpu_kernel)
+        """This block's own fast-path options (a scope's :func:`fast_paths` may override them);
+        ``ArgumentTypeError`` when one was set to something other than a bool."""
+        return Options(
+            require_bool(self.fast, "MobileOneBlock.fast"),
+            require_bool(self.low_memory, "MobileOneBlock.low_memory"),
+            require_bool(self.cpu_kernel, "MobileOneBlock.cpu_kernel"),
+        )
 
     def _plan(self, x: torch.Tensor, env: CallEnv) -> Any:
         return _native.plan(x, observe.block_state(self, self._spec, SEBlock), env)
@@ -305,7 +304,7 @@ class MobileOne(nn.Module):
         """Builds the stage; raises ``ConfigError`` for invalid arguments (e.g. num_se > blocks, or
         ``use_se`` that is not a bool)."""
         super().__init__()
-        self.inference_mode = _require_bool(inference_mode, "inference_mode")
+        self.inference_mode = require_bool(inference_mode, "inference_mode")
         self.use_se = use_se
         self.num_conv_branches = num_conv_branches
         plan = _native.stage_plan(

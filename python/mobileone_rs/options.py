@@ -5,7 +5,9 @@ from __future__ import annotations
 import contextlib
 import threading
 from collections.abc import Iterator
-from typing import NamedTuple
+from typing import Any, NamedTuple
+
+from ._build import _native
 
 
 class Options(NamedTuple):
@@ -24,6 +26,20 @@ class Options(NamedTuple):
     fast: bool = True
     low_memory: bool = False
     cpu_kernel: bool = True
+
+
+def require_bool(value: Any, name: str) -> bool:
+    """``value`` when it is a bool, else ``ArgumentTypeError`` naming ``name`` (no truthy values:
+    a yaml typo such as ``Flase`` or a ``0`` is refused, not read as True or False)."""
+    if type(value) is not bool:
+        raise _native.ArgumentTypeError(
+            f"{name} must be a bool (True or False), got {type(value).__name__} {value!r}"
+        )
+    return value
+
+
+def _require_option(value: Any, name: str) -> bool | None:
+    return None if value is None else require_bool(value, f"fast_paths({name}=...)")
 
 
 class _Override(NamedTuple):
@@ -50,8 +66,11 @@ def fast_paths(
     """Overrides every block's options on this thread for the scope; ``None`` keeps a block's own.
 
     Example: ``with fast_paths(cpu_kernel=False): model(x)`` runs libtorch's ops where the CPU
-    kernels would run.
+    kernels would run. Each argument is a bool or None (``ArgumentTypeError`` otherwise).
     """
+    enabled = _require_option(enabled, "enabled")
+    low_memory = _require_option(low_memory, "low_memory")
+    cpu_kernel = _require_option(cpu_kernel, "cpu_kernel")
     previous: _Override = getattr(_scope, "override", _Override())
     _scope.override = _Override(
         previous.fast if enabled is None else enabled,

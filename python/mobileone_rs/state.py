@@ -2,8 +2,8 @@
 
 Each call, a block observes its children and the call (:mod:`mobileone_rs.observe`,
 :mod:`mobileone_rs.probes`) into these dicts; the native side reads them by key (a missing or
-misspelt key is a ``TypeError``, never a silent swap) and the stub ``_native.pyi`` types its
-functions with them. Plain dicts keep the per-call cost low; the ``TypedDict`` s give them a schema
+misspelt key raises ``KeyError``, a value of the wrong kind ``TypeError``: never a silent swap)
+and the stub ``_native.pyi`` types its functions with them. Plain dicts keep the per-call cost low; the ``TypedDict`` s give them a schema
 that mypy checks where they are built.
 """
 
@@ -37,8 +37,8 @@ class BnState(TypedDict):
     num_batches_tracked: torch.Tensor | None
     momentum: Any
     eps: Any
-    training: bool
-    track_running_stats: bool
+    training: Any  # as set; anything but a bool takes the module path (torch reads it as truthy)
+    track_running_stats: Any
     plain: bool
 
 

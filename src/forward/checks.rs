@@ -176,6 +176,11 @@ fn bn(b: &BnState, name: &str) -> Decision<BatchNorm> {
     if !b.plain {
         return Decision::refuse(format!("{name} has hooks or tensor subclasses"));
     }
+    if b.training.is_none() || b.track_running_stats.is_none() {
+        return Decision::refuse(format!(
+            "{name}.training or .track_running_stats is not a bool (torch reads it as truthy)"
+        ));
+    }
     let (Some(weight), Some(bias)) = (&b.weight, &b.bias) else {
         return Decision::refuse(format!("{name} has no affine parameters"));
     };
@@ -210,7 +215,7 @@ fn bn_trainable(b: &BnState, values: i64, name: &str) -> Result<Decision<()>> {
             "{name} would average {values} value per channel"
         )));
     }
-    if !b.track_running_stats {
+    if b.track_running_stats != Some(true) {
         return Ok(Decision::refuse(format!(
             "{name}.track_running_stats is False"
         )));
@@ -334,8 +339,8 @@ fn choose_work(
     branches: Branches,
     trained: &[Trained<'_>],
 ) -> Result<Decision<Work>> {
-    let all_train = trained.iter().all(|(b, _, _)| b.training);
-    if !all_train && trained.iter().any(|(b, _, _)| b.training) {
+    let all_train = trained.iter().all(|(b, _, _)| b.training == Some(true));
+    if !all_train && trained.iter().any(|(b, _, _)| b.training == Some(true)) {
         return Ok(Decision::refuse(
             "some BNs train and others are in eval mode (only the module path mixes them)",
         ));

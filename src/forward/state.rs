@@ -64,8 +64,10 @@ pub struct BnState {
     pub momentum: Momentum,
     /// `None` when `eps` is not a number.
     pub eps: Option<f64>,
-    pub training: bool,
-    pub track_running_stats: bool,
+    /// `None` when the attribute is not a bool (the fast paths refuse it).
+    pub training: Option<bool>,
+    /// `None` when the attribute is not a bool (the fast paths refuse it).
+    pub track_running_stats: Option<bool>,
     /// Exactly `nn.BatchNorm2d`, no hooks, plain tensors.
     pub plain: bool,
 }

@@ -100,11 +100,17 @@ pub struct PyBnState<'py> {
     #[pyo3(item)]
     eps: Bound<'py, PyAny>,
     #[pyo3(item)]
-    training: bool,
+    training: Bound<'py, PyAny>,
     #[pyo3(item)]
-    track_running_stats: bool,
+    track_running_stats: Bound<'py, PyAny>,
     #[pyo3(item)]
     plain: bool,
+}
+
+/// A `bool` attribute's value, `None` when it holds something else (torch's forward reads it
+/// as truthy; only the module path models that).
+fn flag(ob: &Bound<'_, PyAny>) -> Option<bool> {
+    ob.downcast::<PyBool>().ok().map(|b| b.is_true())
 }
 
 impl From<PyBnState<'_>> for BnState {
@@ -123,8 +129,8 @@ impl From<PyBnState<'_>> for BnState {
             num_batches_tracked: tensor(b.num_batches_tracked, &mut plain),
             momentum,
             eps: number(&b.eps),
-            training: b.training,
-            track_running_stats: b.track_running_stats,
+            training: flag(&b.training),
+            track_running_stats: flag(&b.track_running_stats),
             plain,
         }
     }

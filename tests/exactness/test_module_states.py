@@ -71,6 +71,26 @@ def test_untracked_bn_keeps_its_buffers(kwargs):
         assert torch.equal(dict(ours.named_buffers())[key], value), f"untracked {key} moved"
 
 
+# BN flags set to values that are not bools: torch's forward reads them as truthy
+
+
+@pytest.mark.parametrize(
+    "flag, value, train",
+    [("training", 1, False), ("training", 0, True), ("track_running_stats", 0, True), ("training", None, True)],
+    ids=["training=1-in-eval", "training=0-in-train", "track_running_stats=0", "training=None"],
+)
+@pytest.mark.parametrize("kwargs", [DEPTHWISE, POINTWISE], ids=["dw", "pw"])
+def test_bn_flags_that_are_not_bools_take_the_module_path(kwargs, flag, value, train):
+    ours, reference = build_pair("MobileOneBlock", **kwargs)
+    for model in (ours, reference):
+        model.train(train)
+        setattr(_bns(model)[0], flag, value)
+    x = random_input((2, 8, 7, 6))
+    name, why = ours.forward_path(x, explain=True)
+    assert name == "module" and "not a bool" in why, why
+    _assert_same_step(ours, reference, x, f"{flag}={value!r}")
+
+
 # One batch statistic per channel, whatever the input's shape
 
 

@@ -174,8 +174,30 @@ def test_stage_arguments_of_the_wrong_type_are_refused_by_name(args, name):
         ({"kernel_size": 3.0}, "kernel_size"),
         ({"groups": True}, "groups"),
         ({"inference_mode": None}, "inference_mode"),
+        ({"fast": 1}, "fast"),
+        ({"low_memory": "no"}, "low_memory"),
+        ({"cpu_kernel": None}, "cpu_kernel"),
     ],
 )
 def test_block_arguments_of_the_wrong_type_are_refused_by_name(kwargs, name):
     with pytest.raises(mobileone_rs.ArgumentTypeError, match=name):
         mobileone_rs.MobileOneBlock(**{**DW, **kwargs})
+
+
+@pytest.mark.parametrize("attribute", ["fast", "low_memory", "cpu_kernel"])
+@pytest.mark.parametrize("value", [0, None, "False"], ids=["0", "None", "str"])
+def test_options_set_to_values_that_are_not_bools_are_refused_by_name(attribute, value):
+    block = mobileone_rs.MobileOneBlock(**DW)
+    setattr(block, attribute, value)
+    x = random_input((2, 8, 7, 6))
+    with pytest.raises(mobileone_rs.ArgumentTypeError, match=f"MobileOneBlock.{attribute}"):
+        block(x)
+
+
+@pytest.mark.parametrize("argument", ["enabled", "low_memory", "cpu_kernel"])
+def test_fast_paths_scope_refuses_values_that_are_not_bools(argument):
+    with pytest.raises(mobileone_rs.ArgumentTypeError, match=f"{argument}="):
+        with mobileone_rs.fast_paths(**{argument: "no"}):
+            pass
+    with mobileone_rs.fast_paths(**{argument: None}):  # None keeps each block's own option
+        assert mobileone_rs.MobileOneBlock(**DW).double().forward_path(random_input((2, 8, 7, 6))) != "module"
