@@ -35,13 +35,13 @@ RELU = _activation.ReLU
 IDENTITY = _linear.Identity
 
 # Per class: the methods the module path calls on its instances (an instance attribute of the
-# same name replaces them too).
+# same name replaces them too; ``_call_impl`` is what ``module(x)`` runs).
 INSTANCE_METHODS: dict[type, tuple[str, ...]] = {
-    CONV2D: ("forward", "_conv_forward"),
-    BATCHNORM2D: ("forward", "_check_input_dim"),
-    SEQUENTIAL: ("forward",),
-    RELU: ("forward",),
-    IDENTITY: ("forward",),
+    CONV2D: ("forward", "_conv_forward", "_call_impl"),
+    BATCHNORM2D: ("forward", "_check_input_dim", "_call_impl"),
+    SEQUENTIAL: ("forward", "_call_impl"),
+    RELU: ("forward", "_call_impl"),
+    IDENTITY: ("forward", "_call_impl"),
 }
 
 _PATCHABLE: list[tuple[Any, str]] = [
@@ -55,6 +55,8 @@ _PATCHABLE: list[tuple[Any, str]] = [
     (F, "avg_pool2d"),
     (torch, "conv2d"),
     (torch, "batch_norm"),
+    (torch, "relu"),  # what F.relu calls
+    (torch, "relu_"),
     (torch, "sigmoid"),
 ]
 _CAPTURED: list[tuple[Any, str, Any]] = [(owner, name, getattr(owner, name)) for owner, name in _PATCHABLE]
@@ -71,11 +73,14 @@ def torch_patched() -> bool:
 
 
 def stock(module: Any, cls: type) -> bool:
-    """Whether ``module`` is exactly torch's ``cls`` with no instance-level method replacement."""
+    """Whether ``module`` is exactly torch's ``cls`` with no instance-level method replacement and
+    no compiled call (``module.compile()`` makes ``module(x)`` run a compiled graph)."""
     if type(module) is not cls:
         return False
     d = module.__dict__
-    return not any(name in d for name in INSTANCE_METHODS.get(cls, ("forward",)))
+    if d.get("_compiled_call_impl") is not None:
+        return False
+    return not any(name in d for name in INSTANCE_METHODS.get(cls, ("forward", "_call_impl")))
 
 
 def hooked(module: Any) -> bool:

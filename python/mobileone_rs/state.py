@@ -3,8 +3,8 @@
 Each call, a block observes its children and the call (:mod:`mobileone_rs.observe`,
 :mod:`mobileone_rs.probes`) into these dicts; the native side reads them by key (a missing or
 misspelt key raises ``KeyError``, a value of the wrong kind ``TypeError``: never a silent swap)
-and the stub ``_native.pyi`` types its functions with them. Plain dicts keep the per-call cost low; the ``TypedDict`` s give them a schema
-that mypy checks where they are built.
+and the stub ``_native.pyi`` types its functions with them. Plain dicts keep the per-call cost
+low; the ``TypedDict`` s give them a schema that mypy checks where they are built.
 """
 
 from __future__ import annotations

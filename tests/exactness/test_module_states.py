@@ -76,7 +76,12 @@ def test_untracked_bn_keeps_its_buffers(kwargs):
 
 @pytest.mark.parametrize(
     "flag, value, train",
-    [("training", 1, False), ("training", 0, True), ("track_running_stats", 0, True), ("training", None, True)],
+    [
+        ("training", 1, False),
+        ("training", 0, True),
+        ("track_running_stats", 0, True),
+        ("training", None, True),
+    ],
     ids=["training=1-in-eval", "training=0-in-train", "track_running_stats=0", "training=None"],
 )
 @pytest.mark.parametrize("kwargs", [DEPTHWISE, POINTWISE], ids=["dw", "pw"])

@@ -60,6 +60,21 @@ def _instance_relu_forward(model):
     model.activation.forward = lambda x: torch.nn.functional.leaky_relu(x, 0.25)
 
 
+def _instance_bn_call_impl(model):
+    bn = _first_bn(model)
+    bn._call_impl = lambda x, bn=bn: _scaled_bn_forward(bn, x)
+
+
+def _compiled_bn_call(model):
+    """What ``bn.compile()`` sets (a compiled graph of a replaced forward, without compiling)."""
+    bn = _first_bn(model)
+    bn._compiled_call_impl = lambda x, bn=bn: _scaled_bn_forward(bn, x)
+
+
+def _leaky_torch_relu(x):
+    return torch.nn.functional.leaky_relu(x, 0.25)
+
+
 def _instance_se_forward(model):
     se = model.se
     se.forward = lambda x, se=se: type(se).forward(se, x) * 0.5
@@ -70,6 +85,9 @@ OVERRIDES = {
     "instance-bn-forward": (None, _instance_bn_forward),
     "instance-relu-forward": (None, _instance_relu_forward),
     "instance-se-forward": (None, _instance_se_forward),
+    "instance-bn-call-impl": (None, _instance_bn_call_impl),
+    "compiled-bn-call": (None, _compiled_bn_call),
+    "torch-relu": (lambda: mock.patch.object(torch, "relu", _leaky_torch_relu), None),
     "class-bn-forward": (lambda: mock.patch.object(nn.BatchNorm2d, "forward", _scaled_bn_forward), None),
     "functional-conv2d": (lambda: mock.patch.object(F, "conv2d", _shifted_conv2d), None),
     "qat-conv-swap": (lambda: mock.patch.object(torch.nn, "Conv2d", FakeQuantConv2d), None),
@@ -100,7 +118,8 @@ def test_overridden_forward_runs_as_on_the_module_path(config, override):
 
 
 @pytest.mark.parametrize(
-    "override", ["instance-relu-forward", "class-bn-forward", "functional-conv2d", "qat-conv-swap"]
+    "override",
+    ["instance-relu-forward", "class-bn-forward", "functional-conv2d", "qat-conv-swap", "torch-relu"],
 )
 @pytest.mark.parametrize("config", ["depthwise-s1", "pointwise-skip"])
 def test_overridden_forward_of_a_fused_block(config, override):

@@ -197,7 +197,6 @@ def test_options_set_to_values_that_are_not_bools_are_refused_by_name(attribute,
 @pytest.mark.parametrize("argument", ["enabled", "low_memory", "cpu_kernel"])
 def test_fast_paths_scope_refuses_values_that_are_not_bools(argument):
     with pytest.raises(mobileone_rs.ArgumentTypeError, match=f"{argument}="):
-        with mobileone_rs.fast_paths(**{argument: "no"}):
-            pass
+        mobileone_rs.fast_paths(**{argument: "no"}).__enter__()
     with mobileone_rs.fast_paths(**{argument: None}):  # None keeps each block's own option
         assert mobileone_rs.MobileOneBlock(**DW).double().forward_path(random_input((2, 8, 7, 6))) != "module"
