@@ -360,8 +360,55 @@ fn choose_work(
     for (b, name, values) in trained {
         fast!(bn_trainable(b, *values, name));
     }
+    fast!(now unshared_statistics(&branches));
     let path = fast!(now train_path(ctx));
     Ok(Decision::Fast(Work::Train { path, branches }))
+}
+
+/// The bytes a tensor's elements span (its storage offset on, as far as its largest index reaches).
+fn span(t: &Tensor) -> (usize, usize) {
+    let start = t.data_ptr() as usize;
+    let reach: i64 = t
+        .size()
+        .iter()
+        .zip(t.stride())
+        .map(|(&n, s)| (n - 1).max(0) * s.abs())
+        .sum();
+    // Checked before: floating statistics of the input's dtype and an int64 counter.
+    let element = t.f_kind().map_or(8, |k| k.elt_size_in_bytes());
+    let bytes = (reach as usize + 1) * element;
+    (start, start + bytes)
+}
+
+/// No two BNs share (or overlap in) a running statistic or counter: the reference updates a
+/// shared buffer once per BN in its own order (skip, scale, conv branches), which only the module
+/// path reproduces.
+fn unshared_statistics(branches: &Branches) -> Decision<()> {
+    let spans: Vec<(usize, usize)> = branches
+        .batch_norms()
+        .flat_map(|b| {
+            [
+                Some(&b.running_mean),
+                Some(&b.running_var),
+                b.num_batches_tracked.as_ref(),
+            ]
+        })
+        .flatten()
+        .filter(|t| t.numel() > 0)
+        .map(span)
+        .collect();
+    let shared = spans
+        .iter()
+        .enumerate()
+        .any(|(i, a)| spans[i + 1..].iter().any(|b| a.0 < b.1 && b.0 < a.1));
+    Decision::unless(
+        shared,
+        || {
+            "two BNs share running statistics (the module path updates them in the reference's order)"
+            .to_string()
+        },
+        (),
+    )
 }
 
 /// The training path of a block's geometry.

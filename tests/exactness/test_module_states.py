@@ -96,6 +96,24 @@ def test_bn_flags_that_are_not_bools_take_the_module_path(kwargs, flag, value, t
     _assert_same_step(ours, reference, x, f"{flag}={value!r}")
 
 
+# BNs sharing running statistics (tied buffers): the reference updates a shared buffer once per BN,
+# skip first, then scale, then the conv branches
+
+
+@pytest.mark.parametrize("buffer", ["running_mean", "running_var", "num_batches_tracked"])
+@pytest.mark.parametrize("kwargs", [DEPTHWISE, POINTWISE], ids=["dw", "pw"])
+def test_bns_sharing_running_statistics_take_the_module_path(kwargs, buffer):
+    ours, reference = build_pair("MobileOneBlock", **kwargs)
+    for model in (ours, reference):
+        model.train()
+        setattr(model.rbr_conv[0].bn, buffer, getattr(model.rbr_skip, buffer))
+    x = random_input((2, 8, 7, 6))
+    name, why = ours.forward_path(x, explain=True)
+    assert name == "module" and "share running statistics" in why, why
+    for _ in range(2):
+        _assert_same_step(ours, reference, x, f"shared {buffer}")
+
+
 # One batch statistic per channel, whatever the input's shape
 
 
