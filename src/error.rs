@@ -35,6 +35,17 @@ pub enum Error {
 /// The core's result type.
 pub type Result<T> = std::result::Result<T, Error>;
 
+/// A device as messages name it. tch reports every device but CPU, CUDA and Vulkan (meta, MPS,
+/// XPU, ...) as MPS, so that one is named by what it may be.
+pub(crate) fn device_name(device: tch::Device) -> String {
+    match device {
+        tch::Device::Cpu => "cpu".into(),
+        tch::Device::Cuda(i) => format!("cuda:{i}"),
+        tch::Device::Vulkan => "vulkan".into(),
+        tch::Device::Mps => "a device other than cpu and cuda (meta, mps, xpu, ...)".into(),
+    }
+}
+
 /// Builds an [`Error::Config`] from a message.
 pub(crate) fn config(msg: impl Into<String>) -> Error {
     Error::Config(msg.into())

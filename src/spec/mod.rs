@@ -7,7 +7,7 @@ pub mod yaml;
 
 use tch::Tensor;
 
-use crate::error::{config, Error, Result};
+use crate::error::{config, device_name, Error, Result};
 
 /// Largest channel count or group count accepted; larger ones are rejected, not allocated.
 pub const MAX_CHANNELS: i64 = 1 << 16;
@@ -180,9 +180,9 @@ impl From<&BlockSpec> for crate::cpu::Conv {
 fn check_input_type(x: &Tensor, weight: &Tensor, autocast: bool) -> Result<()> {
     if x.device() != weight.device() {
         return Err(Error::InputType(format!(
-            "input is on {:?} but the block's weights are on {:?}",
-            x.device(),
-            weight.device()
+            "input is on {} but the block's weights are on {}",
+            device_name(x.device()),
+            device_name(weight.device())
         )));
     }
     let (xk, wk) = (x.f_kind()?, weight.f_kind()?);

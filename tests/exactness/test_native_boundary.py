@@ -187,3 +187,19 @@ def test_python_exceptions_from_callbacks_come_back_as_themselves(kwargs, train)
         block(x)
     with pytest.raises(_Raised), Raising():
         block(x)
+
+
+# Devices tch does not name (meta): tch reports them as MPS; messages must not
+
+
+def test_meta_device_is_not_called_mps_and_a_meta_model_fuses():
+    block = mobileone_rs.MobileOneBlock(16, 16, 3, padding=1, groups=16, use_se=True)
+    with pytest.raises(mobileone_rs.InputTypeError, match="weights are on cpu") as raised:
+        block(torch.zeros(2, 16, 5, 5, device="meta"))
+    assert "Mps" not in str(raised.value)
+    block = block.to("meta")  # shape inference on meta: forward and fuse as the reference does
+    x = torch.zeros(2, 16, 5, 5, device="meta")
+    assert block(x).shape == (2, 16, 5, 5)
+    fused = mobileone_rs.reparameterize_model(block)
+    assert fused.reparam_conv.weight.device.type == "meta"
+    assert fused(x).shape == (2, 16, 5, 5)
