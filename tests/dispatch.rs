@@ -263,6 +263,9 @@ fn a_plan_refuses_other_inputs_and_other_paths() {
     assert!(p.run_eval(&input()).is_ok());
     let other = Tensor::randn([2, C, 9, 5], (Kind::Float, tch::Device::Cpu));
     assert!(p.run_eval(&other).is_err());
+    let double = input().to_kind(Kind::Double);
+    let err = p.run_eval(&double).unwrap_err().to_string();
+    assert!(err.contains("Double"), "{err}");
     assert!(p.train_forward(&input()).is_err());
     assert!(p.parameters().is_err());
 }

@@ -18,7 +18,7 @@ pub mod eval;
 pub mod se;
 pub mod state;
 
-use tch::{Device, Tensor};
+use tch::{Device, Kind, Tensor};
 
 use crate::error::{config, Result};
 use crate::fuse::{self, Branches};
@@ -113,6 +113,8 @@ pub struct Plan {
     pub se: Option<SqueezeExcite>,
     /// The input's sizes the plan was checked for.
     pub input_size: Vec<i64>,
+    /// The input's dtype (`None`: one tch cannot name) and device the plan was checked for.
+    pub input_type: (Option<Kind>, Device),
 }
 
 impl Plan {
@@ -192,13 +194,22 @@ impl Plan {
         }
     }
 
-    /// The plan runs only on an input of the size it was checked for.
+    /// The plan runs only on an input of the size, dtype and device it was checked for.
     fn check_input(&self, x: &Tensor) -> Result<()> {
         if x.size() != self.input_size {
             return Err(config(format!(
                 "the plan was made for an input of size {:?}, got {:?}",
                 self.input_size,
                 x.size()
+            )));
+        }
+        if (x.f_kind().ok(), x.device()) != self.input_type {
+            return Err(config(format!(
+                "the plan was made for a {:?} input on {}, got {:?} on {}",
+                self.input_type.0,
+                crate::error::device_name(self.input_type.1),
+                x.f_kind().ok(),
+                crate::error::device_name(x.device())
             )));
         }
         Ok(())
@@ -260,6 +271,7 @@ pub fn choose(x: &Tensor, block: &BlockState, env: &Env) -> Result<Plan> {
         reason,
         se,
         input_size: x.size(),
+        input_type: (x.f_kind().ok(), x.device()),
     })
 }
 
