@@ -13,7 +13,7 @@ Deliberate deviation from the reference (the only one):
       then carries the same dilation, and fused == unfused holds for ``dilation > 1`` with
       "same" padding ``dilation * (kernel_size // 2)``.
 
-Kept as in the seed, though the package may differ:
+Kept as in the reference, though the package may differ:
   * ``reparameterize`` calls ``detach_()`` on every parameter, which leaves the fused block's
     parameters (``reparam_conv`` and SE included) with ``requires_grad=False``.
   * ``MobileOne`` checks ``num_se > num_blocks`` only when ``use_se`` is true and validates
@@ -324,7 +324,7 @@ def reparameterize_model(model: torch.nn.Module) -> nn.Module:
 
 
 # ---------------------------------------------------------------------------------------------
-# Test helpers (not part of the seed).
+# Test helpers (not part of the reference).
 
 
 def copy_weights(src: nn.Module, dst: nn.Module) -> nn.Module:

@@ -134,7 +134,7 @@ def test_channels_last_input_gives_same_output(fused):
 def test_fused_weights_stay_trainable():
     ours, _ = _block_pair()
     ours.reparameterize()
-    # Deliberately unlike the seed, whose detach_() freezes every fused parameter.
+    # Deliberately unlike the reference, whose detach_() freezes every fused parameter.
     assert all(p.requires_grad for p in ours.parameters())
     before = ours.reparam_conv.weight.detach().clone()
     opt = torch.optim.SGD(ours.parameters(), lr=0.1)

@@ -88,7 +88,7 @@ def _binds_mobileone_from_package(node: ast.stmt) -> bool:
 
 
 def _own_mobileone_definition(tree: ast.Module) -> ast.stmt | None:
-    """A top-level ``class MobileOne`` or assignment, e.g. the seed's code pasted in by hand."""
+    """A top-level ``class MobileOne`` or assignment, e.g. the reference MobileOne code pasted in by hand."""
     for node in tree.body:
         if isinstance(node, ast.ClassDef) and node.name == "MobileOne":
             return node
@@ -140,8 +140,8 @@ def add_package_import(text: str) -> str:
     own = _own_mobileone_definition(tree)
     if own is not None:
         raise NotYolov9Error(
-            f"{COMMON}:{own.lineno} already defines MobileOne (the seed's code pasted in?); "
-            "remove that definition so the package's MobileOne is the one YOLOv9 uses"
+            f"{COMMON}:{own.lineno} already defines MobileOne (the reference MobileOne code pasted in "
+            "by hand?); remove that definition so the package's MobileOne is the one YOLOv9 uses"
         )
     return _insert_after_line(text, _end_lineno(_import_anchor(tree)), [IMPORT_LINE])
 

@@ -1,6 +1,6 @@
 """Edits that make a YOLOv9 tree run under the torch this package needs, offline, with today's libraries.
 
-The model itself needs only the seed's three edits (:mod:`mobileone_rs.yolov9`). Upstream YOLOv9 was
+The model itself needs only the three edits of :mod:`mobileone_rs.yolov9`. Upstream YOLOv9 was
 written for torch 1.x, Pillow 9 and NumPy 1, and fetches a font from the internet; with torch 2.13 and
 the current Pillow, NumPy and albumentations its scripts break in ways that have nothing to do with
 MobileOne. Each edit below is located with :mod:`ast` (or by requirement name), is skipped when the
