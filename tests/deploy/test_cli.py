@@ -145,3 +145,38 @@ def test_image_size_not_a_multiple_of_32(checkpoints, tmp_path, env):
         "--img 100: must be a positive multiple of 32",
         tmp_path / "out",
     )
+
+
+@pytest.mark.parametrize(
+    "option, value, message",
+    [
+        ("--calib", 0, "--calib 0: must be at least 1"),
+        ("--heldout", -2, "--heldout -2: must be at least 1"),
+        ("--runs", 0, "--runs 0: must be at least 1"),
+        ("--opset", 8, "--opset 8: must be at least 9"),
+    ],
+)
+def test_option_values_are_refused_before_any_work(tmp_path, env, option, value, message):
+    # checked before the checkpoint is read: the missing file is not what is reported
+    assert_refused(
+        run_cli(tmp_path / "none.pt", "--out", tmp_path / "out", option, value, env=env),
+        message,
+        tmp_path / "out",
+    )
+
+
+@pytest.mark.parametrize("missing, int8", [("onnxruntime", False), ("onnx", False), ("cv2", True)])
+def test_a_missing_package_is_named_before_any_work(tmp_path, monkeypatch, missing, int8):
+    import importlib.util
+
+    from mobileone_rs.deploy import DeployError, deploy
+
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name, *a: None if name == missing else find_spec(name, *a)
+    )
+    with pytest.raises(
+        DeployError, match=r"deploy needs .*not installed: pip install 'mobileone-rs\[deploy\]'"
+    ):
+        deploy(tmp_path / "none.pt", tmp_path / "out", int8=tmp_path if int8 else None)
+    assert not (tmp_path / "out").exists()

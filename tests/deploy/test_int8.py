@@ -11,6 +11,7 @@ import onnxruntime as ort
 import pytest
 import torch
 from mobileone_rs.deploy import deploy
+from mobileone_rs.yolov9.deploy_int8 import worst_db
 
 from tests.deploy.models import misequalize, randomize_batch_norms, write_checkpoint
 from tests.yolov9 import helpers as h
@@ -34,7 +35,7 @@ def eval_output(model, x):
         return model.eval()(x)[0][1]  # the main head's
 
 
-def int8_deploy(yolo, tmp_path, images, spread: float = 0.0):
+def int8_deploy(yolo, tmp_path, images, spread: float = 0.0, **options):
     torch.manual_seed(0)
     with h.captured_yolo_log():
         model = randomize_batch_norms(yolo.yolo.Model(str(h.SEED_YAML), ch=3, nc=1), seed=0)
@@ -46,7 +47,7 @@ def int8_deploy(yolo, tmp_path, images, spread: float = 0.0):
         assert ((after - before).abs().max() / before.abs().max()).item() <= 1e-9  # the same function
         model.float()
     weights = write_checkpoint(model, tmp_path / "best.pt")
-    return deploy(weights, tmp_path / "out", img=IMG, runs=2, int8=images, heldout=2)
+    return deploy(weights, tmp_path / "out", img=IMG, runs=2, int8=images, **{"heldout": 2, **options})
 
 
 @pytest.fixture(scope="module")
@@ -72,6 +73,7 @@ def test_int8_report_numbers_are_present_and_plausible(plain):
     int8 = json.loads((out / "report.json").read_text())["int8"]
     assert int8 == json.loads(json.dumps(report.int8))
     assert (int8["calibration_images"], int8["heldout_images"], int8["opset"]) == (4, 2, 13)
+    assert int8["heldout_requested"] == 2 and int8["input_shape"] == [1, 3, IMG, IMG]
     assert set(int8["sqnr_db"]) == {"output0", "output0 boxes", "output0 scores", "overall"}
     assert 5 < int8["sqnr_db"]["overall"] < 60
     assert int8["map50_vs_float"] is None or 0 <= int8["map50_vs_float"] <= 1
@@ -82,7 +84,11 @@ def test_int8_report_numbers_are_present_and_plausible(plain):
     assert len(widest) == 10 and widest == sorted(widest, reverse=True) and widest[-1] > 1
     cle = int8["cle"]
     assert cle["mode"] == "auto" and cle["float_rel_error"] <= 1e-4
+    # decided on calibration images (the held-out ones only measure), by the worst output part
+    assert cle["decided_on"].startswith("4 calibration images")
     assert cle["applied"] == (cle["sqnr_db_with"] > cle["sqnr_db_without"])
+    chosen = cle["heldout_sqnr_db_with"] if cle["applied"] else cle["heldout_sqnr_db_without"]
+    assert worst_db(int8["sqnr_db"]) == chosen
 
 
 def test_equalization_pairs_are_relu_pairs_of_the_mobileone_stages(plain):
@@ -101,9 +107,31 @@ def test_equalization_raises_sqnr_on_wide_fused_kernels(yolo, tmp_path, images):
     cle = report.int8["cle"]
     assert cle["float_rel_error"] <= 1e-4  # exact in float, up to float32 rounding
     assert cle["applied"] and cle["sqnr_db_with"] > cle["sqnr_db_without"] + 0.5  # measured: +2.1 dB
-    assert report.int8["sqnr_db"]["overall"] == cle["sqnr_db_with"]
+    assert cle["heldout_sqnr_db_with"] > cle["heldout_sqnr_db_without"]  # and on images it was not chosen on
+    assert worst_db(report.int8["sqnr_db"]) == cle["heldout_sqnr_db_with"]
     widest_pairs = max(p["conv1_channel_range_ratio_before"] for p in cle["pairs"])
     assert widest_pairs > 50  # the kernels were wide ...
     assert (
         max(p["conv1_channel_range_ratio_after"] for p in cle["pairs"]) < widest_pairs / 2
     )  # ... and no longer
+
+
+def test_dynamic_int8_onnx_takes_other_batch_and_image_sizes(yolo, tmp_path, images):
+    report = int8_deploy(yolo, tmp_path, images, dynamic=True, cle="off", heldout=9)
+    assert report.int8["input_shape"] == ["batch", 3, "height", "width"] and report.int8["cle"] is None
+    assert (report.int8["heldout_requested"], report.int8["heldout_images"]) == (9, 3)  # at most half
+    session = ort.InferenceSession(str(tmp_path / "out" / "best-deploy-int8.onnx"))
+    x = np.random.default_rng(0).random((2, 3, 2 * IMG, IMG), dtype=np.float32)
+    (out,) = session.run(None, {"images": x})
+    assert out.shape == (2, 4 + 1, 4 * 2 + 8 * 4 + 16 * 8) and np.isfinite(out).all()
+
+
+def test_worst_db_reads_the_parts_not_the_overall():
+    sqnr = {"output0": 30.0, "output0 boxes": 31.0, "output0 scores": 12.0, "overall": 30.5}
+    assert worst_db(sqnr) == 12.0
+    assert (
+        worst_db(
+            {"output0": 20.0, "output1": 9.0, "output0 boxes": 25.0, "output0 scores": 18.0, "overall": 19.0}
+        )
+        == 9.0
+    )

@@ -134,6 +134,45 @@ def _prepare_out(out: Path, stem: str, int8: bool) -> dict[str, Path]:
     return paths
 
 
+def _check_arguments(*, img, opset, calib, heldout, runs, cle) -> None:
+    """Refuses, with the option's name, a value deploy cannot use (before any work is done)."""
+    for name, value in (
+        ("img", img),
+        ("opset", opset),
+        ("calib", calib),
+        ("heldout", heldout),
+        ("runs", runs),
+    ):
+        if type(value) is not int:
+            raise DeployError(f"--{name} {value!r}: must be an integer")
+    if img % 32 or img <= 0:
+        raise DeployError(f"--img {img}: must be a positive multiple of 32 (the detector's largest stride)")
+    for name, value in (("calib", calib), ("heldout", heldout), ("runs", runs)):
+        if value < 1:
+            raise DeployError(f"--{name} {value}: must be at least 1")
+    if opset < MIN_OPSET:
+        raise DeployError(f"--opset {opset}: must be at least {MIN_OPSET} (export.py's default is 12)")
+    if cle not in ("auto", "on", "off"):
+        raise DeployError(f"--cle {cle!r}: must be auto, on or off")
+
+
+MIN_OPSET = 9  # torch's TorchScript exporter folds constants from 9 on (its highest: the installed torch's)
+
+
+def _require_packages(int8: bool) -> None:
+    """One clear line, before any work, when a package deploy needs is not installed."""
+    import importlib.util
+
+    needed = ["onnx", "onnxruntime"] + (["cv2"] if int8 else [])
+    missing = [name for name in needed if importlib.util.find_spec(name) is None]
+    if missing:
+        names = ", ".join("opencv-python (cv2)" if m == "cv2" else m for m in missing)
+        raise DeployError(
+            f"deploy needs {names}, not installed: pip install 'mobileone-rs[deploy]' "
+            "(onnx, onnxruntime; YOLOv9's requirements.txt installs opencv-python)"
+        )
+
+
 def _load(weights: Path) -> tuple[dict, nn.Module, str, Stripped | None]:
     ckpt, model = load_checkpoint(weights)
     fused = fused_parts(model)
@@ -169,8 +208,8 @@ def deploy(
     Raises ``DeployError`` (a ``MobileOneError``) with one clear line on any input it cannot deploy.
     """
     weights, out = Path(weights), Path(out)
-    if img % 32 or img <= 0:
-        raise DeployError(f"--img {img}: must be a positive multiple of 32 (the detector's largest stride)")
+    _check_arguments(img=img, opset=opset, calib=calib, heldout=heldout, runs=runs, cle=cle)
+    _require_packages(int8 is not None)
     ckpt, model, head, stripped = _load(weights)
     images = None
     if int8 is not None:
@@ -211,7 +250,7 @@ def deploy(
         opset=opset,
         dynamic=dynamic,
         images=images,
-        int8={"calib": calib, "heldout": heldout, "cle": cle},
+        int8={"calib": calib, "heldout": heldout, "cle": cle, "dynamic": dynamic},
         runs=runs,
     )
     return report
@@ -245,7 +284,11 @@ def _write(
             },
             tmp["pt"],
         )
-        check.export_onnx(deploy32, tmp["onnx"], img, opset, dynamic)
+        try:
+            check.export_onnx(deploy32, tmp["onnx"], img, opset, dynamic)
+        except (RuntimeError, ValueError) as err:  # e.g. an opset this torch's exporter lacks
+            first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+            raise DeployError(f"ONNX export at --opset {opset} failed, nothing written: {first}") from err
         session = check.ort_session(tmp["onnx"])
         x = check.random_input((img, img), torch.float32, 2)
         report.errors["onnxruntime vs torch float32"] = check.rel_error(

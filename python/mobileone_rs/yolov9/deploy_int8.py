@@ -62,6 +62,8 @@ def letterbox(path: Path, img: int) -> np.ndarray:
 
 
 def _split(paths: list[Path], calib: int, heldout: int) -> tuple[list[Path], list[Path]]:
+    """The first images calibrate, the last are held out: at most half of them (the report gives
+    both the count requested and the count used)."""
     held = min(heldout, len(paths) // 2)
     return paths[: min(calib, len(paths) - held)], paths[len(paths) - held :]
 
@@ -154,9 +156,19 @@ def widest_ranges(model, worst: int = 10) -> list[dict]:
     return sorted(rows, key=lambda r: -r["max_abs_over_std"])[:worst]
 
 
-def _quantized_outputs(src: Path, dst: Path, calib_inputs, held_inputs):
+def worst_db(sqnr: dict) -> float:
+    """The lowest SQNR over the outputs' parts (a detection output's boxes and scores apart): what
+    equalization is judged by. The overall figure is dominated by the boxes' pixel values, so it
+    would miss a change that only hurts the scores."""
+    split = {k.split(" ")[0] for k in sqnr if " " in k}
+    return min(v for k, v in sqnr.items() if k != "overall" and k not in split)
+
+
+def _quantized_outputs(src: Path, dst: Path, calib_inputs, input_sets):
+    """Quantizes ``src`` into ``dst`` and runs it on each list of inputs."""
     _quantize(src, dst, calib_inputs)
-    return _run(check.ort_session(dst), held_inputs)
+    session = check.ort_session(dst)
+    return [_run(session, inputs) for inputs in input_sets]
 
 
 def _equalized(src: Path, work: Path, reference, held_inputs) -> tuple[Path, list[dict], float]:
@@ -173,27 +185,41 @@ def _equalized(src: Path, work: Path, reference, held_inputs) -> tuple[Path, lis
     return path, records, error
 
 
-def _with_equalization(src, dst, work, cle, plain, reference, calib_inputs, held_inputs, names):
-    """Equalizes, checks it exact in float, quantizes; keeps it in ``dst`` where it raises SQNR (or
-    ``on``)."""
-    path, records, error = _equalized(src, work, reference, held_inputs)
-    info = {"mode": cle, "float_rel_error": error, "sqnr_db_without": None, "sqnr_db_with": None}
+DECISION_IMAGES = 8  # calibration images that equalization is judged on (the held-out ones only measure)
+
+
+def _with_equalization(src, dst, work, cle, plain, references, calib_inputs, inputs, names):
+    """Equalizes, checks it exact in float, quantizes; keeps it in ``dst`` where it raises the worst
+    part's SQNR on calibration images (or ``on``). ``references``, ``plain`` and ``inputs`` are
+    (decision, held-out) pairs. Returns the report entry and the chosen model's held-out outputs."""
+    (ref_decide, ref_held), (decide_inputs, held_inputs) = references, inputs
+    path, records, error = _equalized(src, work, ref_held, held_inputs)
+    info: dict = {
+        "mode": cle,
+        "float_rel_error": error,
+        "decided_on": f"{len(decide_inputs)} calibration images, worst output part's SQNR",
+        "sqnr_db_without": None,
+        "sqnr_db_with": None,
+        "heldout_sqnr_db_without": None,
+        "heldout_sqnr_db_with": None,
+    }
     if plain is not None:
-        info["sqnr_db_without"] = sqnr_db(reference, plain, names)["overall"]
+        info["sqnr_db_without"] = worst_db(sqnr_db(ref_decide, plain[0], names))
+        info["heldout_sqnr_db_without"] = worst_db(sqnr_db(ref_held, plain[1], names))
     if not error <= CLE_EXACT_BOUND:  # never expected: equalization is exact up to rounding
         info.update(applied=False, pairs=records, reason=f"not exact in float ({error:.3e})")
         if plain is None:
-            _quantize(src, dst, calib_inputs)
-            plain = _run(check.ort_session(dst), held_inputs)
-        return info, plain
-    equalized = _quantized_outputs(path, work / "equalized-int8.onnx", calib_inputs, held_inputs)
-    info["sqnr_db_with"] = sqnr_db(reference, equalized, names)["overall"]
-    applied = bool(cle == "on" or info["sqnr_db_with"] > info["sqnr_db_without"])
+            plain = _quantized_outputs(src, dst, calib_inputs, inputs)
+        return info, plain[1]
+    equalized = _quantized_outputs(path, work / "equalized-int8.onnx", calib_inputs, inputs)
+    info["sqnr_db_with"] = worst_db(sqnr_db(ref_decide, equalized[0], names))
+    info["heldout_sqnr_db_with"] = worst_db(sqnr_db(ref_held, equalized[1], names))
+    applied = bool(cle == "on" or plain is None or info["sqnr_db_with"] > info["sqnr_db_without"])
     info.update(applied=applied, pairs=[{**r, "applied": applied} for r in records])
     if not applied:
-        return info, plain
+        return info, plain[1]
     shutil.copyfile(work / "equalized-int8.onnx", dst)  # dst: a temporary name in DIR
-    return info, equalized
+    return info, equalized[1]
 
 
 INT8_MIN_OPSET = 13  # per-channel QuantizeLinear/DequantizeLinear (their axis attribute)
@@ -211,40 +237,46 @@ def int8_report(
     cle: str = "auto",
     runs: int = 20,
     float_ms: float | None = None,
+    dynamic: bool = False,
 ) -> dict:
-    """Exports ``model32`` (at opset 13 or above), quantizes it into ``dst`` with cross-layer
-    equalization per ``cle``, and measures it on held-out images."""
+    """Exports ``model32`` (at opset 13 or above; dynamic batch and image size with ``dynamic``, as the
+    float ONNX), quantizes it into ``dst`` with cross-layer equalization per ``cle`` (decided on
+    calibration images), and measures it on the held-out images."""
     import onnx
 
     calib_paths, held_paths = _split(images, calib, heldout)
     calib_inputs = [letterbox(p, img) for p in calib_paths]
     held_inputs = [letterbox(p, img) for p in held_paths]
+    inputs = (calib_inputs[:DECISION_IMAGES], held_inputs)
     with tempfile.TemporaryDirectory(prefix="mobileone-deploy-") as work_dir:
         work = Path(work_dir)
         src = work / "float.onnx"
-        check.export_onnx(model32, src, img, max(opset, INT8_MIN_OPSET), dynamic=False)
+        check.export_onnx(model32, src, img, max(opset, INT8_MIN_OPSET), dynamic=dynamic)
         session = check.ort_session(src)
         names = [o.name for o in session.get_outputs()]
-        reference = _run(session, held_inputs)
+        references = (_run(session, inputs[0]), _run(session, inputs[1]))
         cle_info, chosen = None, None
-        plain = None if cle == "on" else _quantized_outputs(src, dst, calib_inputs, held_inputs)
+        plain = None if cle == "on" else _quantized_outputs(src, dst, calib_inputs, inputs)
         if cle != "off":
             cle_info, chosen = _with_equalization(
-                src, dst, work, cle, plain, reference, calib_inputs, held_inputs, names
+                src, dst, work, cle, plain, references, calib_inputs, inputs, names
             )
-        chosen = chosen if chosen is not None else plain
+        elif plain is not None:
+            chosen = plain[1]
         if chosen is None:  # "on" quantizes in _with_equalization, "off" and "auto" above
             raise AssertionError("the int8 model was not run on the held-out images")
         widest = widest_ranges(onnx.load(str(src)))
         float_ms = float_ms if float_ms is not None else check.ort_latency(src, img, runs)
     int8_ms = check.ort_latency(dst, img, runs)
     nc = int(model32.yaml["nc"])
-    float_dets = [detections(r[0], nc, conf=0.25) for r in reference]
+    float_dets = [detections(r[0], nc, conf=0.25) for r in references[1]]
     return {
         "format": "QDQ, Conv only, int8 per-channel symmetric weights, int8 symmetric activations (MinMax)",
+        "input_shape": ["batch", 3, "height", "width"] if dynamic else [1, 3, img, img],
         "calibration_images": len(calib_paths),
         "heldout_images": len(held_paths),
-        "sqnr_db": sqnr_db(reference, chosen, names),
+        "heldout_requested": heldout,
+        "sqnr_db": sqnr_db(references[1], chosen, names),
         "map50_vs_float": map50(float_dets, [detections(o[0], nc, conf=0.001) for o in chosen]),
         "float_detections": int(sum(len(d) for d in float_dets)),
         "latency_ms": {"float": float_ms, "int8": int8_ms},

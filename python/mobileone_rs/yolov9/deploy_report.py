@@ -59,18 +59,31 @@ class DeployReport:
         return "\n".join(rows)
 
 
+def _db(value) -> str:
+    return "-" if value is None else f"{value:.1f}"
+
+
 def _int8_rows(int8: dict) -> list[str]:
+    held = f"{int8['heldout_images']} held out"
+    if int8.get("heldout_requested", int8["heldout_images"]) != int8["heldout_images"]:
+        held += f" (of {int8['heldout_requested']} asked: at most half the images)"
+    sqnr = int8["sqnr_db"]
+    parts = ", ".join(f"{k} {_db(v)}" for k, v in sqnr.items() if " " in k)
     rows = [
-        f"int8: {int8['calibration_images']} calibration images, {int8['heldout_images']} held out; "
-        f"SQNR {int8['sqnr_db']['overall']:.1f} dB; detection agreement mAP@0.5 "
+        f"int8: {int8['calibration_images']} calibration images, {held}; "
+        f"SQNR {_db(sqnr['overall'])} dB ({parts}); detection agreement mAP@0.5 "
         + ("-" if int8["map50_vs_float"] is None else f"{int8['map50_vs_float']:.3f}")
-        + f" ({int8['float_detections']} float detections); latency INT8/float {int8['latency_ratio']:.2f}"
+        + f" ({int8['float_detections']} float detections); latency INT8/float {int8['latency_ratio']:.2f}",
+        "int8 input shape: " + "x".join(str(d) for d in int8.get("input_shape", [])),
     ]
     cle = int8.get("cle")
     if cle:
         rows.append(
-            f"cross-layer equalization: {len(cle['pairs'])} conv pairs, SQNR {cle['sqnr_db_without']:.1f} "
-            f"-> {cle['sqnr_db_with']:.1f} dB, {'applied' if cle['applied'] else 'not applied'}"
+            f"cross-layer equalization: {len(cle['pairs'])} conv pairs, worst-part SQNR on "
+            f"{cle['decided_on'].split(',')[0]} {_db(cle['sqnr_db_without'])} -> "
+            f"{_db(cle['sqnr_db_with'])} dB "
+            f"(held out {_db(cle['heldout_sqnr_db_without'])} -> {_db(cle['heldout_sqnr_db_with'])}), "
+            + ("applied" if cle["applied"] else "not applied")
         )
     return rows
 
