@@ -30,6 +30,10 @@ cargo update -q -p pyo3-tch --precise "$tch"
 sed -i -e "s|^dependencies = \[\"torch>=[^\"]*\"|dependencies = [\"$requirement\"|" \
   -e "s|\"torch==[0-9.*]*\"|\"torch==$torch.*\"|" pyproject.toml
 grep -q "^dependencies = \[\"$requirement\"" pyproject.toml
+# The wheel's version carries the torch it is built for as a local label (0.1.0+torch2.11), so wheels
+# for two torches have different names and `pip show` says which one is installed.
+sed -i -E "0,/^version = \"([^\"+]*)\"/s//version = \"\1+torch$torch\"/" Cargo.toml
+grep -q "^version = \".*+torch$torch\"" Cargo.toml
 # torch-sys insists on the exact release its tch was generated from, always X.Y.0; a patch release of
 # that minor (2.9.1) keeps its ABI, and the minor was checked above. (Only then: setting the variable
 # makes torch-sys rebuild.)

@@ -8,6 +8,8 @@ README "Supported torch versions"); the native module says which, so nothing her
 from __future__ import annotations
 
 import importlib
+import re
+import sys
 from types import ModuleType
 
 import torch
@@ -33,6 +35,14 @@ def load_native() -> ModuleType:
     except ImportError as err:
         if "undefined symbol" not in str(err):
             raise
+        symbol = re.search(r"undefined symbol: (\S+)", str(err))
+        if symbol and re.match(r"_?Py", symbol.group(1)):
+            raise ImportError(
+                f"mobileone_rs's extension needs {symbol.group(1)} from CPython, which Python "
+                f"{sys.version.split()[0]} does not have: the torch bindings it links (torch-sys) use "
+                "CPython internals beyond the stable ABI; use Python 3.10 to 3.12 (the versions it is "
+                "tested with)"
+            ) from err
         raise ImportError(
             f"mobileone_rs's extension does not link against torch {torch.__version__}'s libtorch ({err}): "
             "it was built for another torch; install mobileone-rs built for torch "

@@ -5,26 +5,27 @@
 //! scatter form otherwise), recomputing each conv branch's contribution per row: no branch
 //! output is ever stored.
 
-use super::geometry::{tap_rows, Element, Geometry, Layout};
+use super::geometry::{tap_rows, Element, Geometry, Layout, Plane};
 use super::moments::{Kernels, Moments};
 use super::simd::{accumulate_rows, dispatched, dots, fmadd, lane_sum, Isa};
 use super::threads::{for_channels, PlaneWriter, Records};
 
 /// One plane's `sum g` and `sum_p g[p] * (x - mu)[p + t]`.
 #[inline(always)]
-#[allow(clippy::too_many_arguments)]
 fn grad_sums_plane<T: Element, I: Isa>(
     isa: I,
-    geo: &Geometry,
-    offsets: &[usize],
-    x: &[T],
+    plane: Plane<'_, T>,
     g: &[T],
-    shift: f64,
-    buf: &mut [f64],
-    grow: &mut [f64],
+    (buf, grow): (&mut [f64], &mut [f64]),
     gsum: &mut f64,
     h: &mut [f64],
 ) {
+    let Plane {
+        geo,
+        offsets,
+        x,
+        shift,
+    } = plane;
     geo.fill(x, shift, buf);
     let mut rows = Vec::with_capacity(offsets.len());
     for (oy, src) in g.chunks_exact(geo.ow).enumerate() {
@@ -129,17 +130,15 @@ impl Dense {
 /// counts (`g` is zero there, so only their `konst` and `quad` terms) are then taken back one
 /// by one. `corr` has `(2k - 1)^2` taps where the scatter form applies `k^4`.
 #[inline(always)]
-#[allow(clippy::too_many_arguments)]
 fn dx_plane_dense<T: Element, I: Isa>(
     isa: I,
-    geo: &Geometry,
-    x: &[T],
+    plane: Plane<'_, T>,
     g: &[T],
-    shift: f64,
     sc: &Scatter,
     dense: &mut Dense,
     dx: &mut [T],
 ) {
+    let Plane { geo, x, shift, .. } = plane;
     let Dense {
         ext,
         margin,
@@ -209,20 +208,20 @@ fn dx_plane_dense<T: Element, I: Isa>(
 
 /// One plane's input gradient: scatter into the padded frame `dbuf`, then gather into `dx`.
 #[inline(always)]
-#[allow(clippy::too_many_arguments)]
 fn dx_plane<T: Element, I: Isa>(
     isa: I,
-    geo: &Geometry,
-    offsets: &[usize],
-    x: &[T],
+    plane: Plane<'_, T>,
     g: &[T],
-    shift: f64,
     sc: &Scatter,
-    buf: &mut [f64],
-    dbuf: &mut [f64],
-    grow: &mut [f64],
+    (buf, dbuf, grow): (&mut [f64], &mut [f64], &mut [f64]),
     dx: &mut [T],
 ) {
+    let Plane {
+        geo,
+        offsets,
+        x,
+        shift,
+    } = plane;
     geo.fill(x, shift, buf);
     dbuf.fill(0.0);
     let taps = offsets.len();
@@ -249,15 +248,15 @@ fn dx_plane<T: Element, I: Isa>(
 }
 
 dispatched!(grad_sums_plane_run, grad_sums_plane_simd, grad_sums_plane, (
-    geo: &Geometry, offsets: &[usize], x: &[T], g: &[T], shift: f64, buf: &mut [f64],
-    grow: &mut [f64], gsum: &mut f64, h: &mut [f64]
+    plane: Plane<'_, T>, g: &[T], scratch: (&mut [f64], &mut [f64]), gsum: &mut f64,
+    h: &mut [f64]
 ));
 dispatched!(dx_plane_run, dx_plane_simd, dx_plane, (
-    geo: &Geometry, offsets: &[usize], x: &[T], g: &[T], shift: f64, sc: &Scatter,
-    buf: &mut [f64], dbuf: &mut [f64], grow: &mut [f64], dx: &mut [T]
+    plane: Plane<'_, T>, g: &[T], sc: &Scatter, scratch: (&mut [f64], &mut [f64], &mut [f64]),
+    dx: &mut [T]
 ));
 dispatched!(dx_plane_dense_run, dx_plane_dense_simd, dx_plane_dense, (
-    geo: &Geometry, x: &[T], g: &[T], shift: f64, sc: &Scatter, dense: &mut Dense, dx: &mut [T]
+    plane: Plane<'_, T>, g: &[T], sc: &Scatter, dense: &mut Dense, dx: &mut [T]
 ));
 
 /// What the backward needs per branch and channel (`branches * channels`, branch-major): the
@@ -299,17 +298,14 @@ pub struct Gradients {
 /// `h'[t] = sum_p (g - mean g)[p] x[p + t] = h[t] - sum g * nu[t]`. Hence the kernel gradient
 /// `a_b h' - coef_b M Cov K_b`, and the input gradient scatters, per output position,
 /// `sum_b dL/dy_b[p] K_b` over the patch.
-#[allow(clippy::too_many_arguments)]
 fn channel_gradients(
     geo: &Geometry,
-    kernels: &Kernels,
-    scales: &BranchScales<'_>,
-    m: &Moments,
+    fit: &Fit<'_>,
     c: usize,
-    gsum: f64,
-    h: &[f64],
+    (gsum, h): (f64, &[f64]),
     rec: &mut [f64],
 ) -> Scatter {
+    let Fit { kernels, scales, m } = *fit;
     let (taps, channels, count) = (geo.taps(), m.mu.len(), m.count as f64);
     let nb = kernels.branches();
     let nu = &m.nu[c * taps..][..taps];
@@ -357,20 +353,27 @@ fn channel_gradients(
     Scatter::new(geo.k, &keff, konst, quad)
 }
 
+/// What the forward fitted and the backward reads: the branches' kernels, their BN scales and
+/// the channels' patch moments.
+#[derive(Clone, Copy)]
+pub(crate) struct Fit<'a> {
+    pub kernels: &'a Kernels,
+    pub scales: &'a BranchScales<'a>,
+    pub m: &'a Moments,
+}
+
 /// The backward of the depthwise branch sum: writes the input gradient into `dx` (contiguous
 /// NCHW like `x`) and returns the parameter gradients. Channel by channel: `sum g` and
 /// `sum g * patch` (one pass), the parameter gradients, then the input gradient (one pass).
-#[allow(clippy::too_many_arguments)]
 pub(crate) fn backward<T: Element>(
     lay: &Layout,
     x: &[T],
     g: &[T],
     dx: &mut [T],
-    kernels: &Kernels,
-    scales: &BranchScales<'_>,
-    m: &Moments,
+    fit: &Fit<'_>,
     threads: usize,
 ) -> Gradients {
+    let Fit { kernels, m, .. } = *fit;
     let geo = lay.geo;
     let (taps, channels) = (geo.taps(), lay.c);
     let (nconv, nb) = (kernels.conv_branches, kernels.branches());
@@ -401,20 +404,36 @@ pub(crate) fn backward<T: Element>(
             let mut gsum = 0.0;
             h.fill(0.0);
             for n in 0..lay.n {
-                let (xp, gp) = (lay.input(x, n, c), lay.output(g, n, c));
-                grad_sums_plane_run(&geo, &offsets, xp, gp, m.mu[c], buf, grow, &mut gsum, h);
+                let plane = Plane {
+                    geo: &geo,
+                    offsets: &offsets,
+                    x: lay.input(x, n, c),
+                    shift: m.mu[c],
+                };
+                let gp = lay.output(g, n, c);
+                grad_sums_plane_run(plane, gp, (&mut buf[..], &mut grow[..]), &mut gsum, h);
             }
             rec[0] = gsum;
-            let sc = channel_gradients(&geo, kernels, scales, m, c, gsum, h, &mut rec[1..]);
+            let sc = channel_gradients(&geo, fit, c, (gsum, h), &mut rec[1..]);
             for n in 0..lay.n {
                 // SAFETY: plane (n, c) lies inside `dx` and only this thread owns channel c.
                 let out = unsafe { writer.plane(n * channels + c, plane) };
-                let (xp, gp) = (lay.input(x, n, c), lay.output(g, n, c));
+                let plane = Plane {
+                    geo: &geo,
+                    offsets: &offsets,
+                    x: lay.input(x, n, c),
+                    shift: m.mu[c],
+                };
+                let gp = lay.output(g, n, c);
                 match dense.as_mut() {
-                    Some(dense) => dx_plane_dense_run(&geo, xp, gp, m.mu[c], &sc, dense, out),
-                    None => {
-                        dx_plane_run(&geo, &offsets, xp, gp, m.mu[c], &sc, buf, dbuf, grow, out)
-                    }
+                    Some(dense) => dx_plane_dense_run(plane, gp, &sc, dense, out),
+                    None => dx_plane_run(
+                        plane,
+                        gp,
+                        &sc,
+                        (&mut buf[..], &mut dbuf[..], &mut grow[..]),
+                        out,
+                    ),
                 }
             }
         }

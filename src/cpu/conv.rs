@@ -1,24 +1,24 @@
 //! A float32 depthwise conv for inference (no autograd): the same plane buffers as training,
 //! float32 throughout like libtorch's own kernel.
 
-use super::geometry::{Element, Geometry, Layout};
+use super::geometry::{Element, Layout, Plane};
 use super::simd::{conv_row_f32, dispatched, Isa};
 use super::threads::{for_channels, PlaneWriter};
 
 /// One output plane of a float32 inference conv: `out = bias + sum_t kernel[t] x[p + t]`.
 #[inline(always)]
-#[allow(clippy::too_many_arguments)]
 fn infer_plane<T: Element, I: Isa>(
     isa: I,
-    geo: &Geometry,
-    offsets: &[usize],
-    x: &[f32],
+    plane: Plane<'_, f32>,
     kernel: &[f32],
     bias: f32,
     buf: &mut [f32],
     out: &mut [f32],
     _element: Option<T>,
 ) {
+    let Plane {
+        geo, offsets, x, ..
+    } = plane;
     geo.fill_f32(x, buf);
     let mut rows: Vec<&[f32]> = Vec::with_capacity(offsets.len());
     for (oy, dst) in out.chunks_exact_mut(geo.ow).enumerate() {
@@ -28,8 +28,8 @@ fn infer_plane<T: Element, I: Isa>(
     }
 }
 dispatched!(infer_plane_run, infer_plane_simd, infer_plane, (
-    geo: &Geometry, offsets: &[usize], x: &[f32], kernel: &[f32], bias: f32, buf: &mut [f32],
-    out: &mut [f32], _element: Option<T>
+    plane: Plane<'_, f32>, kernel: &[f32], bias: f32, buf: &mut [f32], out: &mut [f32],
+    _element: Option<T>
 ));
 
 /// A float32 depthwise conv with one `k^2` kernel and one bias per channel, for inference
@@ -56,16 +56,13 @@ pub(crate) fn depthwise_conv_f32(
         for n in 0..lay.n {
             // SAFETY: plane (n, c) lies inside `out` and only this thread holds channel c.
             let dst = unsafe { writer.plane(n * channels + c, out_plane) };
-            infer_plane_run::<f32>(
-                &geo,
-                &offsets,
-                lay.input(x, n, c),
-                k,
-                bias[c],
-                buf,
-                dst,
-                None,
-            );
+            let plane = Plane {
+                geo: &geo,
+                offsets: &offsets,
+                x: lay.input(x, n, c),
+                shift: 0.0,
+            };
+            infer_plane_run::<f32>(plane, k, bias[c], buf, dst, None);
         }
     });
 }

@@ -291,3 +291,13 @@ pub(crate) fn tap_rows<'a>(
     rows.clear();
     rows.extend(offsets.iter().map(|&o| &buf[o + oy * geo.pw..][..geo.ow]));
 }
+
+/// One input plane as the per-plane kernels read it: the geometry, the tap offsets into the
+/// filled buffer, the plane's values, and the shift subtracted while filling (0 where none is).
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Plane<'a, T> {
+    pub geo: &'a Geometry,
+    pub offsets: &'a [usize],
+    pub x: &'a [T],
+    pub shift: f64,
+}

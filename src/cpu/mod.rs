@@ -164,9 +164,7 @@ fn train_backward_as<T: Element>(
         input.slice(),
         g.slice(),
         dx.slice_mut(),
-        kernels,
-        scales,
-        m,
+        &backward::Fit { kernels, scales, m },
         threads(input.slice().len()),
     );
     Ok(Some((dx.into_tensor(), grads)))

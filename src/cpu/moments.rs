@@ -9,7 +9,7 @@
 //! float64 on centred values (the channel mean is subtracted first, so padded taps read minus
 //! that mean), so float32 inputs do not cancel.
 
-use super::geometry::{tap_rows, Element, Geometry, Layout};
+use super::geometry::{tap_rows, Element, Geometry, Layout, Plane};
 use super::simd::{accumulate_rows, dispatched, dots, lane_sum, Isa, LANES};
 use super::threads::{for_channels, PlaneWriter, Records};
 
@@ -93,17 +93,19 @@ pub struct Moments {
 
 /// One input plane's contribution to its channel's tap sums and upper-triangle cross sums.
 #[inline(always)]
-#[allow(clippy::too_many_arguments)]
 fn moments_plane<T: Element, I: Isa>(
     isa: I,
-    geo: &Geometry,
-    offsets: &[usize],
-    x: &[T],
-    shift: f64,
+    plane: Plane<'_, T>,
     buf: &mut [f64],
     sums: &mut [f64],
     cross: &mut [f64],
 ) {
+    let Plane {
+        geo,
+        offsets,
+        x,
+        shift,
+    } = plane;
     geo.fill(x, shift, buf);
     if shifted_moments::<I>(isa, geo, buf, sums, cross) {
         return;
@@ -216,19 +218,20 @@ pub(crate) fn shifted_moments<I: Isa>(
 /// One output plane of the folded conv: `out[p] = base + sum_t kernel[t] (x - shift)[p + t]`
 /// (the padding reads `-shift`, so `base` carries `shift * sum kernel`).
 #[inline(always)]
-#[allow(clippy::too_many_arguments)]
 fn conv_plane<T: Element, I: Isa>(
     isa: I,
-    geo: &Geometry,
-    offsets: &[usize],
-    x: &[T],
-    shift: f64,
-    negated: &[f64],
-    base: f64,
+    plane: Plane<'_, T>,
+    (negated, base): (&[f64], f64),
     buf: &mut [f64],
     acc: &mut [f64],
     out: &mut [T],
 ) {
+    let Plane {
+        geo,
+        offsets,
+        x,
+        shift,
+    } = plane;
     geo.fill(x, shift, buf);
     let mut rows = Vec::with_capacity(offsets.len());
     for (oy, dst) in out.chunks_exact_mut(geo.ow).enumerate() {
@@ -241,12 +244,10 @@ fn conv_plane<T: Element, I: Isa>(
     }
 }
 dispatched!(moments_plane_run, moments_plane_simd, moments_plane, (
-    geo: &Geometry, offsets: &[usize], x: &[T], shift: f64, buf: &mut [f64], sums: &mut [f64],
-    cross: &mut [f64]
+    plane: Plane<'_, T>, buf: &mut [f64], sums: &mut [f64], cross: &mut [f64]
 ));
 dispatched!(conv_plane_run, conv_plane_simd, conv_plane, (
-    geo: &Geometry, offsets: &[usize], x: &[T], shift: f64, negated: &[f64], base: f64,
-    buf: &mut [f64], acc: &mut [f64], out: &mut [T]
+    plane: Plane<'_, T>, folded: (&[f64], f64), buf: &mut [f64], acc: &mut [f64], out: &mut [T]
 ));
 
 /// Mean of channel `c` of a contiguous NCHW tensor, in float64.
@@ -366,7 +367,13 @@ pub(crate) fn forward<T: Element>(
             cross.fill(0.0);
             for n in 0..lay.n {
                 let plane = lay.input(x, n, c);
-                moments_plane_run(&geo, &offsets, plane, shift, buf, sums, cross);
+                let plane = Plane {
+                    geo: &geo,
+                    offsets: &offsets,
+                    x: plane,
+                    shift,
+                };
+                moments_plane_run(plane, buf, sums, cross);
             }
             let (head, stats) = rec.split_at_mut(1 + taps + taps * taps);
             head[0] = shift;
@@ -392,7 +399,13 @@ pub(crate) fn forward<T: Element>(
                 // SAFETY: plane (n, c) lies inside `out` and only this thread owns channel c.
                 let dst = unsafe { writer.plane(n * channels + c, out_plane) };
                 let plane = lay.input(x, n, c);
-                conv_plane_run(&geo, &offsets, plane, shift, &negated, base, buf, acc, dst);
+                let plane = Plane {
+                    geo: &geo,
+                    offsets: &offsets,
+                    x: plane,
+                    shift,
+                };
+                conv_plane_run(plane, (&negated, base), buf, acc, dst);
             }
         }
     });

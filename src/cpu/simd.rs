@@ -403,12 +403,10 @@ macro_rules! dispatched {
     ($name:ident, $fast:ident, $body:ident, ($($arg:ident: $ty:ty),*)) => {
         #[cfg(target_arch = "x86_64")]
         #[target_feature(enable = "avx2,fma")]
-        #[allow(clippy::too_many_arguments)]
         fn $fast<T: Element>(isa: $crate::cpu::simd::Avx2Fma, $($arg: $ty),*) {
             $body::<T, $crate::cpu::simd::Avx2Fma>(isa, $($arg),*)
         }
 
-        #[allow(clippy::too_many_arguments)]
         fn $name<T: Element>($($arg: $ty),*) {
             #[cfg(target_arch = "x86_64")]
             if let Some(isa) = $crate::cpu::simd::Avx2Fma::detect() {

@@ -226,22 +226,27 @@ pub(super) fn backward(
     let mut dx = x.f_zeros_like()?;
     let mut grads = Vec::with_capacity(3 * list.len() + 1);
     for (i, b) in list.iter().enumerate() {
-        let (a_b, std_b, m_b) = (
-            a.f_get(i as i64)?,
-            std.f_get(i as i64)?,
-            mean.f_get(i as i64)?,
-        );
-        let sums = match b.weight {
-            Some(w) if !b.scale => {
-                ctx.conv_branch(b, w, &m_b, &a_b, &std_b, &mut dx, &mut grads)?
-            }
-            _ => ctx.elementwise_branch(b, &m_b, &a_b, &std_b, &mut dx, &mut grads)?,
+        let bn = BranchBn {
+            mean: mean.f_get(i as i64)?,
+            a: a.f_get(i as i64)?,
+            std: std.f_get(i as i64)?,
         };
-        grads.push(sums.f_div(&std_b)?);
+        let sums = match b.weight {
+            Some(w) if !b.scale => ctx.conv_branch(b, w, &bn, &mut dx, &mut grads)?,
+            _ => ctx.elementwise_branch(b, &bn, &mut dx, &mut grads)?,
+        };
+        grads.push(sums.f_div(&bn.std)?);
         grads.push(g_sum.shallow_clone());
     }
     grads.insert(0, dx);
     Ok(Some(grads))
+}
+
+/// One branch's BN as its backward reads it: the batch mean, `a = weight / std` and `std`.
+struct BranchBn {
+    mean: Tensor,
+    a: Tensor,
+    std: Tensor,
 }
 
 /// What every branch's backward shares.
@@ -254,28 +259,27 @@ struct BranchGrad<'a> {
 }
 
 impl BranchGrad<'_> {
-    fn bn_backward(&self, yc: &mut Tensor, a: &Tensor, std: &Tensor) -> Result<Tensor> {
-        tch::no_grad(|| bn_backward_in_place(yc, self.centred_grad, self.grad, a, std, self.count))
+    fn bn_backward(&self, yc: &mut Tensor, bn: &BranchBn) -> Result<Tensor> {
+        tch::no_grad(|| {
+            bn_backward_in_place(yc, self.centred_grad, self.grad, &bn.a, &bn.std, self.count)
+        })
     }
 
     /// Recomputes a depthwise conv branch under autograd and backpropagates its BN gradient.
-    #[allow(clippy::too_many_arguments)]
     fn conv_branch(
         &self,
         b: &Branch<'_>,
         w: &Tensor,
-        m: &Tensor,
-        a: &Tensor,
-        std: &Tensor,
+        bn: &BranchBn,
         dx: &mut Tensor,
         grads: &mut Vec<Tensor>,
     ) -> Result<Tensor> {
         let x_leaf = self.x.f_detach()?.f_set_requires_grad(true)?;
         let w_leaf = w.f_detach()?.f_set_requires_grad(true)?;
         let (loss, sums) = tch::with_grad(|| -> Result<(Tensor, Tensor)> {
-            let y = branch_output(self.spec, b, Some(&w_leaf), &x_leaf, m)?;
+            let y = branch_output(self.spec, b, Some(&w_leaf), &x_leaf, &bn.mean)?;
             let mut dy = y.f_detach()?;
-            let sums = self.bn_backward(&mut dy, a, std)?;
+            let sums = self.bn_backward(&mut dy, bn)?;
             Ok((y.f_mul(&dy)?.f_sum(None::<Kind>)?, sums))
         })?;
         let got = Tensor::f_run_backward(&[loss], &[&x_leaf, &w_leaf], false, false)?;
@@ -288,15 +292,13 @@ impl BranchGrad<'_> {
     fn elementwise_branch(
         &self,
         b: &Branch<'_>,
-        m: &Tensor,
-        a: &Tensor,
-        std: &Tensor,
+        bn: &BranchBn,
         dx: &mut Tensor,
         grads: &mut Vec<Tensor>,
     ) -> Result<Tensor> {
         let _guard = tch::no_grad_guard();
-        let mut dy = branch_output(self.spec, b, b.weight, self.x, m)?;
-        let sums = self.bn_backward(&mut dy, a, std)?;
+        let mut dy = branch_output(self.spec, b, b.weight, self.x, &bn.mean)?;
+        let sums = self.bn_backward(&mut dy, bn)?;
         let mut target = if b.scale {
             strided(self.spec, dx)?
         } else {
