@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Usage: tools/gpu_bundle.sh TORCH VENV BUNDLE
 # Writes BUNDLE/, the offline GPU checks for torch TORCH: the package built for that torch (abi3 wheel,
-# unpacked), the tests that run on CUDA (tests/device and what they import), the benchmark, and
+# unpacked), the tests that run on CUDA (tests/device and what they import; the YOLOv9 detector test runs
+# where the yolo9 package is installed and skips elsewhere), the benchmark, and
 # run_gpu_checks.sh (from tools/gpu_bundle/), which needs only Python, that torch, pytest (timm and
 # onnxruntime are not needed). At most 64 MiB.
 set -euo pipefail
@@ -15,7 +16,8 @@ cp "$wheels"/*.whl "$bundle/"
 rm -rf "$wheels"
 cd "$root"
 files=(tests/__init__.py tests/conftest.py tests/_util.py tests/oracle.py tests/block/__init__.py
-       tests/block/grid.py tests/device bench torch-versions.txt)
+       tests/block/grid.py tests/device tests/yolov9/__init__.py tests/yolov9/helpers.py bench
+       torch-versions.txt)
 git ls-files -co --exclude-standard -- "${files[@]}" | tar -T - -cf - | tar -xf - -C "$bundle"
 cp tools/gpu_bundle/run_gpu_checks.sh tools/gpu_bundle/collect_results.py "$bundle/"
 # The benchmark names the commit it measured: this checkout's, not that of whatever tree holds the bundle.
