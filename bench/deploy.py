@@ -4,9 +4,10 @@
 
 DIR is what ``python -m mobileone_rs.deploy WEIGHTS --out DIR --int8 IMAGES`` wrote; run with the YOLOv9
 checkout as the working directory (the .pt unpickles its ``models`` classes) and this file's path
-(``python /path/to/mobileone-rs/bench/deploy.py DIR``); the JSON goes to this repository's bench/results. CPU, batch 1. The three run in interleaved rounds
-(each round: ``--runs`` timed calls of each, after one warm-up) so that machine load hits all three alike;
-the table gives the median over every timed call and the ratios to torch. A benchmark, not a test.
+(``python /path/to/mobileone-rs/bench/deploy.py DIR``); the JSON goes to this repository's
+bench/results. CPU, batch 1. The three run in interleaved rounds (each round: ``--runs`` timed calls of
+each, after one warm-up) so that machine load hits all three alike; the table gives the median over
+every timed call and the ratios to torch. A benchmark, not a test.
 """
 
 from __future__ import annotations

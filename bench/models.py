@@ -8,8 +8,8 @@ rule's promise: never above 1.0) and ours against the reference.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import astuple
-from typing import Callable
 
 import mobileone_rs
 import timing

@@ -9,7 +9,7 @@ low; the ``TypedDict`` s give them a schema that mypy checks where they are buil
 
 from __future__ import annotations
 
-from typing import Any, Literal, TypedDict, Union
+from typing import Any, Literal, TypedDict
 
 import torch
 
@@ -73,7 +73,7 @@ class OpaqueSe(TypedDict):
     reason: str
 
 
-SeState = Union[NoSe, Se, OpaqueSe]
+SeState = NoSe | Se | OpaqueSe
 
 
 class BranchesBody(TypedDict):
@@ -99,7 +99,7 @@ class OpaqueBody(TypedDict):
     reason: str
 
 
-Body = Union[BranchesBody, FusedBody, OpaqueBody]
+Body = BranchesBody | FusedBody | OpaqueBody
 
 
 class BlockState(TypedDict):

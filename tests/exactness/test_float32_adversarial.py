@@ -109,7 +109,13 @@ CASES = {
     "folded-depthwise": ("folded", _depthwise(16), (2, 16, 14, 14), "eval-grad", {}),
     "folded-cpu": ("folded_cpu", _depthwise(16), (2, 16, 14, 14), "eval", {}),
     "folded-se": ("folded", {**_depthwise(16), "use_se": True}, (2, 16, 14, 14), "eval-grad", {}),
-    "folded-pointwise-se": ("folded", {**_pointwise(64, 64), "use_se": True}, (2, 64, 10, 10), "eval-grad", {}),
+    "folded-pointwise-se": (
+        "folded",
+        {**_pointwise(64, 64), "use_se": True},
+        (2, 64, 10, 10),
+        "eval-grad",
+        {},
+    ),
     "fused-pointwise": ("fused", _pointwise(64, 64), (2, 64, 10, 10), "fused", {}),
     "fused-cpu": ("fused_cpu", _depthwise(16), (2, 16, 14, 14), "fused", {}),
 }

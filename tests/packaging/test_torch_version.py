@@ -91,3 +91,31 @@ def test_the_wheel_requires_the_torch_range_its_build_serves():
     except PackageNotFoundError:
         pytest.skip("mobileone-rs is not installed as a distribution")
     assert [r.replace(" ", "") for r in torch_requirements] == [mobileone_rs.TORCH_REQUIREMENT]
+
+
+LINK_PROBE = """
+import importlib, torch
+real = importlib.import_module
+def fake(name, *a):
+    if name == "mobileone_rs._native":
+        raise ImportError("/x/_native.abi3.so: undefined symbol: {symbol}")
+    return real(name, *a)
+importlib.import_module = fake
+import mobileone_rs
+"""
+
+
+@pytest.mark.parametrize(
+    "symbol, says",
+    [
+        ("_PyThreadState_UncheckedGet", "needs _PyThreadState_UncheckedGet from CPython, which Python"),
+        ("_ZN2at4_ops3addEv", "does not link against torch"),
+    ],
+    ids=["cpython-symbol", "libtorch-symbol"],
+)
+def test_a_missing_symbol_names_python_or_torch_as_what_differs(symbol, says):
+    # CPython 3.13 removed _PyThreadState_UncheckedGet, which the torch bindings use: not a torch mismatch
+    result = subprocess.run(
+        [sys.executable, "-c", LINK_PROBE.format(symbol=symbol)], check=False, capture_output=True, text=True
+    )
+    assert says in last_line(result), last_line(result)

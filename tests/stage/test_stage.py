@@ -1,6 +1,7 @@
 """The reference's four MobileOne stages: parameter counts, keys, training, fused == unfused (float64)."""
 
 import copy
+import itertools
 
 import mobileone_rs
 import numpy as np
@@ -166,7 +167,7 @@ def _precise_scale_grads(reference: nn.Module, records: list) -> dict[str, torch
     """Per depthwise block with a scale branch, its scale kernel's precise gradient from one
     side's recorded inputs (the next block's input gradient is this block's output gradient)."""
     precise = {}
-    for entry, after in zip(records, records[1:]):
+    for entry, after in itertools.pairwise(records):
         block = reference.get_submodule(entry["name"])
         if block.rbr_scale is None:
             continue

@@ -9,10 +9,9 @@ from __future__ import annotations
 
 import ast
 import re
-from typing import Union
 
 # The nodes that carry a source position (``ast.AST`` itself declares none).
-Located = Union[ast.expr, ast.stmt, ast.keyword, ast.arg]
+Located = ast.expr | ast.stmt | ast.keyword | ast.arg
 
 _LINE = re.compile(r"[^\r\n]*(?:\r\n|\n|\r)|[^\r\n]+$")
 
