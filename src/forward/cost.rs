@@ -23,7 +23,8 @@
 //!   made the unfused eval forward 2.4x the reference (H200): `folded` is refused there.
 //! - `folded_cpu`, `fused_cpu`: the CPU kernel reads and writes contiguous NCHW; on a
 //!   channels_last input it would copy the input and hand NCHW to the next layer, so libtorch's
-//!   conv (`folded`, `fused`), which keeps channels_last, is taken instead.
+//!   conv (`folded`, `fused`), which keeps channels_last, is taken instead. It also gives way to
+//!   libtorch's conv where many channels meet small maps ([`cpu_kernel_conv_pays`]).
 
 use super::Path;
 use crate::spec::BlockSpec;
@@ -105,6 +106,19 @@ pub fn judge(path: Path, spec: &BlockSpec, input: &Input) -> Cost {
              NCHW and return NCHW"
                 .into(),
         ),
+        Path::FoldedCpu | Path::FusedCpu if !cpu_kernel_conv_pays(input) => Cost::Instead(
+            if path == Path::FoldedCpu {
+                Path::Folded
+            } else {
+                Path::Fused
+            },
+            format!(
+                "{} planes of {}x{}: libtorch's depthwise conv is faster than the CPU kernel there",
+                input.n * input.c,
+                input.h,
+                input.w
+            ),
+        ),
         Path::FoldedCpu | Path::FusedCpu => Cost::Faster,
         Path::Train(TrainPath::DepthwiseCpu) if input.channels_last => Cost::Slower(
             "channels_last input: the CPU kernel would copy it to NCHW and return NCHW".into(),
@@ -120,6 +134,24 @@ pub fn judge(path: Path, spec: &BlockSpec, input: &Input) -> Cost {
         ),
         Path::Train(train) => compare(train, spec, input),
     }
+}
+
+/// At most this many planes (`N * C`) for the inference kernel on any map size.
+const CPU_CONV_MAX_PLANES: i64 = 64;
+/// From this many input values on, the inference kernel beats libtorch's depthwise conv whatever
+/// the shape.
+const CPU_CONV_MIN_VALUES: i64 = 5 << 20;
+
+/// Whether the float32 inference kernel (`folded_cpu`, `fused_cpu`) is expected to beat libtorch's
+/// depthwise conv. Measured side by side (k = 3, fused block, medians of 3x30 calls, this
+/// project's 2-core VM, torch 2.13): the kernel's per-channel fixed costs lose where many channels
+/// meet small maps (512 channels at 14x14, batch 1: 1.6x libtorch's time; batch 8 at 7x7-28x28:
+/// 1.5-5x), and it wins with few planes (batch 1 with 32-64 channels: 0.4-0.97 at 7x7 to
+/// 112x112) and on large inputs, where libtorch slows down (6.4M values and up: 0.17-0.52).
+/// Between those the two are within noise or libtorch wins (3.2M values: 0.17-1.85): libtorch.
+fn cpu_kernel_conv_pays(input: &Input) -> bool {
+    let planes = input.n * input.c;
+    planes <= CPU_CONV_MAX_PLANES || planes * input.h * input.w >= CPU_CONV_MIN_VALUES
 }
 
 /// Module-path work against the training path's, both in conv multiply-adds.

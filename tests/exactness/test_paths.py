@@ -217,9 +217,12 @@ def test_the_seed_stages_take_fast_paths_in_every_block(mode):
                 # channels: there train_gram is expected slower and the cost rule refuses it.
                 blocks.append("slower" if "expected slower" in reason else name)
                 x = block(x)
+    # The inference kernel (_cpu) runs where the cost rule expects it to beat libtorch's conv: at
+    # these sizes (batch 2, 64-512 channels, maps 32x32 down to 2x2) it does not, so the eval blocks fold or
+    # fuse onto libtorch's conv. None takes the module path.
     expected = {
         "train": {"train_depthwise_cpu", "train_gram", "slower"},
-        "eval": {"folded_cpu", "folded"},
-        "fused": {"fused_cpu", "fused"},
+        "eval": {"folded"},
+        "fused": {"fused"},
     }[mode]
     assert set(blocks) == expected, blocks
