@@ -118,12 +118,17 @@ fn gram_is_refused_with_one_branch_at_any_size() {
 #[test]
 fn depthwise_cpu_runs_for_small_kernels_and_is_refused_for_large_ones_with_one_branch() {
     let x = nchw(8, 96, 56, 56);
+    // measured: 4 branches 0.45x the module path; one branch at 112x112 0.56-0.66x
     assert_eq!(
-        judge(DEPTHWISE_CPU, &depthwise(96, 3, 1, 1), &x),
+        judge(DEPTHWISE_CPU, &depthwise(96, 3, 1, 4), &x),
         Cost::Faster
     );
     assert_eq!(
-        judge(DEPTHWISE_CPU, &depthwise(96, 3, 2, 1), &x),
+        judge(
+            DEPTHWISE_CPU,
+            &depthwise(64, 3, 1, 1),
+            &nchw(8, 64, 112, 112)
+        ),
         Cost::Faster
     );
     assert_eq!(
@@ -133,6 +138,32 @@ fn depthwise_cpu_runs_for_small_kernels_and_is_refused_for_large_ones_with_one_b
     assert!(slower(&judge(DEPTHWISE_CPU, &depthwise(96, 7, 1, 1), &x)));
     // k = 5 with one branch measured 0.7-1.3x the module path: too close to call, refused.
     assert!(slower(&judge(DEPTHWISE_CPU, &depthwise(96, 5, 1, 1), &x)));
+    // one branch at 56x56 measured 0.87-1.26x: refused
+    assert!(slower(&judge(DEPTHWISE_CPU, &depthwise(96, 3, 1, 1), &x)));
+}
+
+#[test]
+fn depthwise_cpu_is_refused_on_small_planes_of_real_sizes_and_runs_on_tiny_inputs() {
+    // timm's s1-s4 at 224, batch 8: 512 channels at 14x14 measured 3.2-3.5x (one branch), 1.5-1.7x
+    // (four); 192 channels at 28x28, one branch, 1.9x
+    for (branches, x) in [
+        (1, nchw(8, 512, 14, 14)),
+        (4, nchw(8, 512, 14, 14)),
+        (1, nchw(8, 192, 28, 28)),
+        (4, nchw(8, 1024, 7, 7)),
+    ] {
+        let cost = judge(DEPTHWISE_CPU, &depthwise(x.c, 3, 1, branches), &x);
+        assert!(slower(&cost), "{branches} branches, {x:?}: {cost:?}");
+    }
+    // measured 0.37-0.62x: the module path's op calls dominate tiny inputs
+    for (branches, x) in [
+        (1, nchw(2, 8, 7, 6)),
+        (4, nchw(2, 8, 7, 6)),
+        (4, nchw(2, 16, 14, 14)),
+    ] {
+        let cost = judge(DEPTHWISE_CPU, &depthwise(x.c, 3, 1, branches), &x);
+        assert_eq!(cost, Cost::Faster, "{branches} branches, {x:?}");
+    }
 }
 
 #[test]

@@ -13,7 +13,10 @@
 //!   with several branches and `N H W` well above `C_in` (s0's 4 branches; never with one). On
 //!   CUDA, where float64 runs at a fraction of float32's rate on most GPUs, it is refused.
 //! - `train_depthwise_cpu` works in float64 on `k^2` patch moments per output; the module path's
-//!   depthwise convs are cheap per tap, so large kernels (k = 7) with one branch lose.
+//!   depthwise convs are cheap per tap, so large kernels (k = 7) with one branch lose, and so do
+//!   small planes (14x14 and below), where the module path's convs and BNs run from cache: with one
+//!   branch the kernel needs planes of about 90x90, with four about 27x27 (tiny inputs aside,
+//!   where the module path's op calls dominate).
 //! - `train_depthwise` recomputes every branch in its backward (1.9x the module path's time on
 //!   the CPU, k = 3; the YOLOv9-C-MobileOne training step 1.7-3.1x the reference's on an H200):
 //!   it saves memory, not time, and runs only where the options ask for that trade
@@ -156,10 +159,17 @@ fn cpu_kernel_conv_pays(input: &Input) -> bool {
 
 /// Module-path work against the training path's, both in conv multiply-adds.
 fn compare(path: TrainPath, spec: &BlockSpec, input: &Input) -> Cost {
-    let module = module_train_work(spec, input);
-    let (fast, margin) = match path {
-        TrainPath::Gram => (gram_work(spec, input), GRAM_MARGIN),
-        _ => (depthwise_cpu_work(spec, input), DEPTHWISE_MARGIN),
+    let (module, fast, margin) = match path {
+        TrainPath::Gram => (
+            module_train_work(spec, input),
+            gram_work(spec, input),
+            GRAM_MARGIN,
+        ),
+        _ => {
+            let (_, bns) = branch_counts(spec);
+            let module = module_train_work(spec, input) + MODULE_CALL_OVERHEAD * bns;
+            (module, depthwise_cpu_work(spec, input), DEPTHWISE_MARGIN)
+        }
     };
     if fast <= margin * module {
         return Cost::Faster;
@@ -225,8 +235,20 @@ fn gram_work(spec: &BlockSpec, input: &Input) -> f64 {
         + GRAM_ELEMENTWISE * m * (c + o)
 }
 
-/// Per output value and unit of the kernel's work below, its float64 work in conv multiply-adds.
-const PATCH_MAC: f64 = 0.83;
+/// Per output value and unit of the kernel's work below, its float64 work in conv multiply-adds,
+/// on an output plane of [`PLANE_REF`] values.
+const PATCH_MAC: f64 = 1.33;
+/// The output plane (`H' W'`) the kernel's work is calibrated on (112x112).
+const PLANE_REF: f64 = 12544.0;
+/// How the kernel's work per value grows as planes shrink, against the module path's (whose convs
+/// and BNs stay in cache on small planes): `(PLANE_REF / plane)^PLANE_EXP`. Fitted to side-by-side
+/// medians of k = 3 training steps, 1 and 4 branches, 7x7 to 112x112 planes, 0.2M to 6.4M values
+/// (this project's 2-core VM): the kernel measured 0.56-0.66x the module path at 112x112 with one
+/// branch but 3.2-3.7x at 14x14 and 5-7.9x at 7x7 (4 branches: 0.26-0.33, 1.4-1.6, 3.1-3.5).
+const PLANE_EXP: f64 = 0.42;
+/// The module path's fixed cost per BN branch and call (its op calls), in conv multiply-adds: what
+/// makes the kernel win on tiny inputs whatever their planes (1K-6K values: 0.4-0.8x).
+const MODULE_CALL_OVERHEAD: f64 = 0.8e6;
 
 /// The depthwise CPU kernel: per channel and output position, the patch moments (at stride 1 one
 /// product per tap offset, `(k^2 + 1) / 2 + k (k - 1) / 2`, else half of every tap pair), the
@@ -244,5 +266,6 @@ fn depthwise_cpu_work(spec: &BlockSpec, input: &Input) -> f64 {
     } else {
         (taps * (taps + 1.0) / 4.0, taps * (taps + 1.0) / 2.0)
     };
-    PATCH_MAC * m * (moments + 2.0 * taps + dx)
+    let plane = (outputs(spec, input) / input.n.max(1) as f64).max(1.0);
+    PATCH_MAC * m * (moments + 2.0 * taps + dx) * (PLANE_REF / plane).powf(PLANE_EXP)
 }

@@ -201,28 +201,35 @@ def test_jit_trace_and_functorch_take_the_module_path():
     assert seen == ["folded", "module", "module", "module"]
 
 
+@pytest.mark.parametrize("scale", [1, 10], ids=["small-maps", "yolov9-640"])
 @pytest.mark.parametrize("mode", ["train", "eval", "fused"])
-def test_the_seed_stages_take_fast_paths_in_every_block(mode):
+def test_the_seed_stages_take_the_paths_the_cost_rule_expects_faster(mode, scale):
+    """The user's yaml's stages at small maps (32x32 down to 2x2, batch 2) and at YOLOv9's 640
+    (320x320 down to 40x40): every block takes a fast path or is refused by the cost rule alone."""
     blocks = []
     for args, _, channels, size in SEED_STAGES.values():
         stage = mobileone_rs.MobileOne(*args)
         if mode == "fused":
             stage = mobileone_rs.reparameterize_model(stage)
         stage.train(mode == "train")
-        x = torch.randn(2, channels, size, size)
-        with torch.no_grad():
-            for block in stage.stage:
+        h = size * scale
+        for block in stage.stage:
+            # forward_path reads the input's sizes only: zeros of each block's input size stand in
+            x = torch.zeros(2, block.spec.in_channels, h, h)
+            with torch.no_grad():
                 name, reason = block.forward_path(x, explain=True)
-                # The last stage's pointwise block sees 2x4x4 values per channel, far below its 256
-                # channels: there train_gram is expected slower and the cost rule refuses it.
-                blocks.append("slower" if "expected slower" in reason else name)
-                x = block(x)
-    # The inference kernel (_cpu) runs where the cost rule expects it to beat libtorch's conv: at
-    # these sizes (batch 2, 64-512 channels, maps 32x32 down to 2x2) it does not, so the eval blocks fold or
-    # fuse onto libtorch's conv. None takes the module path.
+            blocks.append("slower" if "expected slower" in reason else name)
+            h = (h - 1) // block.spec.stride + 1
+    # Small maps: the depthwise kernel is expected slower than the module path on planes of 16x16
+    # and below (the module path's convs run from cache), and so is the inference kernel with
+    # 128+ planes; train_gram is refused where a block's values per channel are few (the last
+    # stage's 2x4x4). At 640 the kernels run on the large early maps.
     expected = {
-        "train": {"train_depthwise_cpu", "train_gram", "slower"},
-        "eval": {"folded"},
-        "fused": {"fused"},
-    }[mode]
+        ("train", 1): {"train_gram", "slower"},
+        ("eval", 1): {"folded"},
+        ("fused", 1): {"fused"},
+        ("train", 10): {"train_depthwise_cpu", "train_gram", "slower"},
+        ("eval", 10): {"folded_cpu", "folded"},
+        ("fused", 10): {"fused_cpu", "fused"},
+    }[mode, scale]
     assert set(blocks) == expected, blocks
