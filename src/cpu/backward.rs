@@ -383,7 +383,7 @@ pub(crate) fn backward<T: Element>(
     let mut records = vec![0.0; channels * width];
     let writer = PlaneWriter(dx.as_mut_ptr());
     let writer = &writer;
-    let plane = lay.plane();
+    let plane_len = lay.plane();
     let rec_writer = Records::new(&mut records, width);
     let rec_writer = &rec_writer;
     let offsets = geo.tap_offsets();
@@ -404,12 +404,7 @@ pub(crate) fn backward<T: Element>(
             let mut gsum = 0.0;
             h.fill(0.0);
             for n in 0..lay.n {
-                let plane = Plane {
-                    geo: &geo,
-                    offsets: &offsets,
-                    x: lay.input(x, n, c),
-                    shift: m.mu[c],
-                };
+                let plane = lay.input_plane(&offsets, x, (n, c), m.mu[c]);
                 let gp = lay.output(g, n, c);
                 grad_sums_plane_run(plane, gp, (&mut buf[..], &mut grow[..]), &mut gsum, h);
             }
@@ -417,13 +412,8 @@ pub(crate) fn backward<T: Element>(
             let sc = channel_gradients(&geo, fit, c, (gsum, h), &mut rec[1..]);
             for n in 0..lay.n {
                 // SAFETY: plane (n, c) lies inside `dx` and only this thread owns channel c.
-                let out = unsafe { writer.plane(n * channels + c, plane) };
-                let plane = Plane {
-                    geo: &geo,
-                    offsets: &offsets,
-                    x: lay.input(x, n, c),
-                    shift: m.mu[c],
-                };
+                let out = unsafe { writer.plane(n * channels + c, plane_len) };
+                let plane = lay.input_plane(&offsets, x, (n, c), m.mu[c]);
                 let gp = lay.output(g, n, c);
                 match dense.as_mut() {
                     Some(dense) => dx_plane_dense_run(plane, gp, &sc, dense, out),

@@ -56,12 +56,7 @@ pub(crate) fn depthwise_conv_f32(
         for n in 0..lay.n {
             // SAFETY: plane (n, c) lies inside `out` and only this thread holds channel c.
             let dst = unsafe { writer.plane(n * channels + c, out_plane) };
-            let plane = Plane {
-                geo: &geo,
-                offsets: &offsets,
-                x: lay.input(x, n, c),
-                shift: 0.0,
-            };
+            let plane = lay.input_plane(&offsets, x, (n, c), 0.0);
             infer_plane_run::<f32>(plane, k, bias[c], buf, dst, None);
         }
     });

@@ -273,6 +273,23 @@ impl Layout {
         &x[(n * self.c + c) * self.plane()..][..self.plane()]
     }
 
+    /// Input plane `(n, c)` as the per-plane kernels read it, with the tap `offsets` of this
+    /// layout's geometry and the `shift` subtracted while filling.
+    pub(crate) fn input_plane<'a, T>(
+        &'a self,
+        offsets: &'a [usize],
+        x: &'a [T],
+        (n, c): (usize, usize),
+        shift: f64,
+    ) -> Plane<'a, T> {
+        Plane {
+            geo: &self.geo,
+            offsets,
+            x: self.input(x, n, c),
+            shift,
+        }
+    }
+
     /// Output plane `(n, c)`.
     pub(crate) fn output<'a, T>(&self, g: &'a [T], n: usize, c: usize) -> &'a [T] {
         &g[(n * self.c + c) * self.out_plane()..][..self.out_plane()]

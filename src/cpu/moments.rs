@@ -366,13 +366,7 @@ pub(crate) fn forward<T: Element>(
             sums.fill(0.0);
             cross.fill(0.0);
             for n in 0..lay.n {
-                let plane = lay.input(x, n, c);
-                let plane = Plane {
-                    geo: &geo,
-                    offsets: &offsets,
-                    x: plane,
-                    shift,
-                };
+                let plane = lay.input_plane(&offsets, x, (n, c), shift);
                 moments_plane_run(plane, buf, sums, cross);
             }
             let (head, stats) = rec.split_at_mut(1 + taps + taps * taps);
@@ -398,13 +392,7 @@ pub(crate) fn forward<T: Element>(
             for n in 0..lay.n {
                 // SAFETY: plane (n, c) lies inside `out` and only this thread owns channel c.
                 let dst = unsafe { writer.plane(n * channels + c, out_plane) };
-                let plane = lay.input(x, n, c);
-                let plane = Plane {
-                    geo: &geo,
-                    offsets: &offsets,
-                    x: plane,
-                    shift,
-                };
+                let plane = lay.input_plane(&offsets, x, (n, c), shift);
                 conv_plane_run(plane, (&negated, base), buf, acc, dst);
             }
         }

@@ -70,6 +70,18 @@ def _nonfinite_pattern(t):
     return torch.isnan(t), torch.isposinf(t), torch.isneginf(t)
 
 
+def _assert_reference_pattern(got, want, bound):
+    """NaN, +inf and -inf where the reference has them, the finite values within ``bound``."""
+    for have, expected, what in zip(
+        _nonfinite_pattern(got), _nonfinite_pattern(want), ("NaN", "+inf", "-inf")
+    ):
+        assert torch.equal(have, expected), f"{what} positions differ from the reference's"
+    finite = torch.isfinite(want)
+    torch.testing.assert_close(
+        got[finite], want[finite], rtol=0, atol=bound * want[finite].abs().max().item()
+    )
+
+
 @pytest.mark.parametrize("value", [float("inf"), float("-inf"), float("nan")], ids=["inf", "-inf", "nan"])
 @pytest.mark.parametrize("fused", [False, True], ids=["unfused", "fused"])
 @pytest.mark.parametrize("kwargs", [DW, PW], ids=["depthwise", "pointwise"])
@@ -84,15 +96,7 @@ def test_non_finite_inputs_give_the_reference_nan_inf_pattern_in_eval(kwargs, fu
     x[1, 5, 0, 0] = -value
     with torch.no_grad():
         got, want = ours(x), reference(x)
-    for have, expected, what in zip(
-        _nonfinite_pattern(got), _nonfinite_pattern(want), ("NaN", "+inf", "-inf")
-    ):
-        assert torch.equal(have, expected), f"{what} positions differ from the reference's"
-    finite = torch.isfinite(want)
-    bound = 1e-10 if dtype == torch.float64 else 1e-4
-    torch.testing.assert_close(
-        got[finite], want[finite], rtol=0, atol=bound * want[finite].abs().max().item()
-    )
+    _assert_reference_pattern(got, want, 1e-10 if dtype == torch.float64 else 1e-4)
 
 
 def _set(block, name, value, index):
@@ -126,12 +130,7 @@ def test_non_finite_weights_give_the_reference_nan_inf_pattern_in_eval(kwargs, f
     x = random_input((2, 8, 7, 6), torch.float32)
     with torch.no_grad():
         got, want = ours(x), reference(x)
-    for have, expected, what in zip(
-        _nonfinite_pattern(got), _nonfinite_pattern(want), ("NaN", "+inf", "-inf")
-    ):
-        assert torch.equal(have, expected), f"{what} positions differ from the reference's"
-    finite = torch.isfinite(want)
-    torch.testing.assert_close(got[finite], want[finite], rtol=0, atol=1e-4 * want[finite].abs().max())
+    _assert_reference_pattern(got, want, 1e-4)
 
 
 @pytest.mark.parametrize("kwargs", [DW, PW], ids=["depthwise", "pointwise"])
